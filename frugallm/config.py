@@ -1,0 +1,208 @@
+"""Model configuration: one flat dataclass, JSON round-trip, named presets.
+
+Every behaviour is an explicit field (DESIGN.md principle 4): nothing is inferred from a
+dimension, a file name or the presence of a weight. Unknown keys and inconsistent values
+are errors that name the fields involved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_CHOICES = {
+    "attn_impl": ("auto", "naive", "absorbed"),
+    "score_func": ("sigmoid", "softmax"),
+    "group_score": ("top2_sum", "max"),
+    "moe_impl": ("grouped", "loop"),
+    "rope_scaling": ("none", "yarn"),
+}
+
+
+@dataclass
+class ModelConfig:
+    # --- vocabulary, width, depth
+    vocab_size: int = 4096
+    dim: int = 256
+    n_layers: int = 4
+    n_dense_layers: int = 1  # HF first_k_dense_replace: the first layers use a dense SwiGLU MLP
+    inter_dim: int = 768  # dense MLP width
+    max_seq_len: int = 512
+    norm_eps: float = 1e-6
+    init_std: float = 0.006  # V2 §3.1.2 / V3 §4.2: std of every learnable matrix
+    # --- mla (REFERENCE §2)
+    n_heads: int = 4
+    q_lora_rank: int = 0  # 0 = a single wq projection, no q_norm (V2-Lite)
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    attn_impl: str = "auto"  # auto = naive for training/prefill, absorbed for cached decode (S == 1)
+    # --- moe (REFERENCE §4)
+    n_routed_experts: int = 16  # 0 = a dense model
+    n_shared_experts: int = 1
+    n_activated_experts: int = 4
+    moe_inter_dim: int = 128
+    n_expert_groups: int = 4
+    n_limited_groups: int = 2
+    score_func: str = "sigmoid"
+    group_score: str = "top2_sum"  # V3: sum of the top-2 biased scores; V2: max score of the group
+    norm_topk_prob: bool = True  # renormalise the K gathered weights (V3 sigmoid gate)
+    route_scale: float = 2.5
+    gate_bias: bool = True  # aux-loss-free selection bias, fp32 buffer, never trained by gradient
+    balance_loss_alpha: float = 1e-4  # sequence-wise balance loss (V3 eq. 17); 0 disables
+    moe_impl: str = "grouped"  # grouped (sorted tokens, one grouped GEMM) or loop (reference)
+    # --- mtp (REFERENCE §5)
+    n_mtp: int = 1  # D sequential MTP modules; 0 disables
+    mtp_lambda: float = 0.3  # L_MTP = (lambda / D) * sum_k L_k
+    # --- rope / yarn (REFERENCE §3)
+    rope_theta: float = 10000.0
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0
+    original_seq_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    # cos/sin multiplier; None = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim),
+    # which is 1.0 for every DeepSeek release. Set explicitly only to mirror a foreign config.
+    rope_attn_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        errors = []
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                errors.append(f"{name}={getattr(self, name)!r} must be one of {choices}")
+        for name in ("vocab_size", "dim", "n_layers", "max_seq_len", "n_heads", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) <= 0:
+                errors.append(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("q_lora_rank", "n_dense_layers", "n_routed_experts", "n_shared_experts", "n_mtp"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name}={getattr(self, name)} must be >= 0")
+        if self.qk_rope_head_dim % 2:
+            errors.append(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+        if self.n_dense_layers > self.n_layers:
+            errors.append(f"n_dense_layers={self.n_dense_layers} exceeds n_layers={self.n_layers}")
+        if self.n_dense_layers > 0 or self.n_routed_experts == 0:
+            if self.inter_dim <= 0:
+                errors.append(f"inter_dim={self.inter_dim} must be > 0 when dense layers exist")
+        if self.n_routed_experts > 0:
+            e, g, k = self.n_routed_experts, self.n_expert_groups, self.n_limited_groups
+            if self.moe_inter_dim <= 0:
+                errors.append(f"moe_inter_dim={self.moe_inter_dim} must be > 0")
+            if g <= 0 or e % g:
+                errors.append(f"n_routed_experts={e} must be divisible by n_expert_groups={g}")
+            elif not 1 <= k <= g:
+                errors.append(f"n_limited_groups={k} must be in [1, n_expert_groups={g}]")
+            elif not 1 <= self.n_activated_experts <= k * (e // g):
+                errors.append(
+                    f"n_activated_experts={self.n_activated_experts} must be in [1, n_limited_groups * "
+                    f"n_routed_experts / n_expert_groups = {k * (e // g)}]")
+            elif g > 1 and self.group_score == "top2_sum" and e // g < 2:
+                errors.append(f"group_score='top2_sum' needs >= 2 experts per group "
+                              f"(n_routed_experts / n_expert_groups = {e // g})")
+        if self.rope_scaling == "yarn":
+            if self.rope_factor < 1.0:
+                errors.append(f"rope_factor={self.rope_factor} must be >= 1 with rope_scaling='yarn'")
+            if self.original_seq_len <= 0:
+                errors.append(f"original_seq_len={self.original_seq_len} must be > 0")
+        if errors:
+            raise ValueError("invalid ModelConfig: " + "; ".join(errors))
+
+    # --- derived sizes (read-only; never stored)
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return self.n_routed_experts > 0 and layer_id >= self.n_dense_layers
+
+    # --- JSON round-trip
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        check_keys(cls, d)
+        return cls(**d)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        check_keys(type(self), changes)
+        return dataclasses.replace(self, **changes)
+
+
+def check_keys(cls: type, d: dict[str, Any]) -> None:
+    """Raise a ValueError naming unknown keys and listing the valid ones."""
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys are: {', '.join(valid)}")
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN attention temperature sqrt(1/t) = 0.1 * mscale * ln(factor) + 1 (1.0 when factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+_V3_DIMS = dict(
+    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    rope_scaling="yarn", rope_factor=40.0, original_seq_len=4096, beta_fast=32.0, beta_slow=1.0,
+    max_seq_len=163840,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains at a useful speed on 2 CPU cores with MLA, MoE (groups, bias) and MTP all on.
+    "tiny": dict(
+        vocab_size=4096, dim=256, n_layers=4, n_dense_layers=1, inter_dim=768, max_seq_len=512,
+        n_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, moe_inter_dim=128,
+        n_expert_groups=4, n_limited_groups=2, route_scale=2.5, n_mtp=1,
+    ),
+    # About 53M total (33M active) parameters: CPU-trainable and still a real fine-grained MoE.
+    "small": dict(
+        vocab_size=16384, dim=512, n_layers=8, n_dense_layers=1, inter_dim=1536, max_seq_len=1024,
+        n_heads=8, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=48,
+        n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, moe_inter_dim=160,
+        n_expert_groups=4, n_limited_groups=2, route_scale=2.5, n_mtp=1,
+    ),
+    # DeepSeek-V2-Lite (16B): softmax gate, no groups, no bias, q_lora_rank 0.
+    "v2-lite": dict(
+        _V3_DIMS, q_lora_rank=0, mscale=0.707, mscale_all_dim=0.707,
+        vocab_size=102400, dim=2048, n_layers=27, n_dense_layers=1, inter_dim=10944, n_heads=16,
+        n_routed_experts=64, n_shared_experts=2, n_activated_experts=6, moe_inter_dim=1408,
+        n_expert_groups=1, n_limited_groups=1, score_func="softmax", group_score="max",
+        norm_topk_prob=False, route_scale=1.0, gate_bias=False, n_mtp=0,
+    ),
+    # DeepSeek-V3 (671B): for counting and meta-device construction only.
+    "v3": dict(
+        _V3_DIMS, vocab_size=129280, dim=7168, n_layers=61, n_dense_layers=3, inter_dim=18432, n_heads=128,
+        n_routed_experts=256, n_shared_experts=1, n_activated_experts=8, moe_inter_dim=2048,
+        n_expert_groups=8, n_limited_groups=4, score_func="sigmoid", group_score="top2_sum",
+        norm_topk_prob=True, route_scale=2.5, gate_bias=True, n_mtp=1, mtp_lambda=0.3,
+    ),
+}
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """Look a preset up by exact name; overrides are checked like any other config key."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    d = dict(PRESETS[name])
+    check_keys(ModelConfig, overrides)
+    d.update(overrides)
+    return ModelConfig(**d)
+
+
+__all__ = ["ModelConfig", "PRESETS", "get_preset", "check_keys", "yarn_mscale"]

@@ -1,0 +1,283 @@
+"""Hugging Face DeepSeek-V2/V3 <-> frugallm: one key table, both directions (REFERENCE §12).
+
+frugallm stores the routed experts of a layer stacked, `layers.L.ffn.w1` (E, I, d); HF stores
+them one tensor per expert, `model.layers.L.mlp.experts.E.gate_proj.weight`. The MTP module k is
+HF layer `num_hidden_layers + k` (REFERENCE §5.2): its block uses the ordinary layer keys, plus
+enorm / hnorm / eh_proj / shared_head.norm, and physical copies of the embedding and head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig, yarn_mscale
+from .model.transformer import Transformer
+from .numerics.fp8 import weight_dequant
+
+TOP_KEYS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "head.weight": "lm_head.weight"}
+# frugallm suffix under "layers.L." <-> HF suffix under "model.layers.L."; "{e}" marks stacked experts
+LAYER_KEYS = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wq_a.weight": "self_attn.q_a_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_a_layernorm.weight",
+    "attn.wq_b.weight": "self_attn.q_b_proj.weight",
+    "attn.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn.kv_norm.weight": "self_attn.kv_a_layernorm.weight",
+    "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "ffn.w1.weight": "mlp.gate_proj.weight",
+    "ffn.w2.weight": "mlp.down_proj.weight",
+    "ffn.w3.weight": "mlp.up_proj.weight",
+    "ffn.gate.weight": "mlp.gate.weight",
+    "ffn.gate.bias": "mlp.gate.e_score_correction_bias",
+    "ffn.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
+    "ffn.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
+    "ffn.w1": "mlp.experts.{e}.gate_proj.weight",
+    "ffn.w2": "mlp.experts.{e}.down_proj.weight",
+    "ffn.w3": "mlp.experts.{e}.up_proj.weight",
+}
+MTP_KEYS = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
+            "eh_proj.weight": "eh_proj.weight", "norm.weight": "shared_head.norm.weight"}
+MTP_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
+
+
+def hf_key(name: str, n_layers: int) -> str:
+    """frugallm state-dict name -> HF key ('{e}' left in for stacked experts)."""
+    if name in TOP_KEYS:
+        return TOP_KEYS[name]
+    if m := re.fullmatch(r"layers\.(\d+)\.(.+)", name):
+        return f"model.layers.{m[1]}.{LAYER_KEYS[m[2]]}"
+    if m := re.fullmatch(r"mtp\.(\d+)\.block\.(.+)", name):
+        return f"model.layers.{n_layers + int(m[1])}.{LAYER_KEYS[m[2]]}"
+    if m := re.fullmatch(r"mtp\.(\d+)\.(.+)", name):
+        return f"model.layers.{n_layers + int(m[1])}.{MTP_KEYS[m[2]]}"
+    raise KeyError(f"no Hugging Face key for frugallm parameter {name!r}")
+
+
+# --- config -------------------------------------------------------------------------------
+
+def config_from_hf(d: dict) -> ModelConfig:
+    model_type = d.get("model_type")
+    if model_type not in ("deepseek_v3", "deepseek_v2"):
+        raise ValueError(f"config.json has model_type={model_type!r}; frugallm loads 'deepseek_v3' or 'deepseek_v2'")
+    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("tie_word_embeddings", False)):
+        if d.get(key, want) != want:
+            raise ValueError(f"config.json has {key}={d[key]!r}; frugallm's DeepSeek model needs {want!r}")
+    if d.get("num_key_value_heads", d["num_attention_heads"]) != d["num_attention_heads"]:
+        raise ValueError("config.json has num_key_value_heads != num_attention_heads, which MLA does not use")
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    if rope_type not in ("default", "yarn"):
+        raise ValueError(f"rope type {rope_type!r} is not supported; frugallm implements 'default' and 'yarn'")
+    kw = dict(
+        vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
+        n_dense_layers=d.get("first_k_dense_replace", 0), inter_dim=d["intermediate_size"],
+        max_seq_len=d["max_position_embeddings"], norm_eps=d.get("rms_norm_eps", 1e-6),
+        init_std=d.get("initializer_range", 0.006),
+        n_heads=d["num_attention_heads"], q_lora_rank=d.get("q_lora_rank") or 0, kv_lora_rank=d["kv_lora_rank"],
+        qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"],
+        n_routed_experts=d["n_routed_experts"] or 0, n_shared_experts=d.get("n_shared_experts") or 0,
+        n_activated_experts=d["num_experts_per_tok"], moe_inter_dim=d["moe_intermediate_size"],
+        route_scale=d.get("routed_scaling_factor", 1.0), n_mtp=d.get("num_nextn_predict_layers", 0) or 0,
+        rope_theta=theta,
+    )
+    if model_type == "deepseek_v3":
+        # HF's V3 router is hard-coded: sigmoid, bias, top-2-sum group scores
+        kw.update(score_func="sigmoid", group_score="top2_sum", gate_bias=True,
+                  norm_topk_prob=d.get("norm_topk_prob", True),
+                  n_expert_groups=d.get("n_group") or 1, n_limited_groups=d.get("topk_group") or 1)
+    else:
+        method = d.get("topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"DeepSeek-V2 topk_method={method!r} is not supported ('greedy', 'group_limited_greedy')")
+        grouped = method == "group_limited_greedy"
+        kw.update(score_func="softmax", group_score="max", gate_bias=False, norm_topk_prob=False,
+                  n_expert_groups=d.get("n_group") or 1 if grouped else 1,
+                  n_limited_groups=d.get("topk_group") or 1 if grouped else 1)
+    if rope_type == "yarn":
+        factor = rope.get("factor") or d["max_position_embeddings"] / rope["original_max_position_embeddings"]
+        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        if rope.get("truncate", True) is not True:
+            raise ValueError("yarn rope with truncate=false is not supported")
+        attn_factor = rope.get("attention_factor")
+        if attn_factor is None and not (mscale and mscale_all_dim):
+            attn_factor = yarn_mscale(factor, 1.0)  # HF's fallback when either mscale key is missing
+        kw.update(rope_scaling="yarn", rope_factor=float(factor),
+                  original_seq_len=rope["original_max_position_embeddings"],
+                  beta_fast=float(rope.get("beta_fast", 32)), beta_slow=float(rope.get("beta_slow", 1)),
+                  mscale=float(mscale or 1.0), mscale_all_dim=float(mscale_all_dim or 0.0),
+                  rope_attn_factor=attn_factor)
+    return ModelConfig(**kw)
+
+
+def hf_format(cfg: ModelConfig) -> str:
+    """'deepseek_v3' or 'deepseek_v2', or a ValueError naming what the HF format cannot hold."""
+    if cfg.n_routed_experts == 0:
+        raise ValueError("a dense model (n_routed_experts=0) has no Hugging Face DeepSeek representation")
+    if cfg.score_func == "sigmoid" and cfg.group_score == "top2_sum" and cfg.gate_bias:
+        return "deepseek_v3"
+    if cfg.score_func == "softmax" and not cfg.gate_bias and not cfg.norm_topk_prob and (
+            cfg.group_score == "max" or cfg.n_expert_groups == 1):
+        return "deepseek_v2"
+    raise ValueError(
+        f"score_func={cfg.score_func!r}, group_score={cfg.group_score!r}, gate_bias={cfg.gate_bias}, "
+        f"norm_topk_prob={cfg.norm_topk_prob} matches neither HF DeepSeek-V3 (sigmoid, top2_sum, gate_bias=True) "
+        f"nor DeepSeek-V2 (softmax, max, gate_bias=False, norm_topk_prob=False); it cannot be exported")
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    fmt = hf_format(cfg)
+    d = {
+        "architectures": ["DeepseekV3ForCausalLM" if fmt == "deepseek_v3" else "DeepseekV2ForCausalLM"],
+        "model_type": fmt, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "intermediate_size": cfg.inter_dim, "moe_intermediate_size": cfg.moe_inter_dim,
+        "num_hidden_layers": cfg.n_layers, "first_k_dense_replace": cfg.n_dense_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
+        "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.n_activated_experts, "n_group": cfg.n_expert_groups,
+        "topk_group": cfg.n_limited_groups, "routed_scaling_factor": cfg.route_scale,
+        "norm_topk_prob": cfg.norm_topk_prob, "scoring_func": cfg.score_func,
+        "topk_method": "noaux_tc" if fmt == "deepseek_v3" else (
+            "group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy"),
+        "q_lora_rank": cfg.q_lora_rank or None, "kv_lora_rank": cfg.kv_lora_rank,
+        "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+        "v_head_dim": cfg.v_head_dim, "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "initializer_range": cfg.init_std, "rope_theta": cfg.rope_theta,
+        "rope_interleave": True, "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False,
+        "num_nextn_predict_layers": cfg.n_mtp, "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if cfg.rope_scaling == "yarn":
+        d["rope_scaling"] = {"type": "yarn", "factor": cfg.rope_factor, "beta_fast": cfg.beta_fast,
+                             "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale_all_dim,
+                             "original_max_position_embeddings": cfg.original_seq_len}
+        if cfg.rope_attn_factor is not None:
+            d["rope_scaling"]["attention_factor"] = cfg.rope_attn_factor
+    return d
+
+
+# --- weights ------------------------------------------------------------------------------
+
+class _Checkpoint:
+    """Lazy view over the *.safetensors of a directory (single file or sharded index)."""
+
+    def __init__(self, path: Path):
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {path}; frugallm reads safetensors checkpoints only")
+        self.where = {}
+        self.handles = [safe_open(path / f, framework="pt") for f in files]
+        for h in self.handles:
+            for k in h.keys():
+                self.where[k] = h
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def get(self, key: str) -> torch.Tensor:
+        t = self.where[key].get_tensor(key)
+        if t.dtype == torch.float8_e4m3fn:  # DeepSeek FP8 checkpoint: dequantise 128x128 blocks
+            scale = key + "_scale_inv"
+            if scale not in self.where:
+                raise ValueError(f"FP8 tensor {key} has no {scale} beside it")
+            t = weight_dequant(t, self.where[scale].get_tensor(scale))
+        return t
+
+
+def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Transformer:
+    """Load a HF DeepSeek-V3/V2 directory (config.json + *.safetensors, sharded or FP8) with MTP.
+
+    dtype: parameter dtype (default float32); the gate bias always stays float32.
+    """
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face DeepSeek-V2/V3 model directory")
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    dtype = dtype or torch.float32
+    ckpt = _Checkpoint(path)
+    present = sum(f"model.layers.{cfg.n_layers + k}.eh_proj.weight" in ckpt for k in range(cfg.n_mtp))
+    if present < cfg.n_mtp:  # e.g. saved by transformers, which drops the MTP layers
+        warnings.warn(f"config.json declares num_nextn_predict_layers={cfg.n_mtp} but {path} holds "
+                      f"{present} MTP layer(s); loading with n_mtp={present}")
+        cfg = cfg.replace(n_mtp=present)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    used, state = set(), {}
+    for name, ref in model.state_dict().items():
+        key = hf_key(name, cfg.n_layers)
+        keys = [key.format(e=e) for e in range(ref.shape[0])] if "{e}" in key else [key]
+        missing = [k for k in keys if k not in ckpt]
+        if missing:
+            raise KeyError(f"checkpoint {path} lacks {missing[0]} (for frugallm {name})"
+                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        t = torch.stack([ckpt.get(k) for k in keys]) if "{e}" in key else ckpt.get(key)
+        if t.shape != ref.shape:
+            raise ValueError(f"{key}: shape {tuple(t.shape)} in the checkpoint, frugallm expects {tuple(ref.shape)}")
+        state[name] = t.float() if name.endswith("gate.bias") else t.to(dtype)
+        used.update(keys)
+    for k in range(cfg.n_mtp):  # MTP's physical copies of the embedding and head
+        for hf_suffix, ours in MTP_COPIES.items():
+            key = f"model.layers.{cfg.n_layers + k}.{hf_suffix}"
+            if key in ckpt:
+                used.add(key)
+                if not torch.equal(ckpt.get(key).to(dtype), state[ours]):
+                    warnings.warn(f"{key} differs from the main {ours}; frugallm shares the main one")
+    unused = [k for k in ckpt.where if k not in used and not k.endswith("_scale_inv")]
+    if unused:
+        raise ValueError(f"checkpoint {path} has {len(unused)} tensor(s) frugallm does not map, e.g. {unused[:3]}")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.reset_buffers()
+    return model.eval()
+
+
+def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as a HF DeepSeek directory that transformers.AutoModelForCausalLM loads.
+
+    Refuses configurations the format cannot represent. Written atomically: a temp dir is
+    filled, then renamed over `path`.
+    """
+    cfg = model.config
+    dtype = dtype or next(model.parameters()).dtype
+    hf_config = config_to_hf(cfg, dtype)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        key = hf_key(name, cfg.n_layers)
+        t = t.float() if name.endswith("gate.bias") else t.to(dtype)
+        if "{e}" in key:
+            tensors.update({key.format(e=e): t[e].contiguous() for e in range(t.shape[0])})
+        else:
+            tensors[key] = t.contiguous()
+    for k in range(cfg.n_mtp):
+        for hf_suffix, ours in MTP_COPIES.items():
+            tensors[f"model.layers.{cfg.n_layers + k}.{hf_suffix}"] = tensors[TOP_KEYS[ours]].clone()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,103 @@
+"""Multi-head Latent Attention (MLA), REFERENCE §2; V2 §2.1, V3 §2.1.1.
+
+Keys and values are rebuilt from a compressed latent c_kv = kv_norm(W^DKV h) (d_c per token)
+plus ONE rope key k_pe = RoPE(W^KR h) (d_r per token) shared by all heads. Only those two are
+ever cached: (d_c + d_r) values per token per layer.
+
+Two paths, one class, same weights:
+  naive     up-project c_kv to per-head k_nope / v and run ordinary attention (SDPA).
+            Compute-friendly: used for training and prefill.
+  absorbed  fold W^UK into the query and W^UV into the output, and attend over the latent
+            directly: MQA with one 576-dim key "head". Data-movement-friendly: used for decode.
+
+Shapes: B batch, S new tokens, T = start + S attended tokens, H heads,
+dn = qk_nope_head_dim, dr = qk_rope_head_dim, dv = v_head_dim, dc = kv_lora_rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rope, softmax_scale
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.dn, self.dr, self.dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.dc = cfg.kv_lora_rank
+        qk = cfg.n_heads * cfg.qk_head_dim
+        self.q_lora_rank = cfg.q_lora_rank
+        if cfg.q_lora_rank > 0:
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)  # W^DQ
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, qk, bias=False)  # [W^UQ; W^QR], per head [nope | rope]
+        else:
+            self.wq = nn.Linear(cfg.dim, qk, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, self.dc + self.dr, bias=False)  # [W^DKV; W^KR]
+        self.kv_norm = RMSNorm(self.dc, cfg.norm_eps)
+        self.wkv_b = nn.Linear(self.dc, cfg.n_heads * (self.dn + self.dv), bias=False)  # per head [W^UK | W^UV]
+        self.wo = nn.Linear(cfg.n_heads * self.dv, cfg.dim, bias=False)
+        self.softmax_scale = softmax_scale(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
+                cache=None, absorb: bool = False) -> torch.Tensor:
+        """x (B, S, dim); cos/sin (S, dr/2) for positions start_pos..start_pos+S-1.
+
+        cache: an object with `update(start_pos, c_kv, k_pe) -> (c_kv, k_pe)` returning the
+        latents of all T = start_pos + S positions (see infer/kv_cache.py), or None.
+        """
+        B, S, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank > 0 else self.wq(x)
+        q = q.view(B, S, self.n_heads, self.dn + self.dr)
+        q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])  # (B, S, H, dr)
+
+        c_kv, k_pe = self.wkv_a(x).split([self.dc, self.dr], dim=-1)
+        c_kv = self.kv_norm(c_kv)  # (B, S, dc); k_pe is split off BEFORE the norm and never normalised
+        k_pe = apply_rope(k_pe, cos, sin)  # (B, S, dr), one head for all
+        if cache is not None:
+            c_kv, k_pe = cache.update(start_pos, c_kv, k_pe)  # (B, T, dc), (B, T, dr)
+        T = c_kv.shape[1]
+
+        if absorb:
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start_pos)
+        else:
+            out = self._naive(q_nope, q_pe, c_kv, k_pe, start_pos, T)
+        return self.wo(out.flatten(2))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, start_pos: int, T: int) -> torch.Tensor:
+        B, S, H, _ = q_nope.shape
+        kv = self.wkv_b(c_kv).view(B, T, H, self.dn + self.dv)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, S, dn+dr)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, H, self.dr)], dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)  # (B, H, T, dv)
+        if S == T:  # prefill from position 0: the usual causal triangle
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:  # chunk on top of a cache: query i sits at absolute position start_pos + i
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(S, T, start_pos, q.device),
+                                               scale=self.softmax_scale)
+        return o.transpose(1, 2)  # (B, S, H, dv)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int) -> torch.Tensor:
+        S, T = q_nope.shape[1], c_kv.shape[1]
+        wkv_b = self.wkv_b.weight.view(self.n_heads, self.dn + self.dv, self.dc)
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.dn])  # W^UK absorbed: (B, S, H, dc)
+        scores = (torch.einsum("bshc,btc->bsht", q_lat, c_kv)
+                  + torch.einsum("bshr,btr->bsht", q_pe, k_pe)).float() * self.softmax_scale
+        if S > 1:
+            scores = scores.masked_fill(~causal_mask(S, T, start_pos, scores.device)[:, None], float("-inf"))
+        p = scores.softmax(dim=-1).type_as(c_kv)  # softmax in float32
+        x = torch.einsum("bsht,btc->bshc", p, c_kv)  # attention over the latent: (B, S, H, dc)
+        return torch.einsum("bshc,hdc->bshd", x, wkv_b[:, self.dn:])  # W^UV absorbed: (B, S, H, dv)
+
+
+def causal_mask(S: int, T: int, start_pos: int, device) -> torch.Tensor:
+    """(S, T) bool, True where query i (absolute position start_pos + i) may attend key j."""
+    i = torch.arange(S, device=device)[:, None] + start_pos
+    return torch.arange(T, device=device)[None, :] <= i

@@ -1,0 +1,199 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts (REFERENCE §4; V3 §2.1.2).
+
+    y = x_shared(x) + sum_k w_k * Expert_{idx_k}(x)
+
+Gate, in order (V3-code `Gate.forward`):
+  1. s = sigmoid(x W^T) or softmax, in float32            (N, E)
+  2. selection scores s + b, b an fp32 bias used ONLY for selection (aux-loss-free balancing)
+  3. group-limited: keep the `n_limited_groups` best of `n_expert_groups` groups, fill the
+     others with -inf (not 0: biased sigmoid scores can be negative, REFERENCE §16 #1)
+  4. idx = top-K of the selection scores; w = s.gather(idx), the UNBIASED scores
+     (never (s+b)-b, which cancels to 0 in fp32 when |b| >> s); sigmoid: w /= sum w; w *= route_scale
+
+Routed experts have two implementations with the same output: `loop` (reference: one masked
+pass per expert) and `grouped` (default: tokens sorted by expert, one grouped GEMM per weight).
+Expert weights are stacked (E, out, in) so both paths share them.
+
+Load balancing lives outside forward: training forwards only ADD to `tokens_per_expert`; the
+bias update (`update_expert_bias`) runs once per optimizer step from the whole step's load.
+N tokens, E routed experts, K active experts, d model dim, I expert width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); the dense FFN and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate_proj
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down_proj
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        # A buffer, so no optimizer ever sees it; kept float32 by _apply below.
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts) if cfg.gate_bias else None)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) must not round the bias: V3 biases are ~5 in magnitude, where bf16's
+        # resolution (~0.03) exceeds the score differences it has to order (REFERENCE §16 #3).
+        bias = self._buffers.pop("bias")
+        super()._apply(fn, recurse)
+        if bias is not None:
+            moved = fn(bias)
+            bias = moved if moved.dtype == torch.float32 else bias.to(device=moved.device)
+        self._buffers["bias"] = bias
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, d) -> weights (N, K) fp32, indices (N, K), unbiased scores (N, E) fp32."""
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.bias is None else scores + self.bias
+        G = cfg.n_expert_groups
+        if G > 1:
+            grouped = choice.view(-1, G, cfg.n_routed_experts // G)
+            if cfg.group_score == "top2_sum":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(cfg.n_limited_groups, dim=-1).indices  # (N, n_limited_groups)
+            mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~mask[..., None], float("-inf")).flatten(1)
+        idx = choice.topk(cfg.n_activated_experts, dim=-1).indices
+        weights = scores.gather(1, idx)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * cfg.route_scale, idx, scores
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, d, I = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        self.gate = Gate(cfg)
+        # Stacked expert weights in nn.Linear layout (out, in): w1/w3 (E, I, d), w2 (E, d, I).
+        self.w1 = nn.Parameter(torch.empty(E, I, d))
+        self.w2 = nn.Parameter(torch.empty(E, d, I))
+        self.w3 = nn.Parameter(torch.empty(E, I, d))
+        self.shared_experts = MLP(d, cfg.n_shared_experts * I) if cfg.n_shared_experts else None
+        # tokens routed to each expert since the last bias update (float32: exact to 2^24 per step)
+        self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, S, d) -> (y (B, S, d), sequence-wise balance loss or None)."""
+        B, S, d = x.shape
+        flat = x.reshape(-1, d)
+        weights, idx, scores = self.gate(flat)
+        experts = grouped_experts if self.cfg.moe_impl == "grouped" else loop_experts
+        y = experts(flat, weights, idx, self.w1, self.w2, self.w3).view(B, S, d)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        balance = None
+        if self.training:
+            with torch.no_grad():
+                flat_idx = idx.flatten()
+                self.tokens_per_expert.index_add_(0, flat_idx, torch.ones_like(flat_idx, dtype=torch.float32))
+            if self.cfg.balance_loss_alpha > 0:
+                balance = sequence_balance_loss(scores.view(B, S, -1), idx.view(B, S, -1), self.cfg)
+        return y, balance
+
+
+def _expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def loop_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
+    """Reference: for each expert, gather its tokens, run it, scatter-add the weighted output."""
+    y = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        token, slot = torch.where(idx == e)
+        if token.numel():
+            out = _expert(x[token], w1[e], w2[e], w3[e]) * weights[token, slot, None]
+            y.index_add_(0, token, out.to(x.dtype))
+    return y
+
+
+def grouped_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
+    """Fast path: sort the N*K (token, expert) pairs by expert, so each expert's rows are
+    contiguous, then one grouped GEMM per weight (torch._grouped_mm) instead of E small ones."""
+    N, K = idx.shape
+    E = w1.shape[0]
+    order = idx.flatten().argsort(stable=True)  # (N*K,) pair ids sorted by expert
+    token = order // K
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
+        0, idx.flatten(), torch.ones_like(order, dtype=torch.int32))
+    xs = x[token]  # (N*K, d), rows of one expert contiguous
+    if x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
+        h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
+            xs, w3.transpose(1, 2), offs=offs)
+        out = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
+    else:  # grouped_mm has no float64 kernel: same contiguous layout, one GEMM per expert
+        out = torch.cat([_expert(chunk, w1[e], w2[e], w3[e])
+                         for e, chunk in enumerate(xs.split(counts.tolist()))])
+    out = out * weights.flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+
+
+def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """L_Bal = alpha * sum_i f_i P_i per sequence, averaged over the batch (V3 eqs. 17-20).
+
+    scores (B, S, E) unbiased; idx (B, S, K) the experts actually selected (biased, group-limited):
+    project choice §17 #1, since that is the load the bias balances. f_i = E/(K S) * count_i,
+    P_i = mean_t s_{i,t} / sum_j s_{j,t}. At perfect balance f_i = 1 and sum P = 1, so L = alpha.
+    """
+    B, S, E = scores.shape
+    K = idx.shape[-1]
+    counts = torch.zeros(B, E, device=scores.device, dtype=scores.dtype).scatter_add_(
+        1, idx.flatten(1), torch.ones(B, S * K, device=scores.device, dtype=scores.dtype))
+    f = counts * (E / (K * S))
+    P = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return cfg.balance_loss_alpha * (f * P).sum(dim=-1).mean()
+
+
+def max_violation(load: torch.Tensor) -> float:
+    """MaxVio = (max_i load_i - mean load) / mean load (LF §4.1); 0 at perfect balance."""
+    mean = load.float().mean()
+    return float((load.float().max() - mean) / mean) if mean > 0 else 0.0
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, gamma: float, all_reduce=None) -> list[float]:
+    """The aux-loss-free update, once per optimizer step (LF Alg. 1; V3 §2.1.2):
+
+        b_i += gamma * sign(mean(c) - c_i)
+
+    c = tokens routed to each expert over the whole step (all micro-batches; pass `all_reduce`
+    to sum it across ranks first). Overloaded experts go down by gamma, underloaded up, an expert
+    exactly at the mean is unchanged: the plain sign rule, not mean-centred (project choice §17 #2).
+    Resets the counters and returns each MoE layer's MaxVio for the step.
+    """
+    violations = []
+    for module in model.modules():
+        if isinstance(module, MoE):
+            load = module.tokens_per_expert
+            if all_reduce is not None:
+                all_reduce(load)
+            violations.append(max_violation(load))
+            if module.gate.bias is not None and gamma:
+                module.gate.bias += gamma * torch.sign(load.mean() - load)
+            load.zero_()
+    return violations

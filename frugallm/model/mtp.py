@@ -1,0 +1,74 @@
+"""Multi-token prediction (MTP), REFERENCE §5; V3 §2.2 eqs. 21-25.
+
+D sequential modules; module k predicts the token k+1 steps ahead of the main head.
+Module k at position i combines the previous depth's hidden state h^{k-1}_i with the embedding
+of t_{i+k}, runs one Transformer block, and feeds the shared output head:
+
+    h'^k_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])   embedding FIRST, as in the
+                                                                 released V3 weights (§17 #4)
+    h^k    = TRM_k(h'^k)                                         causal, RoPE positions i
+    logits = head(norm_k(h^k))                                   predicts t_{i+k+1}
+
+h^0 is the main model's last hidden state BEFORE its final norm (hnorm expects pre-norm input,
+as ports of the released weights do). The embedding and head are the main model's own
+parameter objects, passed in, never copied.
+
+Alignment (FlagScale PR #337 pitfall): inputs AND labels shift by k together. Running TRM_k over
+all S positions is exact for positions < S-k because attention is causal; the tail is masked.
+Loss: L_MTP = (lambda / D) * sum_k L_k, each L_k a mean over its valid tokens (§17 #3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norm import RMSNorm
+
+
+class MTPModule(nn.Module):
+    def __init__(self, cfg: ModelConfig, block: nn.Module):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)  # M_k
+        self.block = block  # one Transformer block (a MoE block for V3)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # HF shared_head.norm
+
+    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, **block_kwargs):
+        """h_prev, emb (B, S, d) -> (h (B, S, d), balance loss or None)."""
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        return self.block(x, **block_kwargs)
+
+
+def shift_left(t: torch.Tensor, k: int, fill: int) -> torch.Tensor:
+    """t (B, S) -> t[:, k:] padded on the right with `fill` to length S."""
+    return F.pad(t[:, k:], (0, k), value=fill)
+
+
+def mtp_loss(modules: nn.ModuleList, embed: nn.Embedding, head: nn.Linear, h0: torch.Tensor,
+             input_ids: torch.Tensor, targets: torch.Tensor, mtp_lambda: float, **block_kwargs):
+    """Returns ((lambda / D) * sum_k L_k, summed balance losses of the MTP blocks or None).
+
+    targets[i] = t_{i+1} (the main head's labels, -100 = ignore); depth k's label at position i
+    is t_{i+k+1} = targets[i+k], and its input embedding is Emb(t_{i+k}) = Emb(input_ids[i+k]).
+    """
+    h, total, balance = h0, 0.0, None
+    for k, module in enumerate(modules, start=1):
+        emb = embed(shift_left(input_ids, k, fill=0))  # tail positions are masked below
+        h, bal = module(h, emb, **block_kwargs)
+        logits = head(module.norm(h))
+        labels = shift_left(targets, k, fill=-100)
+        total = total + cross_entropy(logits, labels)
+        if bal is not None:
+            balance = bal if balance is None else balance + bal
+    return mtp_lambda / len(modules) * total, balance
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in float32 over labels != -100; 0 (not NaN) when none is valid."""
+    labels = labels.flatten()
+    total = F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)

@@ -1,0 +1,130 @@
+"""The DeepSeek-V2/V3 Transformer: embed -> blocks -> norm -> head, plus MTP modules.
+
+This file only wires the concepts together (MLA in attention.py, DeepSeekMoE in moe.py,
+MTP in mtp.py, RoPE/YaRN in rope.py). It knows nothing of precision or parallelism.
+Block (pre-norm):  h = x + MLA(attn_norm(x));  out = h + FFN(ffn_norm(h)),
+FFN = dense SwiGLU for the first `n_dense_layers` layers, DeepSeekMoE after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MLA
+from .moe import MLP, MoE
+from .mtp import MTPModule, cross_entropy, mtp_loss
+from .norm import RMSNorm
+from .rope import rope_tables
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, S, vocab)
+    loss: torch.Tensor | None = None  # lm_loss + mtp_loss + balance_loss, for the trainer
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None  # already weighted by lambda / D
+    balance_loss: torch.Tensor | None = None  # sum over MoE layers (main and MTP)
+    hidden: torch.Tensor | None = None  # (B, S, d) last block output, before the final norm
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_id)
+        self.ffn = MoE(cfg) if self.is_moe else MLP(cfg.dim, cfg.inter_dim)
+
+    def forward(self, x, cos, sin, start_pos=0, cache=None, absorb=False):
+        """x (B, S, d) -> (x (B, S, d), balance loss or None)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, cache, absorb)
+        if self.is_moe:
+            y, balance = self.ffn(self.ffn_norm(x))
+        else:
+            y, balance = self.ffn(self.ffn_norm(x)), None
+        return x + y, balance
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # MTP block k is "layer n_layers + k" (its HF index), a MoE block for V3-like configs
+        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers + k)) for k in range(cfg.n_mtp))
+        self.reset_buffers()
+        self.init_weights()
+
+    def reset_buffers(self) -> None:
+        """(Re)build the non-persistent buffers, e.g. after meta-device construction + load."""
+        device = self.embed.weight.device
+        cos, sin = rope_tables(self.config, device=None if device.type == "meta" else device)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)  # (max_seq_len, dr/2) fp32
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.tokens_per_expert = torch.zeros_like(m.tokens_per_expert, device=device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for every matrix (V3 §4.2: 0.006), ones for norms, zero gate bias."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=std)
+            else:
+                nn.init.ones_(p)  # RMSNorm weights
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache=None,
+                attn_impl: str | None = None, mtp_lambda: float | None = None) -> ModelOutput:
+        """input_ids (B, S) -> ModelOutput with logits (B, S, vocab).
+
+        targets (B, S): next-token labels (-100 = ignore); with them the output carries the main
+        loss, the weighted MTP loss and the balance loss separately, and their sum as `loss`.
+        cache: a KVCache (infer/kv_cache.py); its `pos` gives the start position and advances by S.
+        attn_impl overrides the config's: 'naive', 'absorbed' or 'auto' (absorbed iff cached decode).
+        """
+        cfg = self.config
+        B, S = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        if start + S > cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + S} tokens exceeds max_seq_len={cfg.max_seq_len}; "
+                             f"shorten the input or raise max_seq_len")
+        impl = attn_impl or cfg.attn_impl
+        absorb = impl == "absorbed" or (impl == "auto" and cache is not None and S == 1)
+        block_kwargs = dict(cos=self.rope_cos[start:start + S], sin=self.rope_sin[start:start + S],
+                            start_pos=start, absorb=absorb)
+
+        h = self.embed(input_ids)
+        balance = None
+        for i, layer in enumerate(self.layers):
+            h, bal = layer(h, cache=cache.layer(i) if cache is not None else None, **block_kwargs)
+            balance = _add(balance, bal)
+        logits = self.head(self.norm(h))
+        if cache is not None:
+            cache.pos += S
+        if targets is None:
+            return ModelOutput(logits=logits, hidden=h, balance_loss=balance)
+
+        lm_loss = cross_entropy(logits, targets)
+        loss, mtp = lm_loss, None
+        if cfg.n_mtp > 0:
+            lam = cfg.mtp_lambda if mtp_lambda is None else mtp_lambda
+            mtp, bal = mtp_loss(self.mtp, self.embed, self.head, h, input_ids, targets, lam, **block_kwargs)
+            balance = _add(balance, bal)
+            loss = loss + mtp
+        if balance is not None:
+            loss = loss + balance
+        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp, balance_loss=balance, hidden=h)
+
+
+def _add(a, b):
+    return b if a is None else a if b is None else a + b
