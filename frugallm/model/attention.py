@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .norm import RMSNorm
+from .norm import RMSNorm, upcast
 from .rope import apply_rope, softmax_scale
 
 
@@ -89,7 +89,8 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.weight.view(self.n_heads, self.dn + self.dv, self.dc)
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.dn])  # W^UK absorbed: (B, S, H, dc)
         scores = (torch.einsum("bshc,btc->bsht", q_lat, c_kv)
-                  + torch.einsum("bshr,btr->bsht", q_pe, k_pe)).float() * self.softmax_scale
+                  + torch.einsum("bshr,btr->bsht", q_pe, k_pe))
+        scores = upcast(scores) * self.softmax_scale
         if S > 1:
             scores = scores.masked_fill(~causal_mask(S, T, start_pos, scores.device)[:, None], float("-inf"))
         p = scores.softmax(dim=-1).type_as(c_kv)  # softmax in float32

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .norm import upcast
 
 
 class MLP(nn.Module):
@@ -63,7 +64,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, d) -> weights (N, K) fp32, indices (N, K), unbiased scores (N, E) fp32."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(upcast(x), upcast(self.weight))
         scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.bias is None else scores + self.bias
         G = cfg.n_expert_groups
@@ -94,8 +95,8 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, d, I))
         self.w3 = nn.Parameter(torch.empty(E, I, d))
         self.shared_experts = MLP(d, cfg.n_shared_experts * I) if cfg.n_shared_experts else None
-        # tokens routed to each expert since the last bias update (float32: exact to 2^24 per step)
-        self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)
+        # tokens routed to each expert since the last bias update; int64, so model.to(bf16) leaves it exact
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, S, d) -> (y (B, S, d), sequence-wise balance loss or None)."""
@@ -110,7 +111,7 @@ class MoE(nn.Module):
         if self.training:
             with torch.no_grad():
                 flat_idx = idx.flatten()
-                self.tokens_per_expert.index_add_(0, flat_idx, torch.ones_like(flat_idx, dtype=torch.float32))
+                self.tokens_per_expert.index_add_(0, flat_idx, torch.ones_like(flat_idx))
             if self.cfg.balance_loss_alpha > 0:
                 balance = sequence_balance_loss(scores.view(B, S, -1), idx.view(B, S, -1), self.cfg)
         return y, balance
@@ -189,11 +190,11 @@ def update_expert_bias(model: nn.Module, gamma: float, all_reduce=None) -> list[
     violations = []
     for module in model.modules():
         if isinstance(module, MoE):
-            load = module.tokens_per_expert
             if all_reduce is not None:
-                all_reduce(load)
+                all_reduce(module.tokens_per_expert)
+            load = module.tokens_per_expert.double()
+            module.tokens_per_expert.zero_()
             violations.append(max_violation(load))
             if module.gate.bias is not None and gamma:
-                module.gate.bias += gamma * torch.sign(load.mean() - load)
-            load.zero_()
+                module.gate.bias += gamma * torch.sign(load.mean() - load).float()
     return violations

@@ -48,20 +48,30 @@ def shift_left(t: torch.Tensor, k: int, fill: int) -> torch.Tensor:
     return F.pad(t[:, k:], (0, k), value=fill)
 
 
+def mtp_logits(modules: nn.ModuleList, embed: nn.Embedding, head: nn.Linear, h0: torch.Tensor,
+               input_ids: torch.Tensor, **block_kwargs) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """[(logits_k (B, S, vocab), balance loss or None) for k = 1..D]; logits_k[:, i] predicts t_{i+k+1}.
+
+    Depth k's input at position i is Emb(t_{i+k}) = Emb(input_ids[i+k]); positions i >= S-k have
+    no such token (filled with id 0) and must be masked by the caller.
+    """
+    h, out = h0, []
+    for k, module in enumerate(modules, start=1):
+        h, bal = module(h, embed(shift_left(input_ids, k, fill=0)), **block_kwargs)
+        out.append((head(module.norm(h)), bal))
+    return out
+
+
 def mtp_loss(modules: nn.ModuleList, embed: nn.Embedding, head: nn.Linear, h0: torch.Tensor,
              input_ids: torch.Tensor, targets: torch.Tensor, mtp_lambda: float, **block_kwargs):
     """Returns ((lambda / D) * sum_k L_k, summed balance losses of the MTP blocks or None).
 
-    targets[i] = t_{i+1} (the main head's labels, -100 = ignore); depth k's label at position i
-    is t_{i+k+1} = targets[i+k], and its input embedding is Emb(t_{i+k}) = Emb(input_ids[i+k]).
+    targets[i] = t_{i+1} (the main head's labels, -100 = ignore), so depth k's label at
+    position i is t_{i+k+1} = targets[i+k]: inputs and labels shift by k together.
     """
-    h, total, balance = h0, 0.0, None
-    for k, module in enumerate(modules, start=1):
-        emb = embed(shift_left(input_ids, k, fill=0))  # tail positions are masked below
-        h, bal = module(h, emb, **block_kwargs)
-        logits = head(module.norm(h))
-        labels = shift_left(targets, k, fill=-100)
-        total = total + cross_entropy(logits, labels)
+    total, balance = 0.0, None
+    for k, (logits, bal) in enumerate(mtp_logits(modules, embed, head, h0, input_ids, **block_kwargs), start=1):
+        total = total + cross_entropy(logits, shift_left(targets, k, fill=-100))
         if bal is not None:
             balance = bal if balance is None else balance + bal
     return mtp_lambda / len(modules) * total, balance

@@ -7,6 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in at least float32: bf16/fp16 go up to fp32, fp64 stays fp64 (the exactness tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), normalised in float32 and cast back before the weight
     (the HF DeepSeek order, so bf16 results match it bit for bit)."""
@@ -17,4 +22,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return self.weight * F.rms_norm(upcast(x), (x.shape[-1],), eps=self.eps).type_as(x)

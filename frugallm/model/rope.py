@@ -17,6 +17,7 @@ import math
 import torch
 
 from ..config import ModelConfig, yarn_mscale
+from .norm import upcast
 
 
 def _correction_dim(n_rot: float, dim: int, base: float, orig_len: int) -> float:
@@ -74,9 +75,9 @@ def rope_tables(cfg: ModelConfig, device: torch.device | str | None = None) -> t
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of x (..., S, [H,] d_r) by cos/sin broadcastable to (..., S, [1,] d_r/2).
 
-    Computed in float32 and cast back, so bf16 activations do not lose the rotation's precision.
+    Computed in (at least) float32 and cast back, so bf16 activations do not lose the rotation's precision.
     """
-    xr = x.float().unflatten(-1, (-1, 2))
+    xr = upcast(x).unflatten(-1, (-1, 2))
     x0, x1 = xr[..., 0], xr[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)

@@ -71,7 +71,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
         for m in self.modules():
             if isinstance(m, MoE):
-                m.tokens_per_expert = torch.zeros_like(m.tokens_per_expert, device=device, dtype=torch.float32)
+                m.tokens_per_expert = torch.zeros_like(m.tokens_per_expert, device=device)
 
     @torch.no_grad()
     def init_weights(self) -> None:

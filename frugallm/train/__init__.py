@@ -1,0 +1,1 @@
+"""Training: optimizer hooks (and, later, the trainer, data, checkpoints, distillation)."""

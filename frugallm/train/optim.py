@@ -1,0 +1,51 @@
+"""Optimizer-side pieces of training: the aux-loss-free MoE bias update as a step hook.
+
+The bias update is a side effect of a whole optimizer step, not of a forward (DESIGN.md
+principle 9): forwards only count tokens per expert; this hook applies the sign rule once per
+`optimizer.step()`, from the load of every micro-batch since the previous step, so it composes
+with gradient accumulation and pipelining.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..model.moe import MoE, update_expert_bias
+
+
+class ExpertBiasUpdate:
+    """b_i += gamma * sign(mean_load - load_i) after every optimizer step (REFERENCE §4.4).
+
+    gamma: the update speed (V3: 0.001). freeze_after_tokens: gamma becomes 0 once this many
+    tokens have been trained (V3 ran its last 500B tokens at gamma = 0); None never freezes.
+    all_reduce: sums the load counters in place across ranks (EP/DP) before the rule.
+    """
+
+    def __init__(self, model: nn.Module, gamma: float = 1e-3, freeze_after_tokens: int | None = None,
+                 all_reduce: Callable[[torch.Tensor], None] | None = None):
+        if gamma < 0:
+            raise ValueError(f"gamma={gamma} must be >= 0")
+        self.model, self.gamma, self.freeze_after_tokens, self.all_reduce = model, gamma, freeze_after_tokens, all_reduce
+        self.tokens_seen = 0
+        self.last_max_violation: list[float] = []  # per MoE layer, for the step just taken
+        self._moe = [m for m in model.modules() if isinstance(m, MoE)]
+
+    def gamma_at(self, tokens_seen: int) -> float:
+        frozen = self.freeze_after_tokens is not None and tokens_seen >= self.freeze_after_tokens
+        return 0.0 if frozen else self.gamma
+
+    def step(self) -> list[float]:
+        """Apply the rule from the counters filled since the last call; returns MaxVio per layer."""
+        gamma = self.gamma_at(self.tokens_seen)  # the schedule at the start of this step's tokens
+        if self._moe:  # every routed token is counted K times in each MoE layer
+            first = self._moe[0]
+            self.tokens_seen += int(first.tokens_per_expert.sum().item()) // first.cfg.n_activated_experts
+        self.last_max_violation = update_expert_bias(self.model, gamma, self.all_reduce)
+        return self.last_max_violation
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Run `step()` after every `optimizer.step()`; returns the removable hook handle."""
+        return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
