@@ -134,24 +134,28 @@ def loop_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
 
 def grouped_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
     """Fast path: sort the N*K (token, expert) pairs by expert, so each expert's rows are
-    contiguous, then one grouped GEMM per weight (torch._grouped_mm) instead of E small ones."""
+    contiguous, then one grouped GEMM per weight (torch._grouped_mm) instead of E small ones.
+
+    The routing weight multiplies the (N*K, I) hidden before w2 (linear, so the same sum, on
+    fewer elements than the (N*K, d) output), and the un-sort is a scatter-copy to each pair's
+    own row followed by a sum over the K slots: no accumulating scatter in the forward.
+    """
     N, K = idx.shape
     E = w1.shape[0]
-    order = idx.flatten().argsort(stable=True)  # (N*K,) pair ids sorted by expert
-    token = order // K
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
-        0, idx.flatten(), torch.ones_like(order, dtype=torch.int32))
-    xs = x[token]  # (N*K, d), rows of one expert contiguous
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)  # (N*K,) pair ids sorted by expert
+    xs = x.index_select(0, order // K)  # (N*K, d), rows of one expert contiguous
+    w = weights.flatten().index_select(0, order).to(x.dtype)[:, None]
     if x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
         offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
         h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
             xs, w3.transpose(1, 2), offs=offs)
-        out = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
+        out = torch._grouped_mm(h * w, w2.transpose(1, 2), offs=offs)
     else:  # grouped_mm has no float64 kernel: same contiguous layout, one GEMM per expert
-        out = torch.cat([_expert(chunk, w1[e], w2[e], w3[e])
-                         for e, chunk in enumerate(xs.split(counts.tolist()))])
-    out = out * weights.flatten()[order, None]
-    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
+        sizes = torch.bincount(flat, minlength=E).tolist()
+        out = torch.cat([_expert(chunk, w1[e], w2[e], w3[e]) for e, chunk in enumerate(xs.split(sizes))]) * w
+    return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1)
 
 
 def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
