@@ -4,7 +4,7 @@ What it measures, for the `tiny` preset with n_mtp=0 (transformers has no MTP):
   * train step: forward + loss + backward, tokens/s (frugallm's loss includes its small balance loss);
   * prefill: one forward under torch.inference_mode (transformers with use_cache=False, since
     frugallm without a cache writes none either), tokens/s;
-  * frugallm under torch.compile as well, with --compile;
+  * frugallm under torch.compile as well (the fast path; --no-compile skips it);
   * a matmul roofline: FLOPs of a step (2 x active matmul params x tokens + causal attention
     scores/values; backward = 2 x forward) over a measured torch.mm rate = the ideal time, and
     measured / ideal per side;
@@ -17,7 +17,7 @@ in one process (after a warm-up) and the median per side is reported, so driftin
 hits both sides alike.
 
     python benchmarks/bench_model.py [--batch 8] [--seq 256] [--rounds 15] [--dtype bf16|fp32]
-                                     [--compile] [--profile]
+                                     [--no-compile] [--profile]
 """
 
 from __future__ import annotations
@@ -202,7 +202,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="timed runs per side, alternated (median reported)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    ap.add_argument("--compile", action="store_true", help="also time frugallm under torch.compile")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the torch.compile(frugallm) rows (compiling takes ~30 s)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one frugallm train step")
     args = ap.parse_args()
 

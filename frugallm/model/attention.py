@@ -5,7 +5,7 @@ plus ONE rope key k_pe = RoPE(W^KR h) (d_r per token) shared by all heads. Only 
 ever cached: (d_c + d_r) values per token per layer.
 
 Two paths, one class, same weights:
-  naive     up-project c_kv to per-head k_nope / v and run ordinary attention (SDPA).
+  naive     up-project c_kv to per-head k_nope / v and run ordinary attention.
             Compute-friendly: used for training and prefill.
   absorbed  fold W^UK into the query and W^UV into the output, and attend over the latent
             directly: MQA with one 576-dim key "head". Data-movement-friendly: used for decode.
@@ -17,7 +17,6 @@ dn = qk_nope_head_dim, dr = qk_rope_head_dim, dv = v_head_dim, dc = kv_lora_rank
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
@@ -76,12 +75,13 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, S, dn+dr)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, T, H, self.dr)], dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)  # (B, H, T, dv)
-        if S == T:  # prefill from position 0: the usual causal triangle
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-        else:  # chunk on top of a cache: query i sits at absolute position start_pos + i
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(S, T, start_pos, q.device),
-                                               scale=self.softmax_scale)
+        # Explicit attention, not SDPA: on CPU, SDPA with dv != dn+dr runs an fp32 math path and
+        # its flash kernel is slow at these head dims. The two GEMMs run in the model dtype (bf16:
+        # AMX), the mask and softmax in at least fp32, as in the reference and HF eager.
+        scores = upcast(q @ k.transpose(-1, -2)) * self.softmax_scale  # (B, H, S, T)
+        if S > 1:
+            scores = scores.masked_fill(~causal_mask(S, T, start_pos, scores.device), float("-inf"))
+        o = scores.softmax(dim=-1).type_as(v) @ v.transpose(1, 2)  # (B, H, S, dv)
         return o.transpose(1, 2)  # (B, S, H, dv)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int) -> torch.Tensor:
