@@ -103,3 +103,11 @@ def test_sequence_past_max_seq_len_is_a_clear_error():
 
 def test_yarn_changes_scores_only_past_position_zero():
     assert math.isclose(softmax_scale(tiny_config(**YARN)), tiny_config().qk_head_dim ** -0.5 * (0.1 * 0.707 * math.log(4) + 1) ** 2)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = Transformer(tiny_config())
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, seq\) integer token ids"):
+        model(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="targets"):
+        model(torch.zeros(2, 4, dtype=torch.long), targets=torch.zeros(2, 5, dtype=torch.long))

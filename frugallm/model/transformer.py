@@ -93,6 +93,11 @@ class Transformer(nn.Module):
         attn_impl overrides the config's: 'naive', 'absorbed' or 'auto' (absorbed iff cached decode).
         """
         cfg = self.config
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+            raise ValueError(f"input_ids must be (batch, seq) integer token ids, got {tuple(input_ids.shape)} "
+                             f"{input_ids.dtype}")
+        if targets is not None and targets.shape != input_ids.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         B, S = input_ids.shape
         start = cache.pos if cache is not None else 0
         if start + S > cfg.max_seq_len:
