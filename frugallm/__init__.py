@@ -21,4 +21,41 @@ def to_hf(model, path, dtype=None):
     return _to_hf(model, path, dtype=dtype)
 
 
-__all__ = ["ModelConfig", "PRESETS", "get_preset", "Transformer", "ModelOutput", "count_params", "from_hf", "to_hf"]
+
+
+def load(path, dtype=None):
+    """A model from a frugallm run directory (its last good checkpoint) or a Hugging Face DeepSeek directory."""
+    from pathlib import Path
+
+    from .train.checkpoint import latest
+
+    path = Path(path)
+    ckpt = latest(path) if (path / "checkpoints").exists() else None
+    if ckpt is None and (path / "manifest.json").exists() and (path / "model.safetensors").exists():
+        ckpt = path  # a checkpoint directory itself
+    if ckpt is not None:
+        from safetensors.torch import load_file
+
+        import torch
+
+        with torch.device("meta"):
+            model = Transformer(ModelConfig.from_json(ckpt / "config.json"))
+        model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=True, assign=True)
+        model.reset_buffers()
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()
+    if (path / "config.json").exists():
+        return from_hf(path, dtype=dtype)
+    raise FileNotFoundError(f"{path} is neither a frugallm run (no valid checkpoint) nor a Hugging Face model dir")
+
+
+def load_tokenizer(path):
+    """The tokenizer of a frugallm run or a Hugging Face checkpoint directory (its tokenizer.json)."""
+    from .tokenizer import load_tokenizer as _load
+
+    return _load(path)
+
+
+__all__ = ["ModelConfig", "PRESETS", "get_preset", "Transformer", "ModelOutput", "count_params", "from_hf", "to_hf",
+           "load", "load_tokenizer"]

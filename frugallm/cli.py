@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
 import torch
 
@@ -39,6 +41,80 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .config import ModelConfig, TrainConfig, apply_overrides, get_preset
+    from .train.trainer import train
+
+    model_cfg = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
+    train_cfg = TrainConfig.from_json(args.train_config) if args.train_config else TrainConfig()
+    flags = {"data": args.data, "steps": args.steps, "save_every": args.save_every}
+    pairs = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set or [])
+    model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, pairs)
+    result = train(model_cfg, train_cfg, args.out, resume=args.resume)
+    if result.interrupted:
+        return 130
+    if result.val_loss is not None:
+        print(f"val loss {result.val_loss:.3f} (perplexity {math.exp(result.val_loss):.1f}) vs unigram baseline "
+              f"{result.unigram_loss:.3f} (perplexity {math.exp(result.unigram_loss):.1f})")
+    if args.sample and train_cfg.sample_tokens > 0:
+        _print_sample(args.out, train_cfg.sample_prompt, train_cfg.sample_tokens)
+    return 0
+
+
+def _print_sample(run: str, prompt: str, n_tokens: int) -> None:
+    from . import load, load_tokenizer
+    from .infer.generate import generate
+
+    model, tok = load(run), load_tokenizer(run)
+    ids = torch.tensor([[tok.bos_id, *tok.encode(prompt)]])
+    n_tokens = min(n_tokens, model.config.max_seq_len - ids.shape[1])
+    new = generate(model, ids, n_tokens, temperature=0.8, top_k=40, seed=0, stop=tok.eos_id)
+    print(f"--- sample ({n_tokens} tokens max, temperature 0.8, top-k 40) ---")
+    print(prompt + tok.decode(new[0].tolist()))
+    print("---")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from . import load, load_tokenizer
+    from .config import TrainConfig
+    from .train import data
+    from .train.trainer import evaluate
+    from .train.checkpoint import latest
+
+    ckpt = latest(args.run)
+    if ckpt is None:
+        raise FileNotFoundError(f"{args.run} holds no valid checkpoint")
+    cfg = TrainConfig.from_json(ckpt / "train_config.json")
+    model, tok = load(args.run), load_tokenizer(args.run)
+    source = cfg.data if args.data is None else args.data
+    splits = data.prepare(source, tok, cfg.val_fraction, cfg.text_field)
+    batches = data.Batches(splits.val, cfg.seq_len, cfg.batch_size, cfg.seed, shuffle=False)
+    loss = evaluate(model, batches, args.batches, __import__("contextlib").nullcontext)
+    print(f"{args.run} ({ckpt.name}) on {splits.manifest['source']} val: loss {loss:.4f}, "
+          f"perplexity {math.exp(loss):.2f}, unigram baseline "
+          f"{data.unigram_loss(splits.train, splits.val, model.config.vocab_size):.4f}")
+    return 0
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from .tokenizer import train_tokenizer
+    from .train import data
+
+    texts = (text for _, text in data.iter_documents(args.data, args.text_field, data._Replacements()))
+    tok = train_tokenizer(texts, args.vocab)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    print(f"wrote {tok.save(args.out)} ({tok.vocab_size} tokens)")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .train.plot import plot_run
+
+    for path in plot_run(args.run):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frugallm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +125,38 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--max-build-params", type=float, default=2e9,
                       help="only count, do not build, models larger than this (default 2e9)")
     info.set_defaults(func=_info)
+
+    tr = sub.add_parser("train", help="train a model (default: the tiny preset on the built-in corpus)")
+    src = tr.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="tiny")
+    src.add_argument("--config", help="a ModelConfig JSON file")
+    tr.add_argument("--train-config", help="a TrainConfig JSON file")
+    tr.add_argument("--data", help="text files, a folder, a glob, JSONL, or hf:NAME (default: the Python stdlib)")
+    tr.add_argument("--out", default="runs/tiny", help="run directory (default runs/tiny)")
+    tr.add_argument("--steps", type=int)
+    tr.add_argument("--save-every", type=int)
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="any ModelConfig or TrainConfig field")
+    tr.add_argument("--no-sample", dest="sample", action="store_false", help="do not print a sample at the end")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="validation loss and perplexity of a run")
+    ev.add_argument("run")
+    ev.add_argument("--data", help="evaluate on this data's val split instead of the run's")
+    ev.add_argument("--batches", type=int, default=16)
+    ev.set_defaults(func=_eval)
+
+    tk = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
+    tt = tk.add_parser("train", help="train a byte-level BPE with special tokens")
+    tt.add_argument("data", nargs="?", default="", help="text/JSONL path or glob (default: the Python stdlib)")
+    tt.add_argument("--vocab", type=int, default=4096)
+    tt.add_argument("--out", required=True)
+    tt.add_argument("--text-field", default="text")
+    tt.set_defaults(func=_tokenizer_train)
+
+    pl = sub.add_parser("plot", help="write PNG plots of a run's metrics")
+    pl.add_argument("run")
+    pl.set_defaults(func=_plot)
     return parser
 
 
@@ -56,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError, RuntimeError) as e:
         print(f"frugallm: error: {e}", file=sys.stderr)
         return 2
 

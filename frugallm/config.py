@@ -20,6 +20,7 @@ _CHOICES = {
     "group_score": ("top2_sum", "max"),
     "moe_impl": ("grouped", "loop"),
     "rope_scaling": ("none", "yarn"),
+    "residual": ("plain", "hc", "mhc"),
 }
 
 
@@ -71,6 +72,12 @@ class ModelConfig:
     # cos/sin multiplier; None = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim),
     # which is 1.0 for every DeepSeek release. Set explicitly only to mirror a foreign config.
     rope_attn_factor: float | None = None
+    # --- hc / mhc (REFERENCE §6, §7; model/hyperconn.py)
+    residual: str = "plain"  # plain pre-norm residual | hc (Hyper-Connections) | mhc (manifold-constrained HC)
+    hc_streams: int = 4  # n, the expansion rate: the residual stream is n parallel streams of width dim
+    hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations (column then row normalisation each)
+    hc_dynamic: bool = True  # input-dependent coefficients (HC's W / mHC's phi) on top of the static biases
+    hc_alpha_init: float = 0.01  # initial scale of the dynamic part (HC's s_alpha, s_beta; mHC's alpha)
 
     def __post_init__(self) -> None:
         errors = []
@@ -111,6 +118,12 @@ class ModelConfig:
                 errors.append(f"rope_factor={self.rope_factor} must be >= 1 with rope_scaling='yarn'")
             if self.original_seq_len <= 0:
                 errors.append(f"original_seq_len={self.original_seq_len} must be > 0")
+        if self.residual != "plain":
+            for name in ("hc_streams", "hc_sinkhorn_iters"):
+                if getattr(self, name) < 1:
+                    errors.append(f"{name}={getattr(self, name)} must be >= 1 with residual={self.residual!r}")
+            if not self.hc_alpha_init >= 0:
+                errors.append(f"hc_alpha_init={self.hc_alpha_init} must be >= 0")
         if errors:
             raise ValueError("invalid ModelConfig: " + "; ".join(errors))
 
@@ -205,4 +218,108 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**d)
 
 
-__all__ = ["ModelConfig", "PRESETS", "get_preset", "check_keys", "yarn_mscale"]
+@dataclass
+class TrainConfig:
+    """Everything about a training run that is not the model. Field names are disjoint from
+    ModelConfig's, so `--set key=value` finds its config by name alone."""
+
+    # --- data
+    data: str = ""  # "" = the built-in corpus (Python stdlib sources); a path, glob, or "hf:NAME"
+    text_field: str = "text"  # JSONL field holding the text
+    val_fraction: float = 0.01
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    tokenizer: str = ""  # tokenizer.json (or its dir); "" = reuse the run's, or train one on the data
+    tokenizer_train_chars: int = 8_000_000  # text sampled to train a tokenizer
+    # --- optimisation (V3 §4.2: AdamW (0.9, 0.95), wd 0.1, clip 1.0)
+    steps: int = 600
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, the V3 style)
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays to min_lr
+    weight_decay: float = 0.1  # matrices only; never norms, biases or the gate bias
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    # --- MoE balance and MTP schedules
+    bias_gamma: float = 1e-3  # aux-loss-free bias update speed; 0 = no bias update
+    bias_freeze_tokens: int = 0  # gamma becomes 0 after this many tokens; 0 = never
+    mtp_lambda_late: float = 0.1  # V3: lambda 0.3 for the first ~68% of tokens, then 0.1
+    mtp_lambda_late_from: float = 0.7  # fraction of steps after which mtp_lambda_late applies
+    # --- precision and speed
+    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    compile: bool = False
+    threads: int = 0  # 0 = all cores
+    seed: int = 0
+    # --- eval, logging, checkpoints
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    save_every: int = 200
+    keep_last: int = 2
+    skip_nonfinite: bool = False  # skip a step whose loss is NaN/inf instead of stopping
+    sample_tokens: int = 120  # a sample printed at the end; 0 = none
+    sample_prompt: str = "def "
+
+    def __post_init__(self) -> None:
+        errors = []
+        if self.schedule not in ("cosine", "wsd"):
+            errors.append(f"schedule={self.schedule!r} must be 'cosine' or 'wsd'")
+        if self.precision not in ("bf16", "fp32"):
+            errors.append(f"precision={self.precision!r} must be 'bf16' or 'fp32'")
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every", "keep_last"):
+            if getattr(self, name) <= 0:
+                errors.append(f"{name}={getattr(self, name)} must be > 0")
+        if not 0 < self.val_fraction < 1:
+            errors.append(f"val_fraction={self.val_fraction} must be in (0, 1)")
+        if not 0 <= self.decay_fraction <= 1 or not 0 <= self.mtp_lambda_late_from <= 1:
+            errors.append("decay_fraction and mtp_lambda_late_from must be in [0, 1]")
+        if self.lr <= 0:
+            errors.append(f"lr={self.lr} must be > 0")
+        if errors:
+            raise ValueError("invalid TrainConfig: " + "; ".join(errors))
+
+    to_dict = ModelConfig.to_dict
+    to_json = ModelConfig.to_json
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        check_keys(cls, d)
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def apply_overrides(model: ModelConfig, train: TrainConfig, pairs: list[str]) -> tuple[ModelConfig, TrainConfig]:
+    """Apply `key=value` strings to whichever config owns `key`; values parse as JSON, else as text."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    model_changes, train_changes = {}, {}
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        if not eq:
+            raise ValueError(f"--set {pair!r} must look like key=value")
+        if key not in fields and key not in train_fields:
+            raise ValueError(f"unknown config key {key!r}; valid keys are: model: {', '.join(fields)}; "
+                             f"train: {', '.join(train_fields)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        current = getattr(model if key in fields else train, key)
+        if isinstance(current, bool) and not isinstance(value, bool):
+            raise ValueError(f"--set {key}={raw}: expected true or false")
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(current, str) and not isinstance(value, str):
+            value = raw
+        (model_changes if key in fields else train_changes)[key] = value
+    return model.replace(**model_changes), dataclasses.replace(train, **train_changes)
+
+
+__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "get_preset", "apply_overrides", "check_keys", "yarn_mscale"]

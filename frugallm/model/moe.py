@@ -64,7 +64,8 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, d) -> weights (N, K) fp32, indices (N, K), unbiased scores (N, E) fp32."""
         cfg = self.cfg
-        logits = F.linear(upcast(x), upcast(self.weight))
+        with torch.autocast(x.device.type, enabled=False):  # router logits stay fp32 under bf16 autocast
+            logits = F.linear(upcast(x), upcast(self.weight))
         scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.bias is None else scores + self.bias
         G = cfg.n_expert_groups
@@ -142,6 +143,9 @@ def grouped_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
     """
     N, K = idx.shape
     E = w1.shape[0]
+    if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's list: cast as it would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
     flat = idx.flatten()
     order = flat.argsort(stable=True)  # (N*K,) pair ids sorted by expert
     xs = x.index_select(0, order // K)  # (N*K, d), rows of one expert contiguous

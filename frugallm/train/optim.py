@@ -8,6 +8,7 @@ with gradient accumulation and pipelining.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -46,6 +47,42 @@ class ExpertBiasUpdate:
         self.last_max_violation = update_expert_bias(self.model, gamma, self.all_reduce)
         return self.last_max_violation
 
+    def discard(self) -> None:
+        """Forget the load counted since the last step (a skipped step must not move the bias)."""
+        for m in self._moe:
+            m.tokens_per_expert.zero_()
+
     def attach(self, optimizer: torch.optim.Optimizer):
         """Run `step()` after every `optimizer.step()`; returns the removable hook handle."""
         return optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                    eps: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (embeddings, projections, stacked experts);
+    norms get none, and the gate bias is a buffer the optimizer never sees."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float, schedule: str,
+          decay_fraction: float) -> float:
+    """Learning rate for optimizer step `step` (0-based).
+
+    cosine: linear warmup, then cosine from peak to min_ratio * peak at the last step.
+    wsd:    linear warmup, constant peak, then the final `decay_fraction` of steps decays (cosine)
+            to min_ratio * peak: the V3 style (constant to 10T tokens, then decay).
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    floor = peak * min_ratio
+    if schedule == "wsd":
+        decay_start = max(warmup, int(total * (1 - decay_fraction)))
+        if step < decay_start:
+            return peak
+        progress = (step - decay_start) / max(1, total - 1 - decay_start)
+    else:
+        progress = (step - warmup) / max(1, total - 1 - warmup)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))

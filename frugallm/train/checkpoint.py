@@ -1,0 +1,160 @@
+"""Checkpoints that survive anything: atomic, verified, pickle-free, last-K.
+
+A checkpoint is a directory `checkpoints/step_000100/` holding
+  config.json / train_config.json   the model and run configs
+  model.safetensors                 weights and persistent buffers (the fp32 gate bias)
+  optimizer.safetensors + .json     AdamW moments per parameter name; hyper-parameters and steps as JSON
+  trainer.json + rng.safetensors    step, token counters, data position, the torch RNG state
+  tokenizer.json
+  manifest.json                     sha256 of every file above; written LAST
+It is written into a temp dir, every file fsync'ed, then renamed into place, so a crash mid-save
+leaves the previous checkpoint untouched. A directory without a manifest, or whose hashes do not
+match, is rejected with a clear message and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import ModelConfig, TrainConfig
+
+PREFIX = "step_"
+
+
+class CorruptCheckpoint(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """AdamW state as ({name.key: tensor}, JSON-able meta), keyed by parameter names, no pickle."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors, steps, groups = {}, {}, []
+    for group in optimizer.param_groups:
+        groups.append({k: v for k, v in group.items() if k != "params"} | {"params": [names[id(p)] for p in group["params"]]})
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if key == "step":
+                    steps[names[id(p)]] = float(value)
+                else:
+                    tensors[f"{names[id(p)]}.{key}"] = value.contiguous()
+    return tensors, {"param_groups": groups, "steps": steps}
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    params = dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    current = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    if current != [group["params"] for group in meta["param_groups"]]:
+        raise CorruptCheckpoint("the checkpoint's optimizer parameter groups do not match this model")
+    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    for name, step in meta["steps"].items():
+        p = params[name]
+        state = {"step": torch.tensor(step, dtype=torch.float32)}
+        for key in ("exp_avg", "exp_avg_sq"):
+            if f"{name}.{key}" in tensors:
+                state[key] = tensors[f"{name}.{key}"].to(p.dtype)
+        optimizer.state[p] = state
+
+
+def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+         tokenizer_json: str, model_cfg: ModelConfig, train_cfg: TrainConfig, keep_last: int) -> Path:
+    """Atomically write checkpoint `step`, then delete all but the newest `keep_last`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, tmp / "model.safetensors")
+        opt_tensors, opt_meta = optimizer_tensors(model, optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
+        (tmp / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2))
+        (tmp / "train_config.json").write_text(json.dumps(train_cfg.to_dict(), indent=2))
+        (tmp / "tokenizer.json").write_text(tokenizer_json)
+        files = sorted(p.name for p in tmp.iterdir())
+        for name in files:
+            _fsync(tmp / name)
+        (tmp / "manifest.json").write_text(json.dumps({name: _sha256(tmp / name) for name in files}, indent=2))
+        _fsync(tmp / "manifest.json")
+        if final.exists():  # re-saving a step after a resume: swap, never a moment without one
+            old = root / f".old-{final.name}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    return sorted(root.glob(f"{PREFIX}*")) if root.exists() else []
+
+
+def verify(path: Path) -> None:
+    manifest = path / "manifest.json"
+    if not manifest.exists():
+        raise CorruptCheckpoint(f"{path} has no manifest.json (a save that did not finish)")
+    for name, digest in json.loads(manifest.read_text()).items():
+        if not (path / name).exists():
+            raise CorruptCheckpoint(f"{path} lacks {name}")
+        if _sha256(path / name) != digest:
+            raise CorruptCheckpoint(f"{path}/{name} does not match its sha256 in manifest.json (corrupted)")
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    for path in reversed(checkpoints(run_dir)):
+        try:
+            verify(path)
+            return path
+        except CorruptCheckpoint as e:
+            warnings.warn(f"skipping checkpoint: {e}")
+    return None
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Restore weights, optimizer, RNG; return the trainer state dict."""
+    verify(path)
+    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    if optimizer is not None:
+        load_optimizer(model, optimizer, load_file(path / "optimizer.safetensors"),
+                       json.loads((path / "optimizer.json").read_text()))
+    torch.set_rng_state(load_file(path / "rng.safetensors")["torch_cpu"])
+    return json.loads((path / "trainer.json").read_text())

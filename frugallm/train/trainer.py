@@ -1,0 +1,281 @@
+"""The training loop: data -> model -> AdamW, with exact resume, telemetry and safe checkpoints.
+
+One optimizer step = `grad_accum` micro-batches. Per step, in order:
+  lr from the schedule; MTP lambda from its schedule; forward/backward of each micro-batch
+  (bf16 autocast or fp32); a non-finite loss stops the run (or skips the step); clip at 1.0;
+  AdamW step; the aux-loss-free bias update from the whole step's expert load; logging;
+  eval; checkpoint. Nothing random happens after initialisation and the data position is a
+  pure function of the step, so a resumed run repeats the uninterrupted one bit for bit (fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import ModelConfig, TrainConfig
+from ..model.count import count_params
+from ..model.transformer import Transformer
+from ..tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from . import checkpoint, data
+from .optim import ExpertBiasUpdate, build_optimizer, lr_at
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    val_loss: float | None
+    unigram_loss: float
+    interrupted: bool
+    last_checkpoint: Path | None
+
+
+def _tokenizer_for(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, log) -> Tokenizer:
+    if (run_dir / "tokenizer.json").exists():
+        tok = load_tokenizer(run_dir)
+    elif train_cfg.tokenizer:
+        tok = load_tokenizer(train_cfg.tokenizer)
+    else:  # train one on the run's data; cached per (data, vocab)
+        key = f"{data.fingerprint(train_cfg.data)}-{model_cfg.vocab_size}-{train_cfg.tokenizer_train_chars}"
+        cached = data.cache_root() / "tokenizers" / key
+        if (cached / "tokenizer.json").exists():
+            tok = load_tokenizer(cached)
+        else:
+            log(f"training a {model_cfg.vocab_size}-token byte-level BPE on {train_cfg.data or 'the built-in corpus'}")
+            tok = train_tokenizer(_sample_texts(train_cfg), model_cfg.vocab_size)
+            cached.mkdir(parents=True, exist_ok=True)
+            tok.save(cached)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                         f"{model_cfg.vocab_size}; raise vocab_size (--set vocab_size={tok.vocab_size})")
+    tok.save(run_dir)
+    return tok
+
+
+def _sample_texts(train_cfg: TrainConfig):
+    budget = train_cfg.tokenizer_train_chars
+    for doc_id, text in data.iter_documents(train_cfg.data, train_cfg.text_field, data._Replacements()):
+        if budget <= 0:
+            return
+        if not data.is_val(doc_id, train_cfg.val_fraction):  # never fit the tokenizer on val text
+            yield text[:budget]
+            budget -= len(text)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024) -> float:
+    """Measured FLOP/s of an n^3 matmul in `dtype`: the denominator of the MFU estimate."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    return 3 * 2 * n**3 / (time.perf_counter() - t)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """6 x matmul parameters a token activates (embedding lookup excluded, head counted per MTP
+    depth) + causal attention scores/values, forward and backward."""
+    c = count_params(cfg)
+    head = cfg.vocab_size * cfg.dim
+    matmul = c["active"] - head + c["mtp_active"] + cfg.n_mtp * head
+    attention = 2 * cfg.n_heads * (seq_len / 2) * (cfg.qk_head_dim + cfg.v_head_dim) * (cfg.n_layers + cfg.n_mtp)
+    return 6 * matmul + 3 * attention
+
+
+def evaluate(model: Transformer, batches: data.Batches, n_batches: int, autocast) -> float:
+    """Mean main-head loss over the first `n_batches` val batches (the same ones every time)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    n = min(n_batches, batches.windows // batches.batch_size)
+    with torch.no_grad(), autocast():
+        for i in range(n):
+            x, y = batches.get(i)
+            total += model(x, targets=y).lm_loss.item()
+    model.train(was_training)
+    return total / n
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain lines every `log_every` steps otherwise (CI, pipes)."""
+
+    def __init__(self, total: int, initial: int, log):
+        self.bar = None
+        self.log = log
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, total: int, metrics: dict) -> None:
+        text = f"loss {metrics['loss']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s"
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(text, refresh=True)
+        else:
+            self.log(f"step {step}/{total} | {text} | lr {metrics['lr']:.2e}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
+          log: Callable[[str], None] = print) -> RunResult:
+    """Train into `run_dir` (created), or continue the run there with resume=True."""
+    run_dir = Path(run_dir)
+    ckpt = None
+    if resume:
+        ckpt = checkpoint.latest(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: {run_dir} holds no valid checkpoint")
+        saved_train = TrainConfig.from_json(ckpt / "train_config.json")
+        model_cfg = ModelConfig.from_json(ckpt / "config.json")
+        # a resumed run keeps everything that shapes the computation; only its length and cadence may change
+        train_cfg = saved_train.__class__(**{**saved_train.to_dict(), **{
+            k: getattr(train_cfg, k) for k in ("steps", "save_every", "eval_every", "log_every",
+                                               "keep_last", "skip_nonfinite", "sample_tokens", "threads")}})
+    elif checkpoint.checkpoints(run_dir):
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(train_cfg.threads or torch.get_num_threads())
+    model_cfg.to_json(run_dir / "config.json")
+    train_cfg.to_json(run_dir / "train_config.json")
+
+    tokenizer = _tokenizer_for(run_dir, model_cfg, train_cfg, log)
+    splits = data.prepare(train_cfg.data, tokenizer, train_cfg.val_fraction, train_cfg.text_field)
+    m = splits.manifest
+    if m["replaced_bytes"]:
+        log(f"warning: {m['replaced_bytes']:,} bytes of the data were not UTF-8 and were replaced by U+FFFD")
+    log(f"data: {m['source']} | {sum(m['documents'].values()):,} documents, {m['tokens']['train']:,} train / "
+        f"{m['tokens']['val']:,} val tokens | cache {splits.directory}")
+    micro = train_cfg.batch_size
+    train_batches = data.Batches(splits.train, train_cfg.seq_len, micro, train_cfg.seed)
+    val_windows = (len(splits.val) - 1) // train_cfg.seq_len  # a small val split evaluates in smaller batches
+    val_batches = data.Batches(splits.val, train_cfg.seq_len, min(micro, max(val_windows, 1)), train_cfg.seed,
+                               shuffle=False)
+    unigram = data.unigram_loss(splits.train, splits.val, model_cfg.vocab_size)
+
+    torch.manual_seed(train_cfg.seed)
+    model = Transformer(model_cfg)
+    optimizer = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, (train_cfg.beta1, train_cfg.beta2),
+                                train_cfg.adam_eps)
+    balance = ExpertBiasUpdate(model, train_cfg.bias_gamma, train_cfg.bias_freeze_tokens or None)
+    start, tokens = 0, 0
+    if ckpt is not None:
+        state = checkpoint.load(ckpt, model, optimizer)
+        start, tokens, balance.tokens_seen = state["step"], state["tokens"], state["bias_tokens_seen"]
+        _truncate_metrics(run_dir / "metrics.jsonl", start)
+        log(f"resumed from {ckpt} at step {start}")
+    forward = torch.compile(model) if train_cfg.compile else model
+    dtype = torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == torch.bfloat16 else contextlib.nullcontext
+    flops_per_token = train_flops_per_token(model_cfg, train_cfg.seq_len)
+    peak = matmul_peak(dtype)
+    step_tokens = micro * train_cfg.seq_len * train_cfg.grad_accum
+    log(f"model: {count_params(model_cfg)['total']:,} parameters | {train_cfg.steps} steps x {step_tokens:,} tokens "
+        f"| {train_cfg.precision}{' compiled' if train_cfg.compile else ''} | unigram baseline {unigram:.3f}")
+
+    interrupted = False
+
+    def on_sigint(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    progress = _Progress(train_cfg.steps, start, log)
+    last_ckpt, val_loss = ckpt, None
+    t_last, tok_last = time.perf_counter(), tokens
+
+    def save(step: int) -> Path:
+        state = {"step": step, "tokens": tokens, "bias_tokens_seen": balance.tokens_seen}
+        return checkpoint.save(run_dir, step, model, optimizer, state, tokenizer.to_str(), model_cfg, train_cfg,
+                               train_cfg.keep_last)
+
+    try:
+        model.train()
+        for step in range(start, train_cfg.steps):
+            lr = lr_at(step, train_cfg.steps, train_cfg.lr, train_cfg.warmup_steps, train_cfg.min_lr_ratio,
+                       train_cfg.schedule, train_cfg.decay_fraction)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            late = step >= train_cfg.mtp_lambda_late_from * train_cfg.steps
+            mtp_lambda = train_cfg.mtp_lambda_late if late else model_cfg.mtp_lambda
+            sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+            finite = True
+            for k in range(train_cfg.grad_accum):
+                x, y = train_batches.get(step * train_cfg.grad_accum + k)
+                with autocast():
+                    out = forward(x, targets=y, mtp_lambda=mtp_lambda)
+                if not torch.isfinite(out.loss):
+                    finite = False
+                    break
+                (out.loss / train_cfg.grad_accum).backward()
+                for key in sums:
+                    value = getattr(out, key)
+                    sums[key] += (value.item() if value is not None else 0.0) / train_cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip) if finite else None
+            if not finite or not torch.isfinite(grad_norm):
+                what = f"loss {out.loss.item()}" if not finite else f"gradient norm {grad_norm.item()}"
+                optimizer.zero_grad(set_to_none=True)
+                balance.discard()
+                if not train_cfg.skip_nonfinite:
+                    raise NonFiniteLoss(
+                        f"non-finite {what} at step {step + 1}; the run stopped and its last good checkpoint is "
+                        f"{last_ckpt or 'none (no save yet)'}. Lower lr (now {lr:.2e}), or --set skip_nonfinite=true")
+                log(f"step {step + 1}: non-finite {what}, step skipped (skip_nonfinite=true)")
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            max_vio = balance.step()
+            tokens += step_tokens
+            done = step + 1
+
+            if done % train_cfg.log_every == 0 or done == train_cfg.steps:
+                now = time.perf_counter()
+                tps = (tokens - tok_last) / max(now - t_last, 1e-9)
+                t_last, tok_last = now, tokens
+                metrics = {"step": done, "tokens": tokens, **sums, "lr": lr, "grad_norm": grad_norm.item(),
+                           "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
+                           "mtp_lambda": mtp_lambda, "max_violation": max_vio,
+                           "max_violation_mean": sum(max_vio) / len(max_vio) if max_vio else 0.0}
+                if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
+                    val_loss = evaluate(model, val_batches, train_cfg.eval_batches, autocast)
+                    metrics |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+                    t_last = time.perf_counter()  # eval time is not training throughput
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                progress.update(done, train_cfg.steps, metrics)
+            if done % train_cfg.save_every == 0 or done == train_cfg.steps or interrupted:
+                last_ckpt = save(done)
+            if interrupted:
+                log(f"interrupted: saved {last_ckpt}; continue with --resume")
+                break
+    finally:
+        progress.close()
+        signal.signal(signal.SIGINT, previous)
+    final_step = checkpoint.latest(run_dir)
+    return RunResult(run_dir, int(final_step.name.split("_")[1]) if final_step else 0, val_loss, unigram,
+                     interrupted, last_ckpt)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint being resumed, so the log reads as one uninterrupted run."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(l + "\n" for l in lines))
+        tmp.replace(path)
