@@ -1,0 +1,121 @@
+"""Training throughput: tokens/s and MFU of a full optimizer step, side by side.
+
+Rows: the `tiny` and `small` presets (MTP on, as trained) x fp32 / bf16 autocast x eager / torch.compile,
+each a full step (forward with loss, backward, clip, AdamW, bias update) on random token batches. MFU =
+tokens/s x train FLOPs per token (trainer.train_flops_per_token) / a measured matmul peak in that dtype.
+Then frugallm vs transformers training the same config (tiny, n_mtp=0) on the same weights, bf16, with
+AdamW on both sides: the ratio. Runs alternate between the compared sides; medians are reported.
+
+    python benchmarks/bench_train.py [--batch 8] [--seq 256] [--rounds 5] [--presets tiny,small] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import frugallm
+from frugallm.model.moe import update_expert_bias
+from frugallm.train.optim import build_optimizer
+from frugallm.train.trainer import matmul_peak, train_flops_per_token
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_model import load_hf, write_checkpoint  # noqa: E402  (same folder: one way to build the pair)
+
+
+def frugallm_step(model, forward, opt, ids, targets, autocast):
+    def step():
+        with autocast():
+            loss = forward(ids, targets=targets).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_expert_bias(model, 1e-3)
+    return step
+
+
+def hf_step(model, opt, ids):
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def timed(steps: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, fn in steps.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    args = ap.parse_args()
+    tokens = args.batch * args.seq
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | batch {args.batch} x {args.seq} | "
+          f"matmul peak fp32 {peaks['fp32'] / 1e9:.0f}, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"\n{'preset':<7}| {'precision':<9}| {'mode':<8}| {'tokens/s':>9} | {'MFU':>6} | vs fp32 eager")
+    for preset in args.presets.split(","):
+        cfg = frugallm.get_preset(preset, max_seq_len=max(args.seq, 512))
+        flops = train_flops_per_token(cfg, args.seq)
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+        targets = ids.roll(-1, 1)
+        steps, labels = {}, {}
+        for precision, autocast in (("fp32", contextlib.nullcontext), ("bf16", bf16)):
+            for mode in ("eager", "compiled") if args.compile else ("eager",):
+                torch.manual_seed(0)
+                model = frugallm.Transformer(cfg).train()
+                forward = torch.compile(model) if mode == "compiled" else model
+                opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), 1e-8)
+                steps[(precision, mode)] = frugallm_step(model, forward, opt, ids, targets, autocast)
+        result = timed(steps, args.rounds)
+        base = tokens / result[("fp32", "eager")]
+        for (precision, mode), t in result.items():
+            tps = tokens / t
+            print(f"{preset:<7}| {precision:<9}| {mode:<8}| {tps:>9,.0f} | {tps * flops / peaks[precision]:>6.1%} "
+                  f"| {tps / base:.2f}x")
+
+    # frugallm vs transformers: same config and weights (tiny, n_mtp=0), bf16 weights, AdamW both sides
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_checkpoint(Path(tmp) / "hf", args.seq)
+        fl, hf = frugallm.from_hf(path, dtype=torch.bfloat16).train(), load_hf(path, torch.bfloat16).train()
+    ids = torch.randint(0, fl.config.vocab_size, (args.batch, args.seq))
+    targets = ids.roll(-1, 1)
+    targets[:, -1] = -100
+    pair = {"frugallm": frugallm_step(fl, fl, build_optimizer(fl, 1e-4, 0.1, (0.9, 0.95), 1e-8), ids, targets,
+                                      contextlib.nullcontext),
+            "transformers": hf_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), ids)}
+    if args.compile:
+        pair["frugallm compiled"] = frugallm_step(fl, torch.compile(fl), build_optimizer(
+            fl, 1e-4, 0.1, (0.9, 0.95), 1e-8), ids, targets, contextlib.nullcontext)
+    result = timed(pair, args.rounds)
+    print(f"\nfrugallm vs transformers, tiny (n_mtp=0), bf16 weights, full AdamW step:")
+    for name, t in result.items():
+        print(f"  {name:<18} {tokens / t:>9,.0f} tok/s   ratio vs transformers {result['transformers'] / t:.2f}")
+
+
+if __name__ == "__main__":
+    main()
