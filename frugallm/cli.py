@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -89,7 +90,7 @@ def _eval(args: argparse.Namespace) -> int:
     source = cfg.data if args.data is None else args.data
     splits = data.prepare(source, tok, cfg.val_fraction, cfg.text_field)
     batches = data.Batches(splits.val, cfg.seq_len, cfg.batch_size, cfg.seed, shuffle=False)
-    loss = evaluate(model, batches, args.batches, __import__("contextlib").nullcontext)
+    loss = evaluate(model, batches, args.batches, contextlib.nullcontext)
     print(f"{args.run} ({ckpt.name}) on {splits.manifest['source']} val: loss {loss:.4f}, "
           f"perplexity {math.exp(loss):.2f}, unigram baseline "
           f"{data.unigram_loss(splits.train, splits.val, model.config.vocab_size):.4f}")
@@ -100,7 +101,7 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     from .tokenizer import train_tokenizer
     from .train import data
 
-    texts = (text for _, text in data.iter_documents(args.data, args.text_field, data._Replacements()))
+    texts = (text for _, text in data.iter_documents(args.data, args.text_field))
     tok = train_tokenizer(texts, args.vocab)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     print(f"wrote {tok.save(args.out)} ({tok.vocab_size} tokens)")

@@ -142,7 +142,7 @@ def test_jsonl_fields(tmp_path, corpus):
     tok = train_tokenizer(iter(["hello world " * 50]), 300)
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "hello"}\n{"prompt": "Q: ", "completion": "A"}\n')
-    docs = [t for _, t in data.iter_documents(str(path), "text", data._Replacements())]
+    docs = [t for _, t in data.iter_documents(str(path), "text")]
     assert docs == ["hello", "Q: A"]
     path.write_text('{"body": "x"}\n')
     with pytest.raises(ValueError, match="line 1 has neither 'text' nor prompt/completion"):

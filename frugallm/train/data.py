@@ -85,8 +85,10 @@ def resolve_files(source: str) -> list[Path]:
     return files
 
 
-def iter_documents(source: str, text_field: str, replacements: _Replacements) -> Iterator[tuple[str, str]]:
-    """(document id, text) pairs, in a deterministic order."""
+def iter_documents(source: str, text_field: str = "text",
+                   replacements: _Replacements | None = None) -> Iterator[tuple[str, str]]:
+    """(document id, text) pairs, in a deterministic order; undecodable bytes counted in `replacements`."""
+    replacements = replacements or _Replacements()
     if source.startswith("hf:"):
         yield from _hf_documents(source, text_field)
         return

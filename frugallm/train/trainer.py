@@ -11,6 +11,7 @@ One optimizer step = `grad_accum` micro-batches. Per step, in order:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -68,7 +69,7 @@ def _tokenizer_for(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig
 
 def _sample_texts(train_cfg: TrainConfig):
     budget = train_cfg.tokenizer_train_chars
-    for doc_id, text in data.iter_documents(train_cfg.data, train_cfg.text_field, data._Replacements()):
+    for doc_id, text in data.iter_documents(train_cfg.data, train_cfg.text_field):
         if budget <= 0:
             return
         if not data.is_val(doc_id, train_cfg.val_fraction):  # never fit the tokenizer on val text
@@ -145,9 +146,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
         saved_train = TrainConfig.from_json(ckpt / "train_config.json")
         model_cfg = ModelConfig.from_json(ckpt / "config.json")
         # a resumed run keeps everything that shapes the computation; only its length and cadence may change
-        train_cfg = saved_train.__class__(**{**saved_train.to_dict(), **{
+        train_cfg = dataclasses.replace(saved_train, **{
             k: getattr(train_cfg, k) for k in ("steps", "save_every", "eval_every", "log_every",
-                                               "keep_last", "skip_nonfinite", "sample_tokens", "threads")}})
+                                               "keep_last", "skip_nonfinite", "sample_tokens", "threads")})
     elif checkpoint.checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
