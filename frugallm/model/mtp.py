@@ -16,6 +16,10 @@ parameter objects, passed in, never copied.
 Alignment (FlagScale PR #337 pitfall): inputs AND labels shift by k together. Running TRM_k over
 all S positions is exact for positions < S-k because attention is causal; the tail is masked.
 Loss: L_MTP = (lambda / D) * sum_k L_k, each L_k a mean over its valid tokens (§17 #3).
+
+With residual = hc / mhc, TRM_k is a block of the same kind as the main model's, with its own
+connections: h'^k (B, S, d) is expanded to n streams before it and collapsed (mean) after it,
+exactly as the main model does around its stack (hyperconn.py). At init that is the plain block.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .hyperconn import collapse_streams, expand_streams
 from .norm import RMSNorm
 
 
@@ -36,10 +41,14 @@ class MTPModule(nn.Module):
         self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)  # M_k
         self.block = block  # one Transformer block (a MoE block for V3)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # HF shared_head.norm
+        self.streams = cfg.hc_streams if cfg.residual != "plain" else 0
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor, **block_kwargs):
         """h_prev, emb (B, S, d) -> (h (B, S, d), balance loss or None)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
+        if self.streams:  # hc / mhc block: (B, S, d) -> (B, S, n, d) -> block -> mean -> (B, S, d)
+            h, balance = self.block(expand_streams(x, self.streams), **block_kwargs)
+            return collapse_streams(h), balance
         return self.block(x, **block_kwargs)
 
 

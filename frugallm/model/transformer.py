@@ -1,9 +1,13 @@
 """The DeepSeek-V2/V3 Transformer: embed -> blocks -> norm -> head, plus MTP modules.
 
 This file only wires the concepts together (MLA in attention.py, DeepSeekMoE in moe.py,
-MTP in mtp.py, RoPE/YaRN in rope.py). It knows nothing of precision or parallelism.
+MTP in mtp.py, RoPE/YaRN in rope.py, HC/mHC in hyperconn.py). It knows nothing of precision or
+parallelism.
 Block (pre-norm):  h = x + MLA(attn_norm(x));  out = h + FFN(ffn_norm(h)),
 FFN = dense SwiGLU for the first `n_dense_layers` layers, DeepSeekMoE after.
+With residual = hc / mhc, x is n streams (B, S, n, d) and each "+" is a hyper-connection: the
+sub-layer reads H_pre x and writes H_res x + H_post^T F(.) (hyperconn.py). The streams are
+expanded after the embedding and collapsed (mean) before the final norm.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MLA
+from .hyperconn import StreamConnection, collapse_streams, expand_streams, make_connection
 from .moe import MLP, MoE
 from .mtp import MTPModule, cross_entropy, mtp_loss
 from .norm import RMSNorm
@@ -28,7 +33,7 @@ class ModelOutput:
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None  # already weighted by lambda / D
     balance_loss: torch.Tensor | None = None  # sum over MoE layers (main and MTP)
-    hidden: torch.Tensor | None = None  # (B, S, d) last block output, before the final norm
+    hidden: torch.Tensor | None = None  # (B, S, d) last block output (streams collapsed), before the final norm
 
 
 class Block(nn.Module):
@@ -39,15 +44,19 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         self.ffn = MoE(cfg) if self.is_moe else MLP(cfg.dim, cfg.inter_dim)
+        self.attn_conn = make_connection(cfg, 2 * layer_id)  # plain: x + F(x), no parameters
+        self.ffn_conn = make_connection(cfg, 2 * layer_id + 1)
 
     def forward(self, x, cos, sin, start_pos=0, cache=None, absorb=False):
-        """x (B, S, d) -> (x (B, S, d), balance loss or None)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, cache, absorb)
+        """x (B, S, d), or (B, S, n, d) streams with hc/mhc -> (x of the same shape, balance loss or None)."""
+        mix = self.attn_conn(x)  # read: mix.h (B, S, d) is the sub-layer input
+        x = self.attn_conn.write(mix, self.attn(self.attn_norm(mix.h), cos, sin, start_pos, cache, absorb))
+        mix = self.ffn_conn(x)
         if self.is_moe:
-            y, balance = self.ffn(self.ffn_norm(x))
+            y, balance = self.ffn(self.ffn_norm(mix.h))
         else:
-            y, balance = self.ffn(self.ffn_norm(x)), None
-        return x + y, balance
+            y, balance = self.ffn(self.ffn_norm(mix.h)), None
+        return self.ffn_conn.write(mix, y), balance
 
 
 class Transformer(nn.Module):
@@ -82,6 +91,9 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std)
             else:
                 nn.init.ones_(p)  # RMSNorm weights
+        for m in self.modules():  # HC / mHC coefficients have their own init (hyperconn.py)
+            if isinstance(m, StreamConnection):
+                m.reset_parameters(std)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache=None,
                 attn_impl: str | None = None, mtp_lambda: float | None = None) -> ModelOutput:
@@ -109,10 +121,14 @@ class Transformer(nn.Module):
                             start_pos=start, absorb=absorb)
 
         h = self.embed(input_ids)
+        if cfg.residual != "plain":
+            h = expand_streams(h, cfg.hc_streams)  # (B, S, n, d)
         balance = None
         for i, layer in enumerate(self.layers):
             h, bal = layer(h, cache=cache.layer(i) if cache is not None else None, **block_kwargs)
             balance = _add(balance, bal)
+        if cfg.residual != "plain":
+            h = collapse_streams(h)  # (B, S, d)
         logits = self.head(self.norm(h))
         if cache is not None:
             cache.pos += S
