@@ -127,6 +127,11 @@ def config_from_hf(d: dict) -> ModelConfig:
 
 def hf_format(cfg: ModelConfig) -> str:
     """'deepseek_v3' or 'deepseek_v2', or a ValueError naming what the HF format cannot hold."""
+    if cfg.residual != "plain":
+        raise ValueError(
+            f"residual={cfg.residual!r}: hyper-connection streams and their coefficients have no Hugging Face "
+            f"DeepSeek-V2/V3 representation, so this model cannot be exported; save it in frugallm's own format "
+            f"(the state_dict as safetensors + ModelConfig.to_json)")
     if cfg.n_routed_experts == 0:
         raise ValueError("a dense model (n_routed_experts=0) has no Hugging Face DeepSeek representation")
     if cfg.score_func == "sigmoid" and cfg.group_score == "top2_sum" and cfg.gate_bias:
