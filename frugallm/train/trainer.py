@@ -256,6 +256,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                 if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
                     val_loss = evaluate(model, val_batches, train_cfg.eval_batches, autocast)
                     metrics |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+                    if model_cfg.residual != "plain":  # the composite H_res gain over depth (mHC §3.1)
+                        from ..model.hyperconn import composite_gains
+
+                        gains = composite_gains(model, val_batches.get(0)[0])
+                        metrics |= {"hc_gain_fwd": gains["hc_gain_fwd"], "hc_gain_bwd": gains["hc_gain_bwd"]}
                     t_last = time.perf_counter()  # eval time is not training throughput
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
