@@ -12,7 +12,7 @@ import frugallm
 from frugallm import ModelConfig, Transformer
 from frugallm.infer import KVCache
 from frugallm.model.hyperconn import (LOGIT_RANGE_CAP, HyperConnection, ManifoldHyperConnection, _ScaledProjection,
-                                      _StreamWrite, composite_gains, sinkhorn, sinkhorn_loop)
+                                      _StreamWrite, composite_gains, sinkhorn, sinkhorn_loop, static_parameters)
 from frugallm.model.transformer import Block
 
 from conftest import tiny_config
@@ -248,6 +248,7 @@ def test_every_hc_parameter_has_a_gradient_after_one_step(dynamic):
     _one_step_then_backward(model)
     names = {n.rsplit(".", 1)[1] for n, _ in model.named_parameters() if "_conn." in n}
     assert names == {"a_m", "a_r", "b"} | ({"w", "s_alpha", "s_beta"} if dynamic else set())
+    assert len(static_parameters(model)) == 3 * 2 * (model.config.n_layers + model.config.n_mtp)
     for name, p in model.named_parameters():
         if "_conn." in name:
             assert p.grad.abs().max() > 0, name

@@ -212,7 +212,7 @@ class _ScaledProjection(torch.autograd.Function):
         x, phi, lin, inv_rms = ctx.saved_tensors
         g_lin = g * inv_rms  # (N, m)
         s = (g * lin).sum(-1, keepdim=True) * inv_rms.pow(3) / -x.shape[-1]  # (N, 1)
-        grad_x = torch.addmm(x * s, g_lin, phi) if ctx.needs_input_grad[0] else None
+        grad_x = (x * s).addmm_(g_lin, phi) if ctx.needs_input_grad[0] else None  # in place: no copy
         grad_phi = g_lin.t() @ x if ctx.needs_input_grad[1] else None
         return grad_x, grad_phi, None
 
@@ -369,6 +369,16 @@ def make_connection(cfg: ModelConfig, k: int) -> nn.Module:
     return Residual() if cfg.residual == "plain" else CONNECTIONS[cfg.residual](cfg, k)
 
 
+STATIC_NAMES = ("a_m", "a_r", "b", "b_pre", "b_post", "b_res")
+
+
+def static_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The static coefficients (HC's A_m, A_r, B; mHC's b): train them without weight decay (HC
+    §4), which would pull A_r = I toward 0 (a vanishing residual) and b_res toward uniform mixing."""
+    return [p for m in model.modules() if isinstance(m, StreamConnection)
+            for name, p in m.named_parameters() if name in STATIC_NAMES]
+
+
 # --- instrumentation ---------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -414,4 +424,4 @@ def composite_gains(model: nn.Module, input_ids: torch.Tensor) -> dict:
 
 
 __all__ = ["sinkhorn", "sinkhorn_loop", "expand_streams", "collapse_streams", "Mix", "Residual", "StreamConnection",
-           "HyperConnection", "ManifoldHyperConnection", "make_connection", "composite_gains"]
+           "HyperConnection", "ManifoldHyperConnection", "make_connection", "static_parameters", "composite_gains"]
