@@ -117,6 +117,7 @@ class _Progress:
     def __init__(self, total: int, initial: int, log):
         self.bar = None
         self.log = log
+        self.start, self.initial = time.perf_counter(), initial
         if sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
@@ -127,7 +128,9 @@ class _Progress:
             self.bar.n = step
             self.bar.set_postfix_str(text, refresh=True)
         else:
-            self.log(f"step {step}/{total} | {text} | lr {metrics['lr']:.2e}")
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / max(step - self.initial, 1) * (total - step)
+            self.log(f"step {step}/{total} | {text} | lr {metrics['lr']:.2e} | {elapsed:.0f}s, ETA {eta:.0f}s")
 
     def close(self):
         if self.bar is not None:
@@ -138,6 +141,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
           log: Callable[[str], None] = print) -> RunResult:
     """Train into `run_dir` (created), or continue the run there with resume=True."""
     run_dir = Path(run_dir)
+    t_setup = time.perf_counter()
     ckpt = None
     if resume:
         ckpt = checkpoint.latest(run_dir)
@@ -188,7 +192,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     peak = matmul_peak(dtype)
     step_tokens = micro * train_cfg.seq_len * train_cfg.grad_accum
     log(f"model: {count_params(model_cfg)['total']:,} parameters | {train_cfg.steps} steps x {step_tokens:,} tokens "
-        f"| {train_cfg.precision}{' compiled' if train_cfg.compile else ''} | unigram baseline {unigram:.3f}")
+        f"| {train_cfg.precision}{' compiled' if train_cfg.compile else ''} | unigram baseline {unigram:.3f} "
+        f"| set-up {time.perf_counter() - t_setup:.0f}s")
 
     interrupted = False
 
