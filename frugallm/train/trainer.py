@@ -137,8 +137,12 @@ class _Progress:
             self.bar.close()
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)  # progress must reach a pipe or CI log as it happens
+
+
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
-          log: Callable[[str], None] = print) -> RunResult:
+          log: Callable[[str], None] = _print) -> RunResult:
     """Train into `run_dir` (created), or continue the run there with resume=True."""
     run_dir = Path(run_dir)
     t_setup = time.perf_counter()
