@@ -226,6 +226,11 @@ def test_weight_decay_only_on_matrices():
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
     assert any(p is model.layers[1].ffn.w1 for p in decay["params"])
     assert any(p is model.norm.weight for p in no_decay["params"])
+    mhc = Transformer(tiny_config(residual="mhc"))
+    decay, no_decay = build_optimizer(mhc, 1e-3, 0.1, (0.9, 0.95), 1e-8).param_groups
+    b_res = mhc.layers[0].attn_conn.b_res
+    assert b_res.dim() == 2 and any(p is b_res for p in no_decay["params"])
+    assert not any(p is b_res for p in decay["params"])
 
 
 def test_bias_update_balances_a_skewed_router():

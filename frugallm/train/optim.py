@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..model.hyperconn import static_parameters
 from ..model.moe import MoE, update_expert_bias
 
 
@@ -60,9 +61,11 @@ class ExpertBiasUpdate:
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                     eps: float) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (embeddings, projections, stacked experts);
-    norms get none, and the gate bias is a buffer the optimizer never sees."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    norms and HC/mHC's static coefficients (A_r = I, b_res: decay would shrink the residual or
+    flatten the mixing) get none, and the gate bias is a buffer the optimizer never sees."""
+    static = {id(p) for p in static_parameters(model)}
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2 and id(p) not in static]
+    no_decay = [p for p in model.parameters() if p.requires_grad and (p.dim() < 2 or id(p) in static)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
 
