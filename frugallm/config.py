@@ -233,7 +233,7 @@ class TrainConfig:
     tokenizer: str = ""  # tokenizer.json (or its dir); "" = reuse the run's, or train one on the data
     tokenizer_train_chars: int = 8_000_000  # text sampled to train a tokenizer
     # --- optimisation (V3 §4.2: AdamW (0.9, 0.95), wd 0.1, clip 1.0)
-    steps: int = 600
+    steps: int = 500
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
