@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ from frugallm.train.optim import build_optimizer
 from frugallm.train.trainer import matmul_peak, train_flops_per_token
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_model import load_hf, write_checkpoint  # noqa: E402  (same folder: one way to build the pair)
+from bench_model import alternate, load_hf, write_checkpoint  # noqa: E402  (same folder: one way to build and time)
 
 
 def frugallm_step(model, forward, opt, ids, targets, autocast):
@@ -49,19 +47,6 @@ def hf_step(model, opt, ids):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
-
-
-def timed(steps: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in steps}
-    for _ in range(rounds):
-        for k, fn in steps.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -91,7 +76,7 @@ def main() -> None:
                 forward = torch.compile(model) if mode == "compiled" else model
                 opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), 1e-8)
                 steps[(precision, mode)] = frugallm_step(model, forward, opt, ids, targets, autocast)
-        result = timed(steps, args.rounds)
+        result = alternate(steps, warmup=2, rounds=args.rounds)
         base = tokens / result[("fp32", "eager")]
         for (precision, mode), t in result.items():
             tps = tokens / t
@@ -111,7 +96,7 @@ def main() -> None:
     if args.compile:
         pair["frugallm compiled"] = frugallm_step(fl, torch.compile(fl), build_optimizer(
             fl, 1e-4, 0.1, (0.9, 0.95), 1e-8), ids, targets, contextlib.nullcontext)
-    result = timed(pair, args.rounds)
+    result = alternate(pair, warmup=2, rounds=args.rounds)
     print(f"\nfrugallm vs transformers, tiny (n_mtp=0), bf16 weights, full AdamW step:")
     for name, t in result.items():
         print(f"  {name:<18} {tokens / t:>9,.0f} tok/s   ratio vs transformers {result['transformers'] / t:.2f}")
