@@ -22,10 +22,10 @@ from frugallm.train.trainer import train
 
 ARMS = {
     "aux-free (V3)": dict(model={}, train=dict(bias_gamma=1e-3)),
-    "aux-free, gamma 1e-2": dict(model={}, train=dict(bias_gamma=1e-2)),
+    "aux-free gamma 1e-2": dict(model={}, train=dict(bias_gamma=1e-2)),
     "no balancing": dict(model=dict(balance_loss_alpha=0.0), train=dict(bias_gamma=0.0)),
     "aux loss only": dict(model=dict(balance_loss_alpha=3e-3), train=dict(bias_gamma=0.0)),
-    "aux-free, MTP off": dict(model=dict(n_mtp=0), train=dict(bias_gamma=1e-3)),
+    "MTP off (aux-free)": dict(model=dict(n_mtp=0), train=dict(bias_gamma=1e-3)),
 }
 
 
@@ -35,12 +35,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--out", default="runs/exp")
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default=";".join(ARMS), help="arm names separated by ;")
     args = ap.parse_args()
     rows = []
-    for name in args.arms.split(","):
+    for name in args.arms.split(";"):
         arm = ARMS[name]
-        run = Path(args.out) / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+        run = Path(args.out) / "".join(c if c.isalnum() or c in "-." else "_" for c in name)
         model_cfg = get_preset("small", **arm["model"])
         train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, lr=2e-3, warmup_steps=15,
                                 eval_every=args.steps, eval_batches=16, log_every=5, save_every=args.steps,

@@ -105,6 +105,8 @@ class MoE(nn.Module):
         flat = x.reshape(-1, d)
         weights, idx, scores = self.gate(flat)
         experts = grouped_experts if self.cfg.moe_impl == "grouped" else loop_experts
+        if torch.compiler.is_compiling() and _compute_dtype(flat) != torch.bfloat16:
+            experts = loop_experts  # torch.compile's _grouped_mm (its meta kernel) takes bf16 only
         y = experts(flat, weights, idx, self.w1, self.w2, self.w3).view(B, S, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
@@ -120,6 +122,10 @@ class MoE(nn.Module):
 
 def _expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def loop_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
@@ -143,9 +149,8 @@ def grouped_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
     """
     N, K = idx.shape
     E = w1.shape[0]
-    if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's list: cast as it would
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
+    dtype = _compute_dtype(x)  # grouped_mm is not on autocast's list: cast as autocast would
+    x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
     flat = idx.flatten()
     order = flat.argsort(stable=True)  # (N*K,) pair ids sorted by expert
     xs = x.index_select(0, order // K)  # (N*K, d), rows of one expert contiguous

@@ -159,9 +159,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                                                "keep_last", "skip_nonfinite", "sample_tokens", "threads")})
     elif checkpoint.checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    if train_cfg.compile and train_cfg.precision == "fp32" and model_cfg.moe_impl == "grouped":
-        raise ValueError("compile=true with precision=fp32 cannot compile the grouped MoE on CPU (inductor's "
-                         "_grouped_mm takes bf16 only); use precision=bf16, or moe_impl=loop")
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(train_cfg.threads or torch.get_num_threads())
     model_cfg.to_json(run_dir / "config.json")
