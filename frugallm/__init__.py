@@ -36,12 +36,8 @@ def load(path, dtype=None):
     if ckpt is not None:
         from safetensors.torch import load_file
 
-        import torch
-
-        with torch.device("meta"):
-            model = Transformer(ModelConfig.from_json(ckpt / "config.json"))
-        model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=True, assign=True)
-        model.reset_buffers()
+        model = Transformer.from_state_dict(ModelConfig.from_json(ckpt / "config.json"),
+                                            load_file(ckpt / "model.safetensors"))
         if dtype is not None:
             model.to(dtype)
         return model.eval()

@@ -89,7 +89,7 @@ def _eval(args: argparse.Namespace) -> int:
     model, tok = load(args.run), load_tokenizer(args.run)
     source = cfg.data if args.data is None else args.data
     splits = data.prepare(source, tok, cfg.val_fraction, cfg.text_field)
-    batches = data.Batches(splits.val, cfg.seq_len, cfg.batch_size, cfg.seed, shuffle=False)
+    batches = data.val_batches(splits.val, cfg.seq_len, cfg.batch_size)
     loss = evaluate(model, batches, args.batches, contextlib.nullcontext)
     print(f"{args.run} ({ckpt.name}) on {splits.manifest['source']} val: loss {loss:.4f}, "
           f"perplexity {math.exp(loss):.2f}, unigram baseline "

@@ -224,9 +224,9 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Transf
                       f"{present} MTP layer(s); loading with n_mtp={present}")
         cfg = cfg.replace(n_mtp=present)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        skeleton = Transformer(cfg)  # names and shapes only
     used, state = set(), {}
-    for name, ref in model.state_dict().items():
+    for name, ref in skeleton.state_dict().items():
         key = hf_key(name, cfg.n_layers)
         keys = [key.format(e=e) for e in range(ref.shape[0])] if "{e}" in key else [key]
         missing = [k for k in keys if k not in ckpt]
@@ -248,9 +248,7 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Transf
     unused = [k for k in ckpt.where if k not in used and not k.endswith("_scale_inv")]
     if unused:
         raise ValueError(f"checkpoint {path} has {len(unused)} tensor(s) frugallm does not map, e.g. {unused[:3]}")
-    model.load_state_dict(state, assign=True, strict=True)
-    model.reset_buffers()
-    return model.eval()
+    return Transformer.from_state_dict(cfg, state)
 
 
 def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

@@ -72,6 +72,15 @@ class Transformer(nn.Module):
         self.reset_buffers()
         self.init_weights()
 
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> "Transformer":
+        """Build on the meta device and adopt `state`'s tensors (no second allocation), in eval mode."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.reset_buffers()
+        return model.eval()
+
     def reset_buffers(self) -> None:
         """(Re)build the non-persistent buffers, e.g. after meta-device construction + load."""
         device = self.embed.weight.device

@@ -238,6 +238,11 @@ class Batches:
         return window[:, :-1], window[:, 1:]
 
 
+def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int) -> Batches:
+    """The fixed, unshuffled val windows; a val split too small for `batch_size` evaluates in smaller batches."""
+    return Batches(tokens, seq_len, min(batch_size, max((len(tokens) - 1) // seq_len, 1)), seed=0, shuffle=False)
+
+
 def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats/token) of val under the add-one-smoothed unigram distribution of train:
     the loss of a model that ignores context, the baseline a trained model must beat by far."""

@@ -173,9 +173,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
         f"{m['tokens']['val']:,} val tokens | cache {splits.directory}")
     micro = train_cfg.batch_size
     train_batches = data.Batches(splits.train, train_cfg.seq_len, micro, train_cfg.seed)
-    val_windows = (len(splits.val) - 1) // train_cfg.seq_len  # a small val split evaluates in smaller batches
-    val_batches = data.Batches(splits.val, train_cfg.seq_len, min(micro, max(val_windows, 1)), train_cfg.seed,
-                               shuffle=False)
+    val_batches = data.val_batches(splits.val, train_cfg.seq_len, micro)
     unigram = data.unigram_loss(splits.train, splits.val, model_cfg.vocab_size)
 
     torch.manual_seed(train_cfg.seed)
@@ -247,6 +245,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                         f"non-finite {what} at step {step + 1}; the run stopped and its last good checkpoint is "
                         f"{last_ckpt or 'none (no save yet)'}. Lower lr (now {lr:.2e}), or --set skip_nonfinite=true")
                 log(f"step {step + 1}: non-finite {what}, step skipped (skip_nonfinite=true)")
+                if interrupted:
+                    last_ckpt = save(step)
+                    log(f"interrupted: saved {last_ckpt}; continue with --resume")
+                    break
                 continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
