@@ -21,6 +21,18 @@ def to_hf(model, path, dtype=None):
     return _to_hf(model, path, dtype=dtype)
 
 
+def generate(model, input_ids, max_new_tokens, **kwargs):
+    """New token ids (B, T_new) after `input_ids` ((B, T) tensor or a list of token-id lists); see infer/generate.py."""
+    from .infer.generate import generate as _generate
+
+    return _generate(model, input_ids, max_new_tokens, **kwargs)
+
+
+def generate_stream(model, input_ids, max_new_tokens, **kwargs):
+    """Like `generate`, but yields each step's new tokens (B, k) as they come; see infer/generate.py."""
+    from .infer.generate import generate_stream as _stream
+
+    return _stream(model, input_ids, max_new_tokens, **kwargs)
 
 
 def load(path, dtype=None):
@@ -54,4 +66,5 @@ def load_tokenizer(path):
 
 
 __all__ = ["ModelConfig", "PRESETS", "get_preset", "Transformer", "ModelOutput", "count_params", "from_hf", "to_hf",
-           "load", "load_tokenizer"]
+           "load", "load_tokenizer",
+           "generate", "generate_stream"]
