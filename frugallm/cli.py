@@ -116,6 +116,25 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .infer.server import serve
+
+    serve(args.run, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+          slots=args.slots, threads=args.threads)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from . import load, load_tokenizer
+    from .infer.chat import chat_repl
+
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+    return chat_repl(load(args.run), load_tokenizer(args.run), system=args.system,
+                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                     top_p=args.top_p, seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frugallm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="write PNG plots of a run's metrics")
     pl.add_argument("run")
     pl.set_defaults(func=_plot)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the [serve] extra)")
+    sv.add_argument("run", help="a frugallm run directory or a Hugging Face DeepSeek directory")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    sv.add_argument("--model-name", help="the model id clients ask for (default: the run directory's name)")
+    sv.add_argument("--slots", type=int, default=16, help="requests generated at once; the rest wait in order")
+    sv.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    sv.set_defaults(func=_serve)
+
+    ch = sub.add_parser("chat", help="an interactive chat in the terminal (/reset, /system TEXT, /exit)")
+    ch.add_argument("run", help="a frugallm run directory or a Hugging Face DeepSeek directory")
+    ch.add_argument("--system", help="a system prompt")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.8)
+    ch.add_argument("--top-k", type=int)
+    ch.add_argument("--top-p", type=float)
+    ch.add_argument("--seed", type=int)
+    ch.set_defaults(func=_chat)
     return parser
 
 
