@@ -251,6 +251,8 @@ class TrainConfig:
     mtp_lambda_late_from: float = 0.7  # fraction of steps after which mtp_lambda_late applies
     # --- precision and speed
     precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    fp8: bool = False  # V3 fine-grained FP8 GEMMs in every Linear and routed expert (numerics/fp8.py)
+    optim_state_dtype: str = "fp32"  # AdamW moments: fp32 (torch's AdamW) | bf16 (fp32 master weights)
     compile: bool = False
     threads: int = 0  # 0 = all cores
     seed: int = 0
@@ -270,6 +272,8 @@ class TrainConfig:
             errors.append(f"schedule={self.schedule!r} must be 'cosine' or 'wsd'")
         if self.precision not in ("bf16", "fp32"):
             errors.append(f"precision={self.precision!r} must be 'bf16' or 'fp32'")
+        if self.optim_state_dtype not in ("fp32", "bf16"):
+            errors.append(f"optim_state_dtype={self.optim_state_dtype!r} must be 'fp32' or 'bf16'")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every", "keep_last"):
             if getattr(self, name) <= 0:
                 errors.append(f"{name}={getattr(self, name)} must be > 0")

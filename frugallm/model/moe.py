@@ -98,6 +98,10 @@ class MoE(nn.Module):
         self.shared_experts = MLP(d, cfg.n_shared_experts * I) if cfg.n_shared_experts else None
         # tokens routed to each expert since the last bias update; int64, so model.to(bf16) leaves it exact
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long), persistent=False)
+        # A slot for a numerics converter (numerics/fp8.py: convert_to_fp8): a function with the
+        # signature of loop_experts that replaces `moe_impl`. The stacked experts are not
+        # nn.Linear, so this is how precision reaches them from outside; None = moe_impl.
+        self.expert_fn = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, S, d) -> (y (B, S, d), sequence-wise balance loss or None)."""
@@ -107,6 +111,7 @@ class MoE(nn.Module):
         experts = grouped_experts if self.cfg.moe_impl == "grouped" else loop_experts
         if torch.compiler.is_compiling() and _compute_dtype(flat) != torch.bfloat16:
             experts = loop_experts  # torch.compile's _grouped_mm (its meta kernel) takes bf16 only
+        experts = self.expert_fn or experts
         y = experts(flat, weights, idx, self.w1, self.w2, self.w3).view(B, S, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

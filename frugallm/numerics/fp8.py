@@ -19,13 +19,23 @@ from the codes: q keeps the input's shape. This is the layout of DeepSeek's `wei
 (REFERENCE §8.3); the reference act_quant instead requires K % 128 == 0.
 
 A 128 x 1 group (a column tile along tokens, for the Wgrad GEMM) is act_quant of the
-transposed tensor; see fp8_linear.py for the three GEMMs.
+transposed tensor.
+
+Below the quantisers: the three GEMMs of a Linear (fp8_gemm, reference emulation on any device,
+cuBLASLt block-scaled GEMM on SM90+), Fp8Linear (an nn.Linear whose forward and backward run
+those GEMMs), fp8_experts (the same for MoE's stacked routed experts) and convert_to_fp8, the
+converter applied from outside the model (DESIGN.md principle 8).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import MoE
 
 BLOCK = 128
 E4M3 = torch.float8_e4m3fn
@@ -92,3 +102,184 @@ def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
                          f"for a ({M}, {N}) weight in {block}x{block} blocks")
     s = scale_inv.float().repeat_interleave(block, 0)[:M].repeat_interleave(block, 1)[:, :N]
     return (q.float() * s).to(dtype)
+
+
+# --- the three FP8 GEMMs ---------------------------------------------------------------------
+#
+# Every GEMM below is C = A . B^T with both operands quantised along the contraction dim k (the
+# groups lie along each GEMM's contraction dimension, REFERENCE §8.1), and fp32 accumulation:
+#
+#     GEMM            A (m, k), 1x128 tiles        B (n, k)                      C (m, n)
+#     Fprop  X W^T    X    (M, K)  along K         W    (N, K)  128x128 blocks   Y  (M, N)
+#     Dgrad  dY W     dY   (M, N)  along N         W^T  (K, N)  128x128 blocks   dX (M, K)
+#     Wgrad  dY^T X   dY^T (N, M)  along tokens    X^T  (K, M)  1x128 along M    dW (N, K)
+#                                                  (= X in 128x1 column tiles)
+# M tokens, K in-features, N out-features. Activation gradients (dY) are only ever tiled 1x128,
+# never in 128x128 blocks (V3 App. B.2: block-quantised Dgrad diverged).
+
+def _fast_path_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """CUDA block-scaled GEMM (cuBLASLt, SM90+, CUDA >= 12.9): only for whole 128-groups."""
+    if not (a.is_cuda and _FAST["enabled"]) or torch.cuda.get_device_capability(a.device) < (9, 0):
+        return False
+    return all(d % BLOCK == 0 for d in (*a.shape, *b.shape))
+
+
+_FAST = {"enabled": True}  # switched off for the process after the first failure (with a warning)
+
+
+def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
+             b_blocks: bool) -> torch.Tensor:
+    """C (m, n) fp32 = dequant(A) . dequant(B)^T. a_q (m, k) e4m3 with a_s (m, ceil(k/128));
+    b_q (n, k) e4m3 with b_s (ceil(n/128), ceil(k/128)) if b_blocks else (n, ceil(k/128)).
+
+    Reference path (any device): dequantise each group, then one fp32 matmul. That is the
+    reference kernel's sum over k-blocks of dot(a_blk, b_blk) * a_s * b_s, up to the fp32
+    rounding of q * s and of the summation order.
+    """
+    if _fast_path_ok(a_q, b_q):
+        try:
+            return _scaled_mm_blockwise(a_q, a_s, b_q, b_s, b_blocks)
+        except (RuntimeError, ValueError, NotImplementedError) as e:  # an older CUDA/cuBLAS build
+            import warnings
+
+            _FAST["enabled"] = False
+            warnings.warn(f"FP8 block-scaled GEMM unavailable ({e}); using the dequantise + matmul emulation")
+    a = act_dequant(a_q, a_s)
+    b = weight_dequant(b_q, b_s) if b_blocks else act_dequant(b_q, b_s)
+    return a @ b.T
+
+
+def _scaled_mm_blockwise(a_q, a_s, b_q, b_s, b_blocks):
+    """torch._scaled_mm with 1x128 x 128x128 (or 1x128 x 1x128) fp32 block scales. cuBLASLt wants
+    A row-major and B column-major, A's scales outer-dim-major (stride (1, m)), and B's scales
+    laid out along its (k, n) view. Block-scaled modes only emit bf16 (upcast here for fp32 grads)."""
+    scale_a = a_s.t().contiguous().t()  # (m, k/128), stride (1, m)
+    scale_b = b_s.contiguous().t() if b_blocks else b_s.t().contiguous()  # (k/128, n/128) | (k/128, n)
+    out = torch._scaled_mm(a_q, b_q.t(), scale_a, scale_b, out_dtype=torch.bfloat16)
+    return out.float()
+
+
+class _Fp8LinearFn(torch.autograd.Function):
+    """y = x W^T (+ b) with all three GEMMs in FP8; saves x as FP8 codes + 1x128 scales only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, out_dtype, scale_fmt):
+        with torch.autocast(x.device.type, enabled=False):  # the dtypes here are explicit
+            x2 = x.reshape(-1, x.shape[-1])  # (M, K): leading batch dims flattened
+            qx, sx = act_quant(x2, scale_fmt=scale_fmt)
+            qw, sw = weight_quant(weight, scale_fmt=scale_fmt)
+            y = fp8_gemm(qx, sx, qw, sw, b_blocks=True)  # (M, N) fp32
+            if bias is not None:
+                y = y + bias.float()
+        ctx.save_for_backward(qx, sx, weight)  # x as 1 byte + 4/128 bytes per element
+        ctx.meta = (x.shape, x.dtype, bias is not None, scale_fmt)
+        return y.to(out_dtype).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        qx, sx, weight = ctx.saved_tensors
+        x_shape, x_dtype, has_bias, scale_fmt = ctx.meta
+        with torch.autocast(dy.device.type, enabled=False):
+            dy2 = dy.reshape(-1, dy.shape[-1]).float()  # (M, N)
+            dx = dw = db = None
+            if ctx.needs_input_grad[0]:  # Dgrad: dY 1x128 along N; W^T in the same 128x128 blocks
+                qw, sw = weight_quant(weight, scale_fmt=scale_fmt)  # recomputed: nothing saved for W
+                qd, sd = act_quant(dy2, scale_fmt=scale_fmt)
+                dx = fp8_gemm(qd, sd, qw.t(), sw.t(), b_blocks=True).to(x_dtype).view(x_shape)
+            if ctx.needs_input_grad[1]:  # Wgrad: both operands tiled along the tokens
+                qdt, sdt = act_quant(dy2.t(), scale_fmt=scale_fmt)  # dY^T (N, M)
+                # X comes back from its saved 1x128 codes and is re-tiled 128x1 (along tokens):
+                # a second rounding, the price of caching X in FP8 (V3 does the same).
+                qxt, sxt = act_quant(act_dequant(qx, sx).t(), scale_fmt=scale_fmt)  # X^T (K, M)
+                dw = fp8_gemm(qdt, sdt, qxt, sxt, b_blocks=False).to(weight.dtype)
+            if has_bias and ctx.needs_input_grad[2]:
+                db = dy2.sum(0).to(weight.dtype)
+        return dx, dw, db, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               scale_fmt: str | None = None) -> torch.Tensor:
+    """F.linear with FP8 GEMMs. Under autocast the output has the autocast dtype (as F.linear's
+    would); otherwise x's dtype. Weight and bias stay in their own (master) precision."""
+    device = x.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return _Fp8LinearFn.apply(x, weight, bias, out_dtype, scale_fmt)
+
+
+class Fp8Linear(nn.Linear):
+    """nn.Linear whose forward runs in FP8. Same parameters, same names, same state_dict: the
+    master weight stays high precision, so checkpoints are plain and load into a plain model."""
+
+    scale_fmt: str | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scale_fmt: str | None = None) -> "Fp8Linear":
+        with torch.device("meta"):  # no allocation: the original parameters are adopted below
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        new.weight, new.bias, new.scale_fmt = linear.weight, linear.bias, scale_fmt
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.bias, self.scale_fmt)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fp8=e4m3, scale_fmt={self.scale_fmt}"
+
+
+def fp8_experts(x, weights, idx, w1, w2, w3, scale_fmt: str | None = None) -> torch.Tensor:
+    """Routed experts in FP8, with the signature of model/moe.py's loop_experts / grouped_experts:
+    x (N, d), weights / idx (N, K), stacked w1, w3 (E, I, d) and w2 (E, d, I). Tokens are sorted
+    by expert as in the grouped path, then each expert runs three Fp8 GEMMs on its contiguous rows,
+    its weights in their own 128x128 blocks (no block straddles two experts)."""
+    N, K = idx.shape
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    xs = x.index_select(0, order // K)  # (N*K, d), rows of one expert contiguous
+    w = weights.flatten().index_select(0, order)[:, None]
+    outs = []
+    for e, chunk in enumerate(xs.split(torch.bincount(flat, minlength=w1.shape[0]).tolist())):
+        if chunk.shape[0]:
+            h = F.silu(fp8_linear(chunk, w1[e], None, scale_fmt)) * fp8_linear(chunk, w3[e], None, scale_fmt)
+            outs.append(fp8_linear(h, w2[e], None, scale_fmt))
+    out = torch.cat(outs) * w.to(outs[0].dtype)  # (N*K, d), in expert order
+    return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1).to(x.dtype)
+
+
+# --- the converter -----------------------------------------------------------------------------
+
+# V3 keeps these out of FP8 (REFERENCE §8.1): the embedding, the output head, the MoE gate, norms
+# and the HC / mHC coefficients. Only nn.Linear is ever swapped, so the embedding, norms and HC
+# parameters are never candidates anyway; they are listed so a future Linear under those names
+# stays high precision too.
+DEFAULT_SKIP = ("embed", "head", "gate", "norm", "q_norm", "kv_norm", "enorm", "hnorm",
+                "attn_conn", "ffn_conn")
+
+
+def _skipped(name: str, skip) -> bool:
+    """A pattern matches a run of whole dotted components: 'head' matches 'head' but not
+    'heads_proj'; 'ffn.gate' matches 'layers.3.ffn.gate'; 'mtp' matches all of 'mtp.0.*'."""
+    return any(f".{p}." in f".{name}." for p in skip)
+
+
+def convert_to_fp8(model: nn.Module, skip=DEFAULT_SKIP, experts: bool = True,
+                   scale_fmt: str | None = None) -> list[str]:
+    """Swap every nn.Linear not matched by `skip` for an Fp8Linear, in place (same parameter
+    objects, so an optimizer built before still holds them), and run the routed experts of
+    every MoE through `fp8_experts` when `experts`. Returns the converted names.
+
+    Routed experts are stacked parameters, not nn.Linear, so they are reached through the MoE's
+    `expert_fn` slot (model/moe.py): the model never imports numerics/, the converter plugs the
+    FP8 function in from outside, exactly as it swaps the Linears.
+    """
+    converted = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and not _skipped(full, skip):
+                setattr(module, child_name, Fp8Linear.from_linear(child, scale_fmt))
+                converted.append(full)
+        if experts and isinstance(module, MoE) and not _skipped(name, skip):
+            module.expert_fn = functools.partial(fp8_experts, scale_fmt=scale_fmt)
+            converted.append(f"{name}.experts")
+    return converted

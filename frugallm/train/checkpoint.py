@@ -77,9 +77,9 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: 
     for name, step in meta["steps"].items():
         p = params[name]
         state = {"step": torch.tensor(step, dtype=torch.float32)}
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq"):  # in the optimizer's moment dtype (adamw.py), else p's
             if f"{name}.{key}" in tensors:
-                state[key] = tensors[f"{name}.{key}"].to(p.dtype)
+                state[key] = tensors[f"{name}.{key}"].to(getattr(optimizer, "state_dtype", p.dtype))
         optimizer.state[p] = state
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..model.hyperconn import static_parameters
 from ..model.moe import MoE, update_expert_bias
+from .adamw import AdamWLowPrecision
 
 
 class ExpertBiasUpdate:
@@ -59,15 +60,22 @@ class ExpertBiasUpdate:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float) -> torch.optim.AdamW:
+                    eps: float, state_dtype: str = "fp32") -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (embeddings, projections, stacked experts);
     norms and HC/mHC's static coefficients (A_r = I, b_res: decay would shrink the residual or
-    flatten the mixing) get none, and the gate bias is a buffer the optimizer never sees."""
+    flatten the mixing) get none, and the gate bias is a buffer the optimizer never sees.
+
+    state_dtype: "fp32" = torch's AdamW (moments in the parameters' dtype); "bf16" = bf16
+    moments with fp32 master weights (adamw.py, the V3 recipe), 4 bytes/param less."""
     static = {id(p) for p in static_parameters(model)}
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2 and id(p) not in static]
     no_decay = [p for p in model.parameters() if p.requires_grad and (p.dim() < 2 or id(p) in static)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if state_dtype == "bf16":
+        return AdamWLowPrecision(groups, lr=lr, betas=betas, eps=eps, state_dtype=torch.bfloat16)
+    if state_dtype != "fp32":
+        raise ValueError(f"state_dtype={state_dtype!r} must be 'fp32' or 'bf16'")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float, schedule: str,

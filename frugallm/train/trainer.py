@@ -178,8 +178,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
 
     torch.manual_seed(train_cfg.seed)
     model = Transformer(model_cfg)
+    if train_cfg.fp8:  # applied from outside the model, before compile; parameters stay fp32 masters
+        from ..numerics.fp8 import convert_to_fp8
+
+        convert_to_fp8(model)
     optimizer = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, (train_cfg.beta1, train_cfg.beta2),
-                                train_cfg.adam_eps)
+                                train_cfg.adam_eps, train_cfg.optim_state_dtype)
     balance = ExpertBiasUpdate(model, train_cfg.bias_gamma, train_cfg.bias_freeze_tokens or None)
     start, tokens = 0, 0
     if ckpt is not None:
@@ -194,7 +198,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     peak = matmul_peak(dtype)
     step_tokens = micro * train_cfg.seq_len * train_cfg.grad_accum
     log(f"model: {count_params(model_cfg)['total']:,} parameters | {train_cfg.steps} steps x {step_tokens:,} tokens "
-        f"| {train_cfg.precision}{' compiled' if train_cfg.compile else ''} | unigram baseline {unigram:.3f} "
+        f"| {train_cfg.precision}{' + fp8' if train_cfg.fp8 else ''}{' compiled' if train_cfg.compile else ''} "
+        f"| unigram baseline {unigram:.3f} "
         f"| set-up {time.perf_counter() - t_setup:.0f}s")
 
     interrupted = False
