@@ -2,7 +2,12 @@
 
 That is (kv_lora_rank + qk_rope_head_dim) values per token per layer, e.g. 576 for V3, instead
 of the H * (192 + 128) a naive K/V cache holds (REFERENCE §2.4). Buffers are preallocated at a
-static shape; `pos` is the number of positions written, and the model advances it.
+static shape and reused across requests (`reset`).
+
+Rows keep their own lengths, so a batch may hold prompts of different lengths: row b's next
+tokens go to positions lengths[b], lengths[b] + 1, ... Slots past a row's length may hold stale
+latents (right padding of a shorter prompt, rejected speculative drafts); the mask of `window`
+hides them, and the next write overwrites them. Rewinding a row is just lowering its length.
 """
 
 from __future__ import annotations
@@ -15,32 +20,66 @@ from ..config import ModelConfig
 class LatentCache:
     """One layer's slice of the cache; MLA calls `update` with the new latents."""
 
-    def __init__(self, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        self.c_kv, self.k_pe = c_kv, k_pe  # (B, T_max, dc), (B, T_max, dr)
+    def __init__(self, owner: "KVCache", i: int):
+        self.owner, self.c_kv, self.k_pe = owner, owner.c_kv[i], owner.k_pe[i]  # (B, T_max, dc), (B, T_max, dr)
 
-    def update(self, start: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + c_kv.shape[1]
-        self.c_kv[:, start:end] = c_kv
-        self.k_pe[:, start:end] = k_pe
-        return self.c_kv[:, :end], self.k_pe[:, :end]
+    def update(self, positions: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write c_kv (B, S, dc), k_pe (B, S, dr) at positions (B, S); return the first T slots of every row."""
+        start, T = self.owner._start, self.owner._T
+        if start is not None:  # every row at the same length: a plain slice copy
+            self.c_kv[:, start:start + c_kv.shape[1]] = c_kv
+            self.k_pe[:, start:start + c_kv.shape[1]] = k_pe
+        else:
+            rows = torch.arange(c_kv.shape[0], device=c_kv.device)[:, None]
+            self.c_kv[rows, positions] = c_kv
+            self.k_pe[rows, positions] = k_pe
+        return self.c_kv[:, :T], self.k_pe[:, :T]
 
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", n_layers: int | None = None):
+        """Room for `max_len` positions (default the context) of `n_layers` layers (default the main stack)."""
         max_len = max_len or cfg.max_seq_len
         n_layers = cfg.n_layers if n_layers is None else n_layers
         self.c_kv = torch.zeros(n_layers, batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
         self.k_pe = torch.zeros(n_layers, batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-        self._layers = [LatentCache(self.c_kv[i], self.k_pe[i]) for i in range(n_layers)]
-        self.pos = 0
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions written, per row
+        self._layers = [LatentCache(self, i) for i in range(n_layers)]
+        self._start, self._T = 0, 0
+
+    @property
+    def max_len(self) -> int:
+        return self.c_kv.shape[2]
 
     def layer(self, i: int) -> LatentCache:
         return self._layers[i]
 
+    def window(self, S: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions (B, S) of S new tokens per row, and the (B, S, T) mask of the slots each may see.
+
+        The mask is None when no slot needs hiding: one new token per row, all rows equally long.
+        """
+        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        self._start, self._T = (lo if lo == hi else None), hi + S
+        if self._T > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; writing {S} more after {hi} needs "
+                             f"{self._T}: allocate a larger KVCache")
+        positions = self.lengths[:, None] + torch.arange(S, device=self.lengths.device)
+        if S == 1 and lo == hi:
+            return positions, None
+        slots = torch.arange(self._T, device=self.lengths.device)
+        return positions, slots <= positions[..., None]
+
+    def advance(self, S: int) -> None:
+        self.lengths += S
+
     def reset(self) -> None:
-        self.pos = 0
+        self.lengths.zero_()
 
     def values_per_token(self) -> int:
         """Cached values per token, all layers: n_layers * (kv_lora_rank + qk_rope_head_dim)."""
         return self.c_kv.shape[0] * (self.c_kv.shape[-1] + self.k_pe.shape[-1])
+
+    def bytes_per_token(self) -> int:
+        return self.values_per_token() * self.c_kv.element_size()

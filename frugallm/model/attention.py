@@ -43,34 +43,38 @@ class MLA(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.dv, cfg.dim, bias=False)
         self.softmax_scale = softmax_scale(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
-                cache=None, absorb: bool = False) -> torch.Tensor:
-        """x (B, S, dim); cos/sin (S, dr/2) for positions start_pos..start_pos+S-1.
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
+                cache=None, absorb: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, S, dim); cos/sin (S, dr/2) or (B, S, dr/2), the RoPE tables at the tokens' positions.
 
-        cache: an object with `update(start_pos, c_kv, k_pe) -> (c_kv, k_pe)` returning the
-        latents of all T = start_pos + S positions (see infer/kv_cache.py), or None.
+        Without a cache the S tokens are positions 0..S-1 under a causal mask (training).
+        With a cache (infer/kv_cache.py), positions (B, S) are each token's absolute position,
+        `cache.update(positions, c_kv, k_pe)` returns the latents of all T cached positions, and
+        mask (B, S, T) says which of them each token sees (None: all of them, i.e. one new token
+        per row and every row of the same length).
         """
         B, S, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank > 0 else self.wq(x)
         q = q.view(B, S, self.n_heads, self.dn + self.dr)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
-        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])  # (B, S, H, dr)
+        q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2))  # (B, S, H, dr)
 
         c_kv, k_pe = self.wkv_a(x).split([self.dc, self.dr], dim=-1)
         c_kv = self.kv_norm(c_kv)  # (B, S, dc); k_pe is split off BEFORE the norm and never normalised
         k_pe = apply_rope(k_pe, cos, sin)  # (B, S, dr), one head for all
         if cache is not None:
-            c_kv, k_pe = cache.update(start_pos, c_kv, k_pe)  # (B, T, dc), (B, T, dr)
-        T = c_kv.shape[1]
-
+            c_kv, k_pe = cache.update(positions, c_kv, k_pe)  # (B, T, dc), (B, T, dr)
+        elif S > 1:
+            mask = causal_mask(S, S, 0, x.device)  # (S, S)
         if absorb:
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start_pos)
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
         else:
-            out = self._naive(q_nope, q_pe, c_kv, k_pe, start_pos, T)
+            out = self._naive(q_nope, q_pe, c_kv, k_pe, mask)
         return self.wo(out.flatten(2))
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe, start_pos: int, T: int) -> torch.Tensor:
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
         B, S, H, _ = q_nope.shape
+        T = c_kv.shape[1]
         kv = self.wkv_b(c_kv).view(B, T, H, self.dn + self.dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, S, dn+dr)
@@ -79,20 +83,19 @@ class MLA(nn.Module):
         # its flash kernel is slow at these head dims. The two GEMMs run in the model dtype (bf16:
         # AMX), the mask and softmax in at least fp32, as in the reference and HF eager.
         scores = upcast(q @ k.transpose(-1, -2)) * self.softmax_scale  # (B, H, S, T)
-        if S > 1:
-            scores = scores.masked_fill(~causal_mask(S, T, start_pos, scores.device), float("-inf"))
+        if mask is not None:  # (S, T) or (B, S, T) -> broadcast over heads
+            scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
         o = scores.softmax(dim=-1).type_as(v) @ v.transpose(1, 2)  # (B, H, S, dv)
         return o.transpose(1, 2)  # (B, S, H, dv)
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos: int) -> torch.Tensor:
-        S, T = q_nope.shape[1], c_kv.shape[1]
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
         wkv_b = self.wkv_b.weight.view(self.n_heads, self.dn + self.dv, self.dc)
         q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.dn])  # W^UK absorbed: (B, S, H, dc)
         scores = (torch.einsum("bshc,btc->bsht", q_lat, c_kv)
                   + torch.einsum("bshr,btr->bsht", q_pe, k_pe))
         scores = upcast(scores) * self.softmax_scale
-        if S > 1:
-            scores = scores.masked_fill(~causal_mask(S, T, start_pos, scores.device)[:, None], float("-inf"))
+        if mask is not None:  # scores are (B, S, H, T)
+            scores = scores.masked_fill(~mask.unsqueeze(-2), float("-inf"))
         p = scores.softmax(dim=-1).type_as(c_kv)  # softmax in float32
         x = torch.einsum("bsht,btc->bshc", p, c_kv)  # attention over the latent: (B, S, H, dc)
         return torch.einsum("bshc,hdc->bshd", x, wkv_b[:, self.dn:])  # W^UV absorbed: (B, S, H, dv)

@@ -47,10 +47,10 @@ class Block(nn.Module):
         self.attn_conn = make_connection(cfg, 2 * layer_id)  # plain: x + F(x), no parameters
         self.ffn_conn = make_connection(cfg, 2 * layer_id + 1)
 
-    def forward(self, x, cos, sin, start_pos=0, cache=None, absorb=False):
+    def forward(self, x, cos, sin, positions=None, cache=None, absorb=False, mask=None):
         """x (B, S, d), or (B, S, n, d) streams with hc/mhc -> (x of the same shape, balance loss or None)."""
         mix = self.attn_conn(x)  # read: mix.h (B, S, d) is the sub-layer input
-        x = self.attn_conn.write(mix, self.attn(self.attn_norm(mix.h), cos, sin, start_pos, cache, absorb))
+        x = self.attn_conn.write(mix, self.attn(self.attn_norm(mix.h), cos, sin, positions, cache, absorb, mask))
         mix = self.ffn_conn(x)
         if self.is_moe:
             y, balance = self.ffn(self.ffn_norm(mix.h))
@@ -105,13 +105,17 @@ class Transformer(nn.Module):
                 m.reset_parameters(std)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache=None,
-                attn_impl: str | None = None, mtp_lambda: float | None = None) -> ModelOutput:
+                attn_impl: str | None = None, mtp_lambda: float | None = None,
+                logits_at: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (B, S) -> ModelOutput with logits (B, S, vocab).
 
         targets (B, S): next-token labels (-100 = ignore); with them the output carries the main
         loss, the weighted MTP loss and the balance loss separately, and their sum as `loss`.
-        cache: a KVCache (infer/kv_cache.py); its `pos` gives the start position and advances by S.
+        cache: a KVCache (infer/kv_cache.py). Row b's tokens go to positions lengths[b]..+S-1,
+            and its lengths advance by S.
         attn_impl overrides the config's: 'naive', 'absorbed' or 'auto' (absorbed iff cached decode).
+        logits_at (B, k): compute logits only at these indices into S (e.g. each prompt's last
+            token), giving logits (B, k, vocab); `hidden` stays (B, S, d).
         """
         cfg = self.config
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
@@ -119,15 +123,8 @@ class Transformer(nn.Module):
                              f"{input_ids.dtype}")
         if targets is not None and targets.shape != input_ids.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-        B, S = input_ids.shape
-        start = cache.pos if cache is not None else 0
-        if start + S > cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + S} tokens exceeds max_seq_len={cfg.max_seq_len}; "
-                             f"shorten the input or raise max_seq_len")
-        impl = attn_impl or cfg.attn_impl
-        absorb = impl == "absorbed" or (impl == "auto" and cache is not None and S == 1)
-        block_kwargs = dict(cos=self.rope_cos[start:start + S], sin=self.rope_sin[start:start + S],
-                            start_pos=start, absorb=absorb)
+        S = input_ids.shape[1]
+        block_kwargs = self._positions(S, cache, attn_impl)
 
         h = self.embed(input_ids)
         if cfg.residual != "plain":
@@ -138,9 +135,10 @@ class Transformer(nn.Module):
             balance = _add(balance, bal)
         if cfg.residual != "plain":
             h = collapse_streams(h)  # (B, S, d)
-        logits = self.head(self.norm(h))
         if cache is not None:
-            cache.pos += S
+            cache.advance(S)
+        picked = h if logits_at is None else h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
+        logits = self.head(self.norm(picked))
         if targets is None:
             return ModelOutput(logits=logits, hidden=h, balance_loss=balance)
 
@@ -154,6 +152,38 @@ class Transformer(nn.Module):
         if balance is not None:
             loss = loss + balance
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp, balance_loss=balance, hidden=h)
+
+    def mtp_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache,
+                 attn_impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run MTP module `depth` (0-based) over S cached positions, for drafting (infer/speculative.py).
+
+        h_prev (B, S, d): the previous depth's hidden states at those positions (the main model's
+        `hidden` for depth 0); next_ids (B, S): the tokens depth+1 places after them; cache: this
+        module's own one-layer KVCache. Returns (h (B, S, d), logits (B, S, vocab)), where
+        logits[:, i] predicts the token depth+2 places after position i.
+        """
+        module = self.mtp[depth]
+        block_kwargs = self._positions(next_ids.shape[1], cache, attn_impl)
+        h, _ = module(h_prev, self.embed(next_ids), cache=cache.layer(0), **block_kwargs)
+        cache.advance(next_ids.shape[1])
+        return h, self.head(module.norm(h))
+
+    def _positions(self, S: int, cache, attn_impl: str | None) -> dict:
+        """RoPE tables, positions, mask and attention path for S new tokens (per row with a cache)."""
+        cfg = self.config
+        impl = attn_impl or cfg.attn_impl
+        absorb = impl == "absorbed" or (impl == "auto" and cache is not None and S == 1)
+        if cache is None:
+            if S > cfg.max_seq_len:
+                raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={cfg.max_seq_len}; "
+                                 f"shorten the input or raise max_seq_len")
+            return dict(cos=self.rope_cos[:S], sin=self.rope_sin[:S], absorb=absorb)
+        positions, mask = cache.window(S)  # (B, S), (B, S, T) or None
+        if int(positions[:, -1].max()) >= cfg.max_seq_len:
+            raise ValueError(f"position {int(positions[:, -1].max())} is past max_seq_len={cfg.max_seq_len}; "
+                             f"shorten the input or raise max_seq_len")
+        return dict(cos=self.rope_cos[positions], sin=self.rope_sin[positions], positions=positions, mask=mask,
+                    absorb=absorb)
 
 
 def _add(a, b):
