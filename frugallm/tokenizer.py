@@ -43,6 +43,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def stream(self) -> "TextStream":
+        """An incremental detokenizer: push token ids as they come, get back only whole characters."""
+        return TextStream(self)
+
     def to_str(self) -> str:
         return self.tok.to_str()
 
@@ -67,6 +71,47 @@ class Tokenizer:
         if add_generation_prompt:
             parts.append("<|assistant|>")
         return "".join(parts)
+
+
+class TextStream:
+    """Incremental decoding for streaming output.
+
+    One token can hold part of a UTF-8 character (byte-level BPE), and some decoders change a piece's text by
+    its neighbours (a leading space), so the text of new tokens is the decode of a short window of recent
+    tokens minus the decode of the window without them. Text that ends in U+FFFD (an unfinished character)
+    is held back until a later token completes it, but never more than 3 tokens: a character has at most
+    4 bytes, so older bytes that still decode to U+FFFD are invalid and go out as they are (a degenerate
+    model can emit such bytes forever). `flush()` gives whatever is left at the end.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] is the context window, ids[read:] not yet emitted
+
+    def push(self, ids: int | Iterable[int]) -> str:
+        self.ids.extend([ids] if isinstance(ids, int) else ids)
+        return self._step(final=False)
+
+    def flush(self) -> str:
+        return self._step(final=True)
+
+    def _step(self, final: bool) -> str:
+        decode = lambda end: self.tokenizer.decode(self.ids[self.prefix:end])
+        before, n = decode(self.read), len(self.ids)
+        for end in [n] if final else range(n, max(self.read, n - 3), -1):  # hold back 0, 1 or 2 tokens
+            text = decode(end)
+            if final or not text.endswith("\ufffd"):
+                break
+        else:
+            if n - 3 <= self.read:
+                return ""  # up to 3 tokens may still complete a character: wait
+            end = n - 3
+            text = decode(end)
+        if len(text) <= len(before):
+            return ""
+        self.prefix, self.read = self.read, end
+        return text[len(before):]
 
 
 def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:

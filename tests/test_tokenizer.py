@@ -40,3 +40,23 @@ def test_loads_a_hugging_face_tokenizer_with_its_own_specials(tmp_path):
     assert (tok.bos_id, tok.eos_id) == (0, 1)
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_text_stream_emits_whole_characters_only():
+    tok = train_tokenizer(iter(["plain ascii text only\n"] * 20), 300)  # so é, ✓, 🙂 are split into byte tokens
+    text = "a é ✓ 🙂 done"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens
+    stream = tok.stream()
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert pieces[ids.index(tok.encode("🙂")[0])] == ""  # held back until its 4th byte arrives
+
+
+def test_text_stream_does_not_hold_invalid_bytes_forever():
+    tok = train_tokenizer(iter(["plain ascii text only\n"] * 20), 300)
+    lone = tok.encode("é")[1]  # a continuation byte alone is invalid UTF-8
+    stream = tok.stream()
+    pieces = [stream.push(lone) for _ in range(10)]
+    assert all(p == "" for p in pieces[:3]) and all(p == "\ufffd" for p in pieces[3:])  # at most 3 tokens held
+    assert "".join(pieces) + stream.flush() == tok.decode([lone] * 10)

@@ -1,0 +1,245 @@
+"""`frugallm serve` as a real process driven by the official `openai` client, and `frugallm chat`.
+
+One tiny run (2 layers, dim 32, a 300-token BPE, 20 steps, a 2048-token context so that long streams
+last seconds) is trained once per session; one server process with an API key and 4 slots serves
+every server test, so 16 concurrent clients also exercise the queue.
+"""
+
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test-frugallm"
+NAME = "tiny-chat"
+SLOTS = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    from frugallm.config import TrainConfig, apply_overrides, get_preset
+    from frugallm.train.trainer import train
+
+    root = tmp_path_factory.mktemp("serve")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    words = "the cat sat on a mat and the dog ran to the park with a ball é ü ✓".split()
+    for d in range(8):
+        (corpus / f"d{d}.txt").write_text(" ".join(rng.choice(words) for _ in range(2000)))
+    pairs = ["dim=32", "n_layers=2", "n_dense_layers=1", "n_heads=2", "q_lora_rank=0", "kv_lora_rank=16",
+             "qk_nope_head_dim=8", "qk_rope_head_dim=8", "v_head_dim=8", "n_routed_experts=4", "n_expert_groups=1",
+             "n_limited_groups=1", "n_activated_experts=2", "moe_inter_dim=16", "inter_dim=64", "vocab_size=300",
+             "max_seq_len=2048", "seq_len=32", "batch_size=4", "tokenizer_train_chars=50000", "warmup_steps=2",
+             "eval_every=100", "eval_batches=1", "log_every=100", "sample_tokens=0", "precision=fp32",
+             f"data={corpus}", "steps=20", "save_every=20"]
+    model_cfg, train_cfg = apply_overrides(get_preset("tiny"), TrainConfig(), pairs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FRUGALLM_CACHE", str(root / "cache"))
+        train(model_cfg, train_cfg, root / "run", log=lambda line: None)
+    return root / "run"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, key: str | None = KEY) -> tuple[int, dict]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _post_raw(url: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Authorization": f"Bearer {KEY}",
+                                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "frugallm.cli", "serve", str(tiny_run), "--port", str(port),
+                             "--api-key", KEY, "--model-name", NAME, "--slots", str(SLOTS)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.time() < deadline, "the server did not answer within 60 s"
+        try:
+            if _get(base + "/v1/models")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.1)
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def _chat(**kw):
+    return dict(model=NAME, messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"}],
+                **kw)
+
+
+def test_models_list(client):
+    assert [m.id for m in client.models.list()] == [NAME]
+    assert client.models.retrieve(NAME).owned_by == "frugallm"
+
+
+def test_chat_completion_plain_and_streamed_agree(client):
+    r = client.chat.completions.create(**_chat(max_tokens=12, temperature=0))
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(**_chat(max_tokens=12, temperature=0, stream=True,
+                                                         stream_options={"include_usage": True})))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content  # greedy: the same tokens either way
+    last = [c for c in chunks if c.choices][-1]
+    assert last.choices[0].finish_reason == choice.finish_reason and last.usage == r.usage
+    assert chunks[-1].choices == [] and chunks[-1].usage == r.usage  # include_usage: OpenAI's extra chunk
+
+
+def test_completions_seed_and_stop(client):
+    r = client.completions.create(model=NAME, prompt="the dog", max_tokens=40, temperature=0)
+    text = r.choices[0].text
+    assert r.object == "text_completion" and r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+    stop = text[len(text) // 2:len(text) // 2 + 3]  # a stop string the greedy text certainly holds
+    cut = client.completions.create(model=NAME, prompt="the dog", max_tokens=40, temperature=0, stop=[stop, "zzz"])
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=NAME, prompt="the dog", max_tokens=40, temperature=0, stop=stop, stream=True) if c.choices)
+    assert streamed == cut.choices[0].text
+    sampled = [client.completions.create(model=NAME, prompt="the", max_tokens=20, temperature=1.0, top_p=0.9,
+                                         seed=7).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_bad_requests_get_openai_errors(client, server):
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be at least 1"):
+        client.chat.completions.create(**_chat(max_tokens=0))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**_chat(max_tokens=5000))
+    assert e.value.code == "context_length_exceeded" and e.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=NAME, prompt="the cat " * 2000, max_tokens=1)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model=NAME, messages=[])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**_chat(temperature="hot"))
+    assert e.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError, match="n=1"):
+        client.chat.completions.create(**_chat(n=2))
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.code == "model_not_found"
+    status, body = _post_raw(server + "/v1/chat/completions", b'{"model": "tiny-chat", "messages": [')
+    assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
+    assert "not valid JSON" in body["error"]["message"]
+    status, body = _post_raw(server + "/v1/chat/completions", json.dumps({"model": NAME}).encode())
+    assert status == 400 and body["error"]["param"] == "messages"
+
+
+def test_api_key_is_required(server):
+    bad = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    status, body = _get(server + "/v1/models", key=None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+def test_16_concurrent_streams_are_all_served(client):
+    def one(i):
+        chunks = list(client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": f"ball {i}"}], max_tokens=24, temperature=0.8, seed=i,
+            stream=True))
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens > 0
+        return "".join(c.choices[0].delta.content or "" for c in chunks)
+
+    with ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(one, range(16)))
+    assert len(texts) == 16
+
+
+def test_disconnect_frees_the_slot(client, server):
+    # fill every slot with long streams (2000 greedy tokens, no eos on this model: seconds of work), then hang up
+    streams = [client.completions.create(model=NAME, prompt="the", max_tokens=2000, temperature=0, stream=True)
+               for _ in range(SLOTS)]
+    for s in streams:
+        next(iter(s))
+    assert _get(server + "/health")[1]["active"] == SLOTS
+    for s in streams:
+        s.close()
+    t0 = time.time()
+    while _get(server + "/health")[1]["active"] > 0:
+        assert time.time() - t0 < 3, "the slots of disconnected clients were not freed"
+        time.sleep(0.05)
+    r = client.completions.create(model=NAME, prompt="the", max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens == 4 and time.time() - t0 < 5
+
+
+def test_chat_repl_history_truncation_and_commands(tiny_run):
+    from frugallm import load, load_tokenizer
+    from frugallm.infer.chat import chat_repl
+
+    model, tok = load(tiny_run), load_tokenizer(tiny_run)
+    long = "the cat sat " * 170  # ~680 tokens: three of them overflow the 2048-token context
+    lines = iter(["/help", long, long, long, "/reset", "hi", "the cat " * 2000, "/system talk like a cat", "hi"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    assert chat_repl(model, tok, system="be brief", max_new_tokens=4, temperature=0, input_fn=read, out=out) == 0
+    text = out.getvalue()
+    assert "/reset" in text and text.count("tokens/s]") == 5  # 3 long turns, "hi" twice, not the too-long one
+    assert text.count("history truncated: dropped the 2 oldest messages") == 1
+    assert "(history cleared)" in text and "that message is too long" in text and "system prompt set" in text
+    assert text.index("that message is too long") < text.index("system prompt set")
+
+
+def test_chat_cli_over_stdin(tiny_run):
+    r = subprocess.run([sys.executable, "-m", "frugallm.cli", "chat", str(tiny_run), "--max-new-tokens", "3",
+                        "--temperature", "0"], input="hello\n", capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr  # end of input (Ctrl-D) exits cleanly
+    assert "frugallm chat" in r.stdout and "tokens/s]" in r.stdout
