@@ -120,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .infer.server import serve
 
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-          slots=args.slots, threads=args.threads)
+          slots=args.slots, speculative=args.speculative, threads=args.threads)
     return 0
 
 
@@ -132,7 +132,37 @@ def _chat(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     return chat_repl(load(args.run), load_tokenizer(args.run), system=args.system,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                     top_p=args.top_p, seed=args.seed)
+                     top_p=args.top_p, seed=args.seed, speculative=args.speculative)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    from . import load, load_tokenizer
+    from .infer.generate import generate_stream
+
+    model, tok = load(args.run, dtype=DTYPES[args.dtype]), load_tokenizer(args.run)
+    ids = [tok.bos_id, *tok.encode(args.prompt)] if tok.bos_id is not None else tok.encode(args.prompt)
+    stats, text, t0 = {}, tok.stream(), time.perf_counter()
+    print(args.prompt, end="", flush=True)
+    for step in generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, stop=tok.eos_id, speculative=args.speculative,
+                                stats=stats):
+        print(text.push(step[0].tolist()), end="", flush=True)
+    print(text.flush())
+    wall = time.perf_counter() - t0
+    line = (f"[{stats['new_tokens']} tokens in {wall:.2f} s: {stats['new_tokens'] / wall:.1f} tokens/s; "
+            f"first token after {stats['prefill_s'] * 1e3:.0f} ms ({stats['prompt_tokens']}-token prompt)")
+    if stats.get("decode_s") and stats["new_tokens"] > 1:
+        line += f", decode {(stats['new_tokens'] - 1) / stats['decode_s']:.1f} tokens/s"
+    if args.speculative:
+        line += (f"; speculative: acceptance {stats['acceptance']:.2f}, "
+                 f"{stats['tokens_per_forward']:.2f} tokens per forward")
+    print(line + "]", file=sys.stderr)
+    return 0
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
     sv.add_argument("--model-name", help="the model id clients ask for (default: the run directory's name)")
     sv.add_argument("--slots", type=int, default=16, help="requests generated at once; the rest wait in order")
+    sv.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
     sv.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     sv.set_defaults(func=_serve)
 
@@ -196,7 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--top-k", type=int)
     ch.add_argument("--top-p", type=float)
     ch.add_argument("--seed", type=int)
+    ch.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
     ch.set_defaults(func=_chat)
+
+    ge = sub.add_parser("generate", help="continue a prompt, streaming to the terminal, then report tokens/s")
+    ge.add_argument("run", help="a frugallm run directory or a Hugging Face DeepSeek directory")
+    ge.add_argument("--prompt", required=True)
+    ge.add_argument("--max-new-tokens", type=int, default=128)
+    ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ge.add_argument("--top-k", type=int)
+    ge.add_argument("--top-p", type=float)
+    ge.add_argument("--seed", type=int)
+    ge.add_argument("--speculative", action="store_true", help="draft with the MTP modules, verify in one forward")
+    ge.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                    help="weights and activations (default bfloat16, the fast path on CPU)")
+    ge.set_defaults(func=_generate)
     return parser
 
 

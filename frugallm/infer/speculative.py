@@ -97,10 +97,11 @@ class Drafter:
             idx = start[:, None] + torch.arange(width, device=seq.device)  # (B, W)
             cache.lengths.copy_(start)
             h, logits = self.model.mtp_step(k - 1, self.hist[k - 1][rows, idx], seq.gather(1, idx + k), cache,
-                                            attn_impl="absorbed" if width <= self.D + 1 else "naive")
+                                            attn_impl="absorbed" if width <= self.D + 1 else "naive",
+                                            logits_at=(n_verified - 2 - start)[:, None])  # at position N-2
             if k < self.D:
                 self.hist[k][rows, idx] = h
-            last = logits[rows[:, 0], n_verified - 2 - start]  # (B, V): at position N-2
+            last = logits[:, 0]  # (B, V)
             if temperature <= 0:
                 token, dist = last.argmax(dim=-1), None
             else:

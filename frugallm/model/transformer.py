@@ -137,8 +137,7 @@ class Transformer(nn.Module):
             h = collapse_streams(h)  # (B, S, d)
         if cache is not None:
             cache.advance(S)
-        picked = h if logits_at is None else h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
-        logits = self.head(self.norm(picked))
+        logits = self.head(self.norm(_pick(h, logits_at)))
         if targets is None:
             return ModelOutput(logits=logits, hidden=h, balance_loss=balance)
 
@@ -153,20 +152,21 @@ class Transformer(nn.Module):
             loss = loss + balance
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp, balance_loss=balance, hidden=h)
 
-    def mtp_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache,
-                 attn_impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache, attn_impl: str | None = None,
+                 logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run MTP module `depth` (0-based) over S cached positions, for drafting (infer/speculative.py).
 
         h_prev (B, S, d): the previous depth's hidden states at those positions (the main model's
         `hidden` for depth 0); next_ids (B, S): the tokens depth+1 places after them; cache: this
         module's own one-layer KVCache. Returns (h (B, S, d), logits (B, S, vocab)), where
-        logits[:, i] predicts the token depth+2 places after position i.
+        logits[:, i] predicts the token depth+2 places after position i; with logits_at (B, k)
+        only at those indices, (B, k, vocab).
         """
         module = self.mtp[depth]
         block_kwargs = self._positions(next_ids.shape[1], cache, attn_impl)
         h, _ = module(h_prev, self.embed(next_ids), cache=cache.layer(0), **block_kwargs)
         cache.advance(next_ids.shape[1])
-        return h, self.head(module.norm(h))
+        return h, self.head(module.norm(_pick(h, logits_at)))
 
     def _positions(self, S: int, cache, attn_impl: str | None) -> dict:
         """RoPE tables, positions, mask and attention path for S new tokens (per row with a cache)."""
@@ -184,6 +184,11 @@ class Transformer(nn.Module):
                              f"shorten the input or raise max_seq_len")
         return dict(cos=self.rope_cos[positions], sin=self.rope_sin[positions], positions=positions, mask=mask,
                     absorb=absorb)
+
+
+def _pick(h: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+    """h (B, S, d) -> h at indices `at` (B, k) along S, (B, k, d); all of h when `at` is None."""
+    return h if at is None else h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))
 
 
 def _add(a, b):
