@@ -212,6 +212,18 @@ def test_disconnect_frees_the_slot(client, server):
         time.sleep(0.05)
     r = client.completions.create(model=NAME, prompt="the", max_tokens=4, temperature=0)
     assert r.usage.completion_tokens == 4 and time.time() - t0 < 5
+    # non-streamed requests whose clients give up are cancelled too
+    def give_up(_):
+        with pytest.raises(openai.APITimeoutError):
+            client.with_options(timeout=0.5).completions.create(model=NAME, prompt="the", max_tokens=2000,
+                                                                temperature=0)
+
+    with ThreadPoolExecutor(SLOTS) as pool:
+        list(pool.map(give_up, range(SLOTS)))
+    t0 = time.time()
+    while _get(server + "/health")[1]["active"] > 0:
+        assert time.time() - t0 < 3, "the slot of a client that timed out was not freed"
+        time.sleep(0.05)
 
 
 def test_chat_repl_history_truncation_and_commands(tiny_run):

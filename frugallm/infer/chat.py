@@ -55,7 +55,7 @@ class Conversation:
 
 
 def chat_repl(model, tokenizer, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.8,
-              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+              top_k: int | None = None, top_p: float | None = None, seed: int | None = None, speculative: bool = False,
               input_fn: Callable[[str], str] = input, out: TextIO = sys.stdout) -> int:
     """Run the REPL until /exit or end of input; returns 0."""
     context = model.config.max_seq_len
@@ -100,19 +100,19 @@ def chat_repl(model, tokenizer, system: str | None = None, max_new_tokens: int =
             convo.turns.pop()
             say(f"(that message is too long: {len(ids)} prompt tokens, the context holds {context}; not sent)")
             continue
-        reply, n, t0 = _stream_reply(model, tokenizer, ids, min(max_new_tokens, room), temperature, top_k, top_p,
-                                     None if seed is None else seed + turn, stop, say)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, speculative=speculative,
+                        seed=None if seed is None else seed + turn)
+        reply, n, t0 = _stream_reply(model, tokenizer, ids, min(max_new_tokens, room), sampling, stop, say)
         turn += 1
         convo.turns.append({"role": "assistant", "content": reply})
         rate = n / max(time.perf_counter() - t0, 1e-9)
         say(f"\n[{n} tokens, {rate:.1f} tokens/s]")
 
 
-def _stream_reply(model, tokenizer, ids, max_new, temperature, top_k, top_p, seed, stop, say):
+def _stream_reply(model, tokenizer, ids, max_new, sampling, stop, say):
     """Print the reply as it is generated; returns (text, tokens, start time). Ctrl-C stops it early."""
     text, parts, n, t0 = tokenizer.stream(), [], 0, time.perf_counter()
-    gen = generate_stream(model, [ids], max_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          stop=stop)
+    gen = generate_stream(model, [ids], max_new, stop=stop, **sampling)
 
     def show(piece: str) -> None:
         if piece:

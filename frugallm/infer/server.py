@@ -125,17 +125,18 @@ _FIELDS = {name for schema in (StreamOptions, TextPart, Message, ChatRequest, Co
 class Server:
     """The app's state: model, tokenizer, engine, name, key; `app` is the FastAPI application."""
 
-    def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, slots: int = 16):
+    def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, slots: int = 16,
+                 speculative: bool = False):
         self.model, self.tokenizer, self.model_name, self.api_key = model, tokenizer, model_name, api_key
         self.context = model.config.max_seq_len
         self.created = int(time.time())
         self.engine: Engine | None = None
-        self.app = self._build_app(slots)
+        self.app = self._build_app(slots, speculative)
 
-    def _build_app(self, slots: int) -> FastAPI:
+    def _build_app(self, slots: int, speculative: bool) -> FastAPI:
         @contextlib.asynccontextmanager
         async def lifespan(app):
-            self.engine = Engine(self.model, self.tokenizer, slots)
+            self.engine = Engine(self.model, self.tokenizer, slots, speculative)
             yield
             self.engine.close()
 
@@ -323,7 +324,7 @@ def _event(obj: dict) -> str:
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, slots: int = 16, threads: int | None = None,
+          model_name: str | None = None, slots: int = 16, speculative: bool = False, threads: int | None = None,
           log_level: str = "info") -> None:
     """Load RUN (a frugallm run or a Hugging Face DeepSeek dir) and serve it until interrupted."""
     import torch
@@ -335,7 +336,9 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: s
         torch.set_num_threads(threads)
     model, tokenizer = load(run), load_tokenizer(run)
     name = model_name or Path(run).resolve().name
-    server = Server(model, tokenizer, name, api_key=api_key, slots=slots)
+    if speculative and model.config.n_mtp == 0:
+        raise ValueError(f"--speculative drafts with MTP modules, and {run} has none (n_mtp=0)")
+    server = Server(model, tokenizer, name, api_key=api_key, slots=slots, speculative=speculative)
     print(f"frugallm: serving '{name}' ({model.config.max_seq_len}-token context, {slots} slots) "
           f"on http://{host}:{port}/v1{' with an API key' if api_key else ''}", flush=True)
     uvicorn.run(server.app, host=host, port=port, log_level=log_level)
