@@ -255,3 +255,32 @@ def test_chat_cli_over_stdin(tiny_run):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr  # end of input (Ctrl-D) exits cleanly
     assert "frugallm chat" in r.stdout and "tokens/s]" in r.stdout
+
+
+def test_engine_speculative_greedy_equals_plain(tiny_run):
+    import asyncio
+
+    from frugallm import load, load_tokenizer
+    from frugallm.infer.engine import Engine, Job
+
+    model, tok = load(tiny_run), load_tokenizer(tiny_run)
+    assert model.config.n_mtp > 0
+    prompts = [[tok.bos_id, *tok.encode(p)] for p in ("the cat", "a dog ran to the", "ball")]
+
+    async def run(speculative):
+        engine = Engine(model, tok, slots=2, speculative=speculative)  # 3 jobs, 2 slots: one waits
+        try:
+            jobs = [engine.submit(Job(p, 30, temperature=0.0, stop=["zz"])) for p in prompts]
+            results = []
+            for job in jobs:
+                text, event = "", await job.queue.get()
+                while event[0] == "text":
+                    text, event = text + event[1], await job.queue.get()
+                results.append((text, event))
+            return results
+        finally:
+            engine.close()
+
+    plain = asyncio.run(run(False))
+    assert all(event[0] == "done" for _, event in plain)
+    assert asyncio.run(run(True)) == plain
