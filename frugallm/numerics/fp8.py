@@ -61,14 +61,24 @@ def _cast(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
+def _tiles(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(..., K) -> fp32 (..., ceil(K/block), block), zero-padding a ragged last tile (a view when
+    K is whole tiles and x is fp32 and contiguous: no copy)."""
+    K = x.shape[-1]
+    nb = -(-K // block)
+    x = x.float()
+    if nb * block != K:
+        x = F.pad(x, (0, nb * block - K))
+    return x.unflatten(-1, (nb, block))
+
+
 def act_quant(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., K) any float dtype -> (q (..., K) e4m3fn, s (..., ceil(K/block)) fp32), 1 x block tiles."""
     K = x.shape[-1]
-    nb = -(-K // block)
-    xf = F.pad(x.float(), (0, nb * block - K)).unflatten(-1, (nb, block))  # (..., nb, block)
-    s = _scale(xf.abs().amax(dim=-1), scale_fmt)  # (..., nb)
-    q = _cast(xf / s[..., None]).flatten(-2)[..., :K].contiguous()
-    return q, s
+    xt = _tiles(x, block)  # (..., nb, block)
+    s = _scale(xt.abs().amax(dim=-1), scale_fmt)  # (..., nb)
+    q = _cast(xt / s[..., None]).flatten(-2)
+    return (q if q.shape[-1] == K else q[..., :K].contiguous()), s
 
 
 def act_dequant(q: torch.Tensor, s: torch.Tensor, block: int = BLOCK,
@@ -77,7 +87,8 @@ def act_dequant(q: torch.Tensor, s: torch.Tensor, block: int = BLOCK,
     K = q.shape[-1]
     if s.shape[-1] != -(-K // block) or s.shape[:-1] != q.shape[:-1]:
         raise ValueError(f"act scale shape {tuple(s.shape)} does not match codes {tuple(q.shape)} in 1x{block} tiles")
-    return (q.float() * s.float().repeat_interleave(block, dim=-1)[..., :K]).to(dtype)
+    x = (_tiles(q, block) * s.float()[..., None]).flatten(-2)  # broadcast: no repeated scale tensor
+    return x[..., :K].to(dtype)
 
 
 def weight_quant(w: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +111,10 @@ def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
     if tuple(scale_inv.shape) != (rows, cols):
         raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected ({rows}, {cols}) "
                          f"for a ({M}, {N}) weight in {block}x{block} blocks")
-    s = scale_inv.float().repeat_interleave(block, 0)[:M].repeat_interleave(block, 1)[:, :N]
-    return (q.float() * s).to(dtype)
+    if not q.is_contiguous() and q.t().is_contiguous():  # a transposed view (Dgrad's W^T): no copy
+        return weight_dequant(q.t(), scale_inv.t(), block, dtype).t()
+    qf = F.pad(q.float(), (0, cols * block - N, 0, rows * block - M)).view(rows, block, cols, block)
+    return (qf * scale_inv.float()[:, None, :, None]).view(rows * block, cols * block)[:M, :N].to(dtype)
 
 
 # --- the three FP8 GEMMs ---------------------------------------------------------------------
