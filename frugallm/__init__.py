@@ -7,18 +7,19 @@ from .model.count import count_params
 __version__ = "0.1.0"
 
 
-def from_hf(path, dtype=None):
-    """Load a Hugging Face DeepSeek-V2/V3 directory into a frugallm Transformer (see convert.py)."""
+def from_hf(path, dtype=None, quantized=None):
+    """Load a Hugging Face DeepSeek-V2/V3 directory into a frugallm Transformer (see convert.py);
+    a DeepSeek FP8 directory keeps its FP8 storage unless a dtype or quantized=False is given."""
     from .convert import from_hf as _from_hf
 
-    return _from_hf(path, dtype=dtype)
+    return _from_hf(path, dtype=dtype, quantized=quantized)
 
 
-def to_hf(model, path, dtype=None):
+def to_hf(model, path, dtype=None, files=()):
     """Write `model` as a Hugging Face DeepSeek-V2/V3 directory (see convert.py)."""
     from .convert import to_hf as _to_hf
 
-    return _to_hf(model, path, dtype=dtype)
+    return _to_hf(model, path, dtype=dtype, files=files)
 
 
 def generate(model, input_ids, max_new_tokens, **kwargs):
@@ -35,8 +36,13 @@ def generate_stream(model, input_ids, max_new_tokens, **kwargs):
     return _stream(model, input_ids, max_new_tokens, **kwargs)
 
 
-def load(path, dtype=None):
-    """A model from a frugallm run directory (its last good checkpoint) or a Hugging Face DeepSeek directory."""
+def load(path, dtype=None, quantized=None):
+    """A model from a frugallm run directory (its last good checkpoint) or a Hugging Face DeepSeek directory.
+
+    Quantized checkpoints (numerics/quantize.py: frugallm's int8/fp8 layout, or DeepSeek's FP8
+    layout) keep their codes when no dtype is asked for; a dtype, or quantized=False, gives a
+    plain model with the weights dequantized into it (convert.keep_quantized).
+    """
     from pathlib import Path
 
     from .train.checkpoint import latest
@@ -45,16 +51,23 @@ def load(path, dtype=None):
     ckpt = latest(path) if (path / "checkpoints").exists() else None
     if ckpt is None and (path / "manifest.json").exists() and (path / "model.safetensors").exists():
         ckpt = path  # a checkpoint directory itself
+    if ckpt is not None and (ckpt / "quantization.json").exists():
+        from .numerics.quantize import load_quantized
+
+        return load_quantized(ckpt, dtype=dtype, quantized=quantized)
     if ckpt is not None:
         from safetensors.torch import load_file
 
+        from .convert import keep_quantized
+
+        keep_quantized(False, dtype, quantized, ckpt)  # quantized=True on a plain checkpoint: an error
         model = Transformer.from_state_dict(ModelConfig.from_json(ckpt / "config.json"),
                                             load_file(ckpt / "model.safetensors"))
         if dtype is not None:
             model.to(dtype)
         return model.eval()
     if (path / "config.json").exists():
-        return from_hf(path, dtype=dtype)
+        return from_hf(path, dtype=dtype, quantized=quantized)
     raise FileNotFoundError(f"{path} is neither a frugallm run (no valid checkpoint) nor a Hugging Face model dir")
 
 

@@ -4,6 +4,10 @@ frugallm stores the routed experts of a layer stacked, `layers.L.ffn.w1` (E, I, 
 them one tensor per expert, `model.layers.L.mlp.experts.E.gate_proj.weight`. The MTP module k is
 HF layer `num_hidden_layers + k` (REFERENCE §5.2): its block uses the ordinary layer keys, plus
 enorm / hnorm / eh_proj / shared_head.norm, and physical copies of the embedding and head.
+
+FP8 (REFERENCE §8.3): a quantized weight NAME holds e4m3 codes and NAME_scale_inv its fp32 block
+scales, in frugallm's state dict (numerics/quantize.py) as in DeepSeek's checkpoints, so one key
+rule maps both. from_hf keeps the codes (quantized=True) or dequantizes them per block.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig, yarn_mscale
 from .model.transformer import Transformer
-from .numerics.fp8 import weight_dequant
+from .numerics.fp8 import E4M3, weight_dequant
 
 TOP_KEYS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
             "head.weight": "lm_head.weight"}
@@ -53,10 +57,14 @@ LAYER_KEYS = {
 MTP_KEYS = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
             "eh_proj.weight": "eh_proj.weight", "norm.weight": "shared_head.norm.weight"}
 MTP_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
+SCALE = "_scale_inv"  # NAME_scale_inv: the dequant multiplier of the codes in NAME, on both sides
+FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
 
 def hf_key(name: str, n_layers: int) -> str:
     """frugallm state-dict name -> HF key ('{e}' left in for stacked experts)."""
+    if name.endswith(SCALE):
+        return hf_key(name[: -len(SCALE)], n_layers) + SCALE
     if name in TOP_KEYS:
         return TOP_KEYS[name]
     if m := re.fullmatch(r"layers\.(\d+)\.(.+)", name):
@@ -197,26 +205,59 @@ class _Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
+    def raw(self, key: str) -> torch.Tensor:
+        return self.where[key].get_tensor(key)
+
+    def is_fp8(self, key: str) -> bool:
+        return self.where[key].get_slice(key).get_dtype() == "F8_E4M3"
+
+    def scale(self, key: str) -> torch.Tensor:
+        if key + SCALE not in self.where:
+            raise ValueError(f"FP8 tensor {key} has no {key + SCALE} beside it")
+        return self.raw(key + SCALE)
+
     def get(self, key: str) -> torch.Tensor:
-        t = self.where[key].get_tensor(key)
-        if t.dtype == torch.float8_e4m3fn:  # DeepSeek FP8 checkpoint: dequantise 128x128 blocks
-            scale = key + "_scale_inv"
-            if scale not in self.where:
-                raise ValueError(f"FP8 tensor {key} has no {scale} beside it")
-            t = weight_dequant(t, self.where[scale].get_tensor(scale))
+        t = self.raw(key)
+        if t.dtype == E4M3:  # DeepSeek FP8 checkpoint: dequantise 128x128 blocks
+            t = weight_dequant(t, self.scale(key))
         return t
 
 
-def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Transformer:
+def keep_quantized(declared: bool, dtype: torch.dtype | None, quantized: bool | None, path) -> bool:
+    """The loaders' rule. quantized=None: keep the codes iff the checkpoint declares a quantization
+    and no dtype is asked for (inference as shipped); a dtype asks for a plain model in that dtype.
+    True: keep them (an error if there are none). False: dequantize into dtype (fp32 by default)."""
+    if quantized and not declared:
+        raise ValueError(f"{path} is not a quantized checkpoint (no quantization declared); "
+                         f"write one with frugallm.numerics.quantize.quantize_checkpoint / `frugallm quantize`")
+    return declared and dtype is None if quantized is None else quantized
+
+
+def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
+            quantized: bool | None = None) -> Transformer:
     """Load a HF DeepSeek-V3/V2 directory (config.json + *.safetensors, sharded or FP8) with MTP.
 
     dtype: parameter dtype (default float32); the gate bias always stays float32.
+    quantized (see keep_quantized): for a DeepSeek FP8 directory (config.json declares
+    quantization_config), keep each FP8 weight as e4m3 codes + block scales in the model
+    (numerics/quantize.py QuantLinear / QuantMoE; the other tensors as stored, or in `dtype`),
+    never materialising the dequantized model; or dequantize each tensor on its own, per
+    128x128 block, into `dtype` (for training). Without a declaration, FP8 tensors that carry
+    a weight_scale_inv are dequantized.
     """
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face DeepSeek-V2/V3 model directory")
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
-    dtype = dtype or torch.float32
+    hf_config = json.loads((path / "config.json").read_text())
+    cfg = config_from_hf(hf_config)
+    qc = hf_config.get("quantization_config")
+    keep = keep_quantized(qc is not None, dtype, quantized, path)
+    if keep and {k: qc.get(k) for k in ("quant_method", "fmt", "weight_block_size")} != {
+            k: FP8_CONFIG[k] for k in ("quant_method", "fmt", "weight_block_size")}:
+        raise ValueError(f"{path}: quantization_config {qc} is not DeepSeek's FP8 layout {FP8_CONFIG}; "
+                         f"pass quantized=False to dequantize it")
+    if not keep:
+        dtype = dtype or torch.float32
     ckpt = _Checkpoint(path)
     present = sum(f"model.layers.{cfg.n_layers + k}.eh_proj.weight" in ckpt for k in range(cfg.n_mtp))
     if present < cfg.n_mtp:  # e.g. saved by transformers, which drops the MTP layers
@@ -233,50 +274,77 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Transf
         if missing:
             raise KeyError(f"checkpoint {path} lacks {missing[0]} (for frugallm {name})"
                            + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        t = torch.stack([ckpt.get(k) for k in keys]) if "{e}" in key else ckpt.get(key)
+        used.update(keys)
+        stack = torch.stack if "{e}" in key else lambda ts: ts[0]
+        if keep and all(ckpt.is_fp8(k) for k in keys):  # codes and scales as stored
+            t = state[name] = stack([ckpt.raw(k) for k in keys])
+            state[name + SCALE] = stack([ckpt.scale(k) for k in keys]).float()
+        else:
+            t = stack([ckpt.get(k) for k in keys])
+            state[name] = t.float() if name.endswith("gate.bias") else t if dtype is None else t.to(dtype)
         if t.shape != ref.shape:
             raise ValueError(f"{key}: shape {tuple(t.shape)} in the checkpoint, frugallm expects {tuple(ref.shape)}")
-        state[name] = t.float() if name.endswith("gate.bias") else t.to(dtype)
-        used.update(keys)
     for k in range(cfg.n_mtp):  # MTP's physical copies of the embedding and head
         for hf_suffix, ours in MTP_COPIES.items():
             key = f"model.layers.{cfg.n_layers + k}.{hf_suffix}"
             if key in ckpt:
                 used.add(key)
-                if not torch.equal(ckpt.get(key).to(dtype), state[ours]):
+                if not torch.equal(ckpt.get(key).float(), ckpt.get(TOP_KEYS[ours]).float()):
                     warnings.warn(f"{key} differs from the main {ours}; frugallm shares the main one")
     unused = [k for k in ckpt.where if k not in used and not k.endswith("_scale_inv")]
     if unused:
         raise ValueError(f"checkpoint {path} has {len(unused)} tensor(s) frugallm does not map, e.g. {unused[:3]}")
+    if keep:
+        from .numerics.quantize import from_quantized_state_dict
+
+        model = from_quantized_state_dict(cfg, state)
+        return model if dtype is None else model.to(dtype)
     return Transformer.from_state_dict(cfg, state)
 
 
-def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
+          files: tuple[str | os.PathLike, ...] = ()) -> Path:
     """Write `model` as a HF DeepSeek directory that transformers.AutoModelForCausalLM loads.
 
-    Refuses configurations the format cannot represent. Written atomically: a temp dir is
-    filled, then renamed over `path`.
+    Refuses configurations the format cannot represent. A model quantized to fp8 by
+    numerics/quantize.py is written in DeepSeek's FP8 layout (e4m3 weight + fp32
+    weight_scale_inv, and quantization_config in config.json); int8 has no HF DeepSeek layout
+    and is refused. `files` (e.g. tokenizer.json) are copied in. Written atomically: a temp dir
+    is filled, then renamed over `path`.
     """
     cfg = model.config
     dtype = dtype or next(model.parameters()).dtype
     hf_config = config_to_hf(cfg, dtype)
+    state = model.state_dict()
+    if any(t.dtype == torch.int8 for t in state.values()):
+        raise ValueError("an int8-quantized model has no Hugging Face DeepSeek layout; save it in frugallm's "
+                         "(numerics/quantize.py quantize_checkpoint, layout='frugallm')")
+    if any(t.dtype == E4M3 for t in state.values()):
+        hf_config["quantization_config"] = dict(FP8_CONFIG)
     tensors = {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         key = hf_key(name, cfg.n_layers)
-        t = t.float() if name.endswith("gate.bias") else t.to(dtype)
+        if name.endswith("gate.bias") or name.endswith(SCALE):
+            t = t.float()
+        elif t.dtype != E4M3:
+            t = t.to(dtype)
         if "{e}" in key:
             tensors.update({key.format(e=e): t[e].contiguous() for e in range(t.shape[0])})
         else:
             tensors[key] = t.contiguous()
     for k in range(cfg.n_mtp):
         for hf_suffix, ours in MTP_COPIES.items():
-            tensors[f"model.layers.{cfg.n_layers + k}.{hf_suffix}"] = tensors[TOP_KEYS[ours]].clone()
+            for suffix in ("", SCALE):  # a quantized head is copied with its scales
+                if TOP_KEYS[ours] + suffix in tensors:
+                    tensors[f"model.layers.{cfg.n_layers + k}.{hf_suffix}{suffix}"] = tensors[TOP_KEYS[ours] + suffix].clone()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        for f in files:
+            shutil.copyfile(f, tmp / Path(f).name)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

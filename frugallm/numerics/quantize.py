@@ -1,0 +1,492 @@
+"""Weight-only quantization for CPU inference: int8 per output channel, FP8 e4m3 in 128x128 blocks.
+
+Only the weights are quantized; activations stay in the model's dtype (bf16 for speed on CPU,
+fp32 for exactness checks). Two formats, one storage rule:
+
+    int8  W (N, K) ~= q * s[:, None]      q int8 in [-127, 127], s = amax(|W[n, :]|) / 127  (N,) fp32
+    fp8   W (N, K) ~= q * s[i//128, j//128]  q float8_e4m3fn, s (ceil(N/128), ceil(K/128)) fp32
+          (REFERENCE §8.3: DeepSeek's `weight_scale_inv`, from numerics/fp8.py's weight_quant)
+
+A quantized weight keeps its own state-dict name and shape, holding the codes, and its scale
+(always the DEQUANT multiplier) sits beside it as NAME + "_scale_inv", e.g.
+`layers.0.attn.wq_a.weight` + `layers.0.attn.wq_a.weight_scale_inv`, or, for the stacked routed
+experts, `layers.1.ffn.w1` (E, I, d) + `layers.1.ffn.w1_scale_inv` ((E, I) int8, (E, ceil(I/128),
+ceil(d/128)) fp8). That is DeepSeek's FP8 checkpoint layout, so convert.py maps it to HF keys with
+the same table as plain weights.
+
+Modules (swapped in from outside; model/ never imports this file):
+    QuantLinear  nn.Linear stand-in; `.weight` dequantizes on access (MLA's absorbed path reads it)
+    QuantMoE     a MoE whose w1/w2/w3 are codes; its routed experts run through MoE.expert_fn
+Kernels, each with a reference twin (dequantize, then F.linear) that tests compare it with:
+    int8: torch._weight_int8pack_mm for bf16/fp16 activations at up to INT8PACK_MAX_ROWS rows
+          and K % 16 == 0 (it crashes or is wrong otherwise, measured on torch 2.13 CPU); else the
+          codes are cast (exactly) to the activation dtype and the per-channel scale is applied to
+          the GEMM's output. The fp32 int8pack kernel is ~10x slower than dense fp32: not used.
+    fp8:  no CPU FP8 GEMM exists (REFERENCE §8.4), so each forward dequantizes the weight. torch's
+          e4m3 -> bf16 cast is scalar (~4 ns/element); moving the code bits into bf16/fp32 bit
+          positions with three integer passes is ~10x faster (see _e4m3_dequant). FP8 storage
+          halves memory against bf16; it is NOT a CPU speed-up (benchmarks/bench_quant.py).
+
+Default skip (as DeepSeek ships V3 and as numerics/fp8.py's convert_to_fp8): the embedding, the
+output head (kept high precision: it is one big matrix whose errors hit every logit directly;
+DeepSeek keeps it bf16), the MoE gate (routing must stay exact; it is not an nn.Linear anyway),
+norms and HC/mHC coefficients. Pass skip=() to quantize the head as well.
+
+Loss change against fp32 (tests/test_quant.py: tiny model trained 100 steps, 2048 val tokens,
+loss 4.85 nats), measured: int8 +0.00001 nats, fp8 +0.0003 with fp32 activations; the tests bound
+|dloss| by 0.005 (int8) and 0.01 (fp8) nats, +0.005 with bf16 activations.
+benchmarks/bench_quant.py measures it on a larger model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import MoE, loop_experts
+from .fp8 import BLOCK, DEFAULT_SKIP, E4M3, _skipped, weight_dequant, weight_quant
+
+FORMATS = ("int8", "fp8")
+SUFFIX = "_scale_inv"
+CODE_DTYPE = {"int8": torch.int8, "fp8": E4M3}
+INT8PACK_MAX_ROWS = 16  # above this, cast + dense GEMM is faster (bf16, 2 cores, 256..4096 wide)
+
+
+def fmt_of(codes: torch.Tensor) -> str:
+    for fmt, dtype in CODE_DTYPE.items():
+        if codes.dtype == dtype:
+            return fmt
+    raise ValueError(f"{codes.dtype} is not a quantized weight dtype ({', '.join(map(str, CODE_DTYPE.values()))})")
+
+
+# --- quantizers: (..., N, K) weights, leading dims for stacked experts ---------------------------
+
+def quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (..., N, K) float -> (codes (..., N, K), scale_inv fp32): (..., N) int8, (..., N/128, K/128) fp8."""
+    if fmt == "int8":
+        amax = w.detach().float().abs().amax(dim=-1)
+        s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # all-zero rows: q = 0, s = 1
+        q = (w.detach().float() / s[..., None]).round_().clamp_(-127, 127).to(torch.int8)  # round half to even
+        return q, s
+    if fmt == "fp8":
+        if w.dim() == 2:
+            return weight_quant(w.detach())
+        pairs = [quantize(x, fmt) for x in w.flatten(0, -3)]
+        q, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        return q.view(w.shape), s.view(*w.shape[:-2], *s.shape[-2:])
+    raise ValueError(f"unknown quantization format {fmt!r}; choose one of {FORMATS}")
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The reference dequantization, any leading dims: codes + scale_inv -> W in `dtype`."""
+    if fmt_of(q) == "int8":
+        return (q.float() * s.float()[..., None]).to(dtype)
+    if q.dim() == 2:
+        return weight_dequant(q, s, dtype=dtype)
+    return torch.stack([dequantize(a, b, dtype) for a, b in zip(q.flatten(0, -3), s.flatten(0, -3))]).view(q.shape)
+
+
+# --- matmuls: y = x W^T from codes; reference twins first ----------------------------------------
+
+def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, dequantize(q, s, x.dtype))
+
+
+def fp8_linear_ref(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, dequantize(q, s, x.dtype))
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x (..., K), q (N, K) int8, s (N,) fp32 -> (..., N) in x.dtype."""
+    N, K = q.shape
+    x2 = x.reshape(-1, K)
+    if x.dtype in (torch.bfloat16, torch.float16) and x2.shape[0] <= INT8PACK_MAX_ROWS and K % 16 == 0:
+        y = torch._weight_int8pack_mm(x2.contiguous(), q, s.to(x.dtype))  # scales in x's dtype, as it requires
+    else:  # |q| <= 127 is exact in bf16/fp32, and a per-output-channel scale commutes with the GEMM
+        y = F.linear(x2, q.to(x.dtype)) * s.to(x.dtype)
+    return y.view(*x.shape[:-1], N)
+
+
+# e4m3 (bias 7) and bf16/fp32 (bias 127): a code's sign, 4 exponent and 3 mantissa bits, placed
+# at the top of a bf16/fp32 word, read as code * 2^-120 exactly (e4m3 subnormals become subnormals).
+# Sign-extend the byte, shift it into place, mask out the extended sign: 3 vectorised integer passes.
+_BITS = {torch.bfloat16: (torch.int16, 4, 0x87F0 - (1 << 16)),
+         torch.float32: (torch.int32, 20, 0x87F00000 - (1 << 32))}
+
+
+def _e4m3_dequant(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight_dequant(q, s, dtype=dtype), fast: bits trick, then one in-place multiply per block by
+    s * 2^120 (rounded to dtype first: within one bf16 ulp of the reference). (N, K) view."""
+    if dtype not in _BITS or float(s.max()) >= 2.0 ** 7:  # s * 2^120 must stay finite
+        return weight_dequant(q, s, dtype=dtype)
+    int_dtype, shift, mask = _BITS[dtype]
+    N, K = q.shape
+    nr, nc = s.shape
+    whole = (nr * BLOCK, nc * BLOCK) == (N, K)
+    bits = (torch.empty if whole else torch.zeros)(nr * BLOCK, nc * BLOCK, dtype=int_dtype, device=q.device)
+    bits[:N, :K].copy_(q.view(torch.int8))  # sign-extending
+    bits.bitwise_left_shift_(shift).bitwise_and_(mask)
+    w = bits.view(dtype)
+    w.view(nr, BLOCK, nc, BLOCK).mul_((s.float() * 2.0 ** 120).to(dtype)[:, None, :, None])
+    return w if whole else w[:N, :K]
+
+
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x (..., K), q (N, K) e4m3, s (ceil(N/128), ceil(K/128)) fp32 -> (..., N): dequantize, then GEMM."""
+    return F.linear(x, _e4m3_dequant(q, s, x.dtype))
+
+
+LINEAR = {"int8": int8_linear, "fp8": fp8_linear}
+LINEAR_REF = {"int8": int8_linear_ref, "fp8": fp8_linear_ref}
+
+
+def _empty_like_quantized(shape, fmt: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Placeholders with the shapes and dtypes `quantize` would give (meta-device loading)."""
+    *lead, N, K = shape
+    s_shape = (*lead, N) if fmt == "int8" else (*lead, -(-N // BLOCK), -(-K // BLOCK))
+    return (torch.empty(shape, dtype=CODE_DTYPE[fmt], device=device),
+            torch.empty(s_shape, dtype=torch.float32, device=device))
+
+
+def _apply_keeping(module: nn.Module, fn, recurse: bool, names: tuple[str, ...]) -> nn.Module:
+    """Module._apply that only MOVES the named code/scale buffers: model.to(bf16) must neither cast
+    e4m3 codes (a floating dtype to torch) nor round the fp32 scales. The dtype such a call asks
+    for becomes the module's compute_dtype (what `.weight` dequantizes to)."""
+    held = {n: module._buffers.pop(n) for n in names}
+    nn.Module._apply(module, fn, recurse)
+    probe = fn(torch.empty(0, dtype=module.compute_dtype, device=held[names[0]].device))
+    module.compute_dtype = probe.dtype
+    module._buffers.update({n: t.to(device=probe.device) for n, t in held.items()})
+    return module
+
+
+class QuantLinear(nn.Module):
+    """Inference-only nn.Linear with its weight held as codes + scale_inv (buffers).
+
+    The codes are saved and loaded under the name "weight" (the checkpoint layout) and held as
+    `qweight`; the `weight` attribute is the dequantized matrix in `compute_dtype`, computed on
+    access (MLA's absorbed decode path reads wkv_b.weight, as DeepSeek's reference does).
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, bias: torch.Tensor | None = None,
+                 device=None, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt, self.compute_dtype = in_features, out_features, fmt, compute_dtype
+        q, s = _empty_like_quantized((out_features, in_features), fmt, device)
+        self.register_buffer("qweight", q)
+        self.register_buffer("weight_scale_inv", s)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str) -> "QuantLinear":
+        w = linear.weight
+        new = cls(linear.in_features, linear.out_features, fmt, linear.bias, "meta", w.dtype)
+        if not w.is_meta:  # else the meta placeholders stay, for load_state_dict(assign=True)
+            new.qweight, new.weight_scale_inv = quantize(w, fmt)
+        return new
+
+    @property
+    def weight(self) -> torch.Tensor:
+        q, s, dtype = self.qweight, self.weight_scale_inv, self.compute_dtype
+        return _e4m3_dequant(q, s, dtype).contiguous() if self.fmt == "fp8" else dequantize(q, s, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = LINEAR[self.fmt](x, self.qweight, self.weight_scale_inv)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping(self, fn, recurse, ("qweight", "weight_scale_inv"))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, t in (("weight", self.qweight), ("weight_scale_inv", self.weight_scale_inv), ("bias", self.bias)):
+            if t is not None:
+                destination[prefix + key] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        codes = state_dict.get(prefix + "weight")
+        if codes is not None and codes.dtype != self.qweight.dtype:  # copy_ would silently convert
+            errors.append(f"{prefix}weight holds {codes.dtype}; this {self.fmt} QuantLinear expects {self.qweight.dtype}")
+        state = {(prefix + "qweight" if k == prefix + "weight" else k): v for k, v in state_dict.items()}
+        n = len(missing)
+        super()._load_from_state_dict(state, prefix, local_metadata, strict, missing, unexpected, errors)
+        missing[n:] = [prefix + "weight" if k == prefix + "qweight" else k for k in missing[n:]]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+class QuantMoE(MoE):
+    """A MoE whose stacked routed experts w1/w2/w3 are codes (buffers, same names) with
+    w1_scale_inv etc. beside them. It adopts the original's gate, shared experts and counters,
+    and runs its experts through MoE's `expert_fn` slot (the model never imports numerics/)."""
+
+    WEIGHTS = ("w1", "w2", "w3")
+
+    def __init__(self, moe: MoE, fmt: str):
+        nn.Module.__init__(self)  # not MoE.__init__: everything but w1/w2/w3 is moe's own objects
+        self.__dict__.update({k: v for k, v in vars(moe).items() if not k.startswith("_") and k != "expert_fn"})
+        for name, child in moe.named_children():
+            self.add_module(name, child)
+        for name, buf in moe.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=name not in moe._non_persistent_buffers_set)
+        for name, p in moe.named_parameters(recurse=False):
+            if name not in self.WEIGHTS:
+                self.register_parameter(name, p)
+        self.fmt, self.compute_dtype = fmt, moe.w1.dtype
+        for name in self.WEIGHTS:
+            w = getattr(moe, name)
+            q, s = _empty_like_quantized(w.shape, fmt, w.device) if w.is_meta else quantize(w, fmt)
+            self.register_buffer(name, q)
+            self.register_buffer(name + SUFFIX, s)
+
+    @property
+    def expert_fn(self):  # read by MoE.forward; a property, so there is no module <-> function cycle
+        return self.quantized_experts
+
+    def quantized_experts(self, x, weights, idx, w1, w2, w3) -> torch.Tensor:
+        """loop_experts' signature. Tokens sorted by expert, then only the experts that got tokens
+        run, each with three quantized GEMMs on its contiguous rows (decode: K experts, M = 1)."""
+        linear = LINEAR[self.fmt]
+        s1, s2, s3 = self.w1_scale_inv, self.w2_scale_inv, self.w3_scale_inv
+        N, K = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        xs = x.index_select(0, order // K)  # (N*K, d), rows of one expert contiguous
+        w = weights.flatten().index_select(0, order).to(x.dtype)[:, None]
+        outs = []
+        for e, rows in enumerate(xs.split(torch.bincount(flat, minlength=w1.shape[0]).tolist())):
+            if rows.shape[0]:
+                outs.append(linear(F.silu(linear(rows, w1[e], s1[e])) * linear(rows, w3[e], s3[e]), w2[e], s2[e]))
+        out = torch.cat(outs) * w  # (N*K, d), in expert order
+        return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1)
+
+    def reference_experts(self, x, weights, idx) -> torch.Tensor:
+        """The twin: dequantize all experts into x's dtype, then model/moe.py's loop_experts."""
+        w1, w2, w3 = (dequantize(getattr(self, n), getattr(self, n + SUFFIX), x.dtype) for n in self.WEIGHTS)
+        return loop_experts(x, weights, idx, w1, w2, w3)
+
+    def _apply(self, fn, recurse=True):
+        return _apply_keeping(self, fn, recurse, self.WEIGHTS + tuple(n + SUFFIX for n in self.WEIGHTS))
+
+
+# --- the converter -----------------------------------------------------------------------------
+
+def _swap(model: nn.Module, fmt: str, want) -> list[str]:
+    """Replace each nn.Linear `name` with want(name + '.weight') and each MoE `name` with
+    want(name + '.experts') by its quantized twin, in place. Returns the converted names."""
+    done = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and want(full + ".weight"):
+                setattr(module, child_name, QuantLinear.from_linear(child, fmt))
+                done.append(full)
+            elif type(child) is MoE and want(full + ".experts"):
+                setattr(module, child_name, QuantMoE(child, fmt))
+                done.append(full + ".experts")
+    return done
+
+
+def quantize_model(model: nn.Module, to: str, skip=DEFAULT_SKIP) -> list[str]:
+    """Quantize a model's weights in place for inference (`to` = "int8" or "fp8"): every nn.Linear
+    and every MoE's stacked routed experts whose name no `skip` pattern matches. Patterns match
+    whole dotted components (numerics/fp8.py `_skipped`): "head", "ffn.gate", "mtp", "layers.0";
+    routed experts are named "<moe>.experts", so "experts" keeps them all high precision.
+    Returns the quantized names. Quantize from the fp32 (or bf16) weights; cast the model with
+    .to(dtype) before or after: codes and scales are left as they are."""
+    if to not in FORMATS:
+        raise ValueError(f"unknown quantization format {to!r}; choose one of {FORMATS}")
+    return _swap(model, to, lambda name: not _skipped(name.rsplit(".", 1)[0], skip) and not _skipped(name, skip))
+
+
+def weight_bytes(model: nn.Module) -> dict:
+    """Bytes of the weights a model holds in memory (its state_dict: codes, scales and the tensors
+    left high precision), against its parameter count (scales are not parameters)."""
+    params = nbytes = qparams = qbytes = 0
+    state = model.state_dict()
+    for name, t in state.items():
+        b = t.numel() * t.element_size()
+        nbytes += b
+        if name.endswith(SUFFIX):
+            qbytes += b
+            continue
+        params += t.numel()
+        if name + SUFFIX in state:
+            qparams, qbytes = qparams + t.numel(), qbytes + b
+    return {"params": params, "bytes": nbytes, "bytes_per_param": nbytes / max(params, 1),
+            "quantized_params": qparams, "quantized_bytes_per_param": qbytes / max(qparams, 1)}
+
+
+# --- quantized state dicts (the checkpoint layout above) -----------------------------------------
+
+def from_quantized_state_dict(cfg, state: dict[str, torch.Tensor]):
+    """A Transformer that keeps the codes of a quantized state dict (no dequantized copy is ever
+    made): built on the meta device, quantized modules swapped in where a NAME_scale_inv exists,
+    then every tensor adopted as is. The compute dtype is that of the embedding."""
+    from ..model.transformer import Transformer
+
+    scaled = {k[: -len(SUFFIX)] for k in state if k.endswith(SUFFIX)}
+    fmts = {fmt_of(state[k]) for k in scaled}
+    if len(fmts) > 1:
+        raise ValueError(f"a checkpoint mixes quantization formats {sorted(fmts)}")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if scaled:
+        fmt = fmts.pop()
+
+        def want(name):
+            if not name.endswith(".experts"):
+                return name in scaled
+            have = [f"{name[:-8]}.{w}" in scaled for w in QuantMoE.WEIGHTS]
+            if any(have) and not all(have):
+                raise ValueError(f"{name[:-8]}: w1/w2/w3 must be quantized together, found scales for {have}")
+            return all(have)
+
+        done = _swap(model, fmt, want)
+        if len(done) != len({k.rsplit(".", 1)[0] for k in scaled}):
+            raise ValueError(f"scales for weights that are not nn.Linear or MoE experts: {sorted(scaled)[:3]}...")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.reset_buffers()
+    dtype = model.embed.weight.dtype
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantMoE)):
+            m.compute_dtype = dtype
+    return model.eval()
+
+
+def dequantize_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict:
+    """A plain state dict in `dtype` (e.g. to fine-tune): each weight dequantized on its own, by
+    channel or 128x128 block; the MoE gate bias stays fp32."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith(SUFFIX):
+            continue
+        if name + SUFFIX in state:
+            out[name] = dequantize(t, state[name + SUFFIX], dtype)
+        else:
+            out[name] = t.float() if name.endswith("gate.bias") else t.to(dtype)
+    return out
+
+
+# --- checkpoints on disk -----------------------------------------------------------------------
+#
+# layout="deepseek" (fp8 only; the default for fp8): a Hugging Face DeepSeek-V2/V3 directory as
+#     DeepSeek ships V3 (REFERENCE §8.3), written by convert.to_hf: e4m3 `X.weight`, fp32
+#     `X.weight_scale_inv` (ceil(out/128), ceil(in/128)), quantization_config in config.json, the
+#     other tensors in `dtype`. HC/mHC models have no HF form: use layout="frugallm" for them.
+# layout="frugallm" (the default for int8; any model): a frugallm checkpoint directory,
+#     config.json        ModelConfig, as in train/checkpoint.py
+#     quantization.json  {"format": "int8" | "fp8", "layout": "frugallm", "scale_suffix": "_scale_inv", ...}
+#     model.safetensors  the quantized model's state dict (the layout in this file's header)
+#     tokenizer files, and manifest.json (sha256 of every file, written last)
+# Both load with frugallm.load(dir): codes kept when no dtype is asked for, else dequantized
+# (convert.keep_quantized). Writes are atomic: a temp dir is filled, then renamed into place.
+
+LAYOUTS = ("deepseek", "frugallm")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
+
+
+def quantize_checkpoint(src, to: str, out, *, layout: str | None = None, skip=DEFAULT_SKIP,
+                        dtype: torch.dtype = torch.bfloat16):
+    """Write a weight-only quantized copy of `src` to `out` for inference; returns out's Path.
+
+    src: a frugallm run dir (its last good checkpoint), a checkpoint dir, or a Hugging Face
+        DeepSeek dir (FP8 or quantized sources are dequantized first), read with frugallm.load.
+    to: "int8" (per output channel) or "fp8" (e4m3, 128x128 blocks).
+    layout: "deepseek" or "frugallm" (see above); None = "deepseek" for fp8, "frugallm" for int8.
+    skip: name patterns kept high precision (quantize_model); dtype: of the tensors kept so.
+    The tokenizer files of src are copied, so frugallm.load_tokenizer(out) works.
+    """
+    from .. import load
+    from ..convert import hf_format, to_hf
+
+    if to not in FORMATS:
+        raise ValueError(f"unknown quantization format {to!r}; choose one of {FORMATS}")
+    layout = layout or ("deepseek" if to == "fp8" else "frugallm")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    if layout == "deepseek" and to != "fp8":
+        raise ValueError("the DeepSeek (Hugging Face) layout holds FP8 only; use layout='frugallm' for int8")
+    model = load(src, dtype=torch.float32, quantized=False)
+    if layout == "deepseek":
+        try:
+            hf_format(model.config)
+        except ValueError as e:
+            raise ValueError(f"{e}. Pass layout='frugallm' to write it in frugallm's own quantized layout") from None
+    quantize_model(model, to, skip)
+    model.to(dtype)
+    files = _tokenizer_files(Path(src))
+    if not files:
+        warnings.warn(f"{src} holds no tokenizer files; {out} will have none")
+    if layout == "deepseek":
+        return to_hf(model, out, dtype=dtype, files=files)
+
+    from safetensors.torch import save_file
+
+    from ..train.checkpoint import _sha256
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        model.config.to_json(tmp / "config.json")
+        granularity = "per output channel" if to == "int8" else "128x128 blocks"
+        (tmp / "quantization.json").write_text(json.dumps(
+            {"format": to, "layout": "frugallm", "scale_suffix": SUFFIX, "granularity": granularity,
+             "skip": list(skip), "dtype": str(dtype).removeprefix("torch.")}, indent=2) + "\n")
+        for f in files:
+            shutil.copyfile(f, tmp / f.name)
+        names = sorted(p.name for p in tmp.iterdir())
+        (tmp / "manifest.json").write_text(json.dumps({n: _sha256(tmp / n) for n in names}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _tokenizer_files(src) -> list:
+    """Tokenizer files of a run (its last checkpoint first, then the run dir) or of a model dir."""
+    from ..train.checkpoint import latest
+
+    dirs = [latest(src), src] if (src / "checkpoints").exists() else [src]
+    found = {}
+    for d in filter(None, dirs):
+        for name in TOKENIZER_FILES:
+            if name not in found and (d / name).exists():
+                found[name] = d / name
+    return list(found.values())
+
+
+def load_quantized(ckpt, dtype: torch.dtype | None = None, quantized: bool | None = None):
+    """A model from frugallm's quantized layout (frugallm.load calls this when quantization.json
+    is there): codes kept, or dequantized into dtype, by convert.keep_quantized's rule."""
+    from safetensors.torch import load_file
+
+    from ..config import ModelConfig
+    from ..convert import keep_quantized
+    from ..model.transformer import Transformer
+
+    meta = json.loads((ckpt / "quantization.json").read_text())
+    if meta.get("format") not in FORMATS or meta.get("scale_suffix") != SUFFIX:
+        raise ValueError(f"{ckpt}/quantization.json: {meta} is not a layout this frugallm reads "
+                         f"(format in {FORMATS}, scale_suffix {SUFFIX!r})")
+    cfg = ModelConfig.from_json(ckpt / "config.json")
+    state = load_file(ckpt / "model.safetensors")
+    if keep_quantized(True, dtype, quantized, ckpt):
+        model = from_quantized_state_dict(cfg, state)
+        return model if dtype is None else model.to(dtype)
+    return Transformer.from_state_dict(cfg, dequantize_state_dict(state, dtype or torch.float32))
