@@ -103,7 +103,11 @@ class Engine:
                         self._active.append(job)
                 jobs = list(self._active)
             for job in jobs:
-                self._step(job)
+                try:
+                    self._step(job)
+                except Exception as e:  # report it to this request only; the other streams go on
+                    job.post("error", f"{type(e).__name__}: {e}")
+                    self._finish(job)
         for job in self._active + list(self._pending):
             if not job.cancelled:
                 job.post("error", "the server is shutting down")
@@ -121,9 +125,6 @@ class Engine:
             tokens = next(job.gen)[0].tolist()
         except StopIteration:  # the generator ran out without a stop token: the length limit
             return self._finish(job, "length")
-        except Exception as e:  # report it to this request only; the other streams go on
-            job.post("error", f"{type(e).__name__}: {e}")
-            return self._finish(job)
         for token in tokens:
             job.n_tokens += 1
             if token in self.stop_ids:

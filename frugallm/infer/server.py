@@ -60,7 +60,7 @@ class _Sampling(_Strict):
     top_k: int | None = Field(None, ge=1)
     n: int | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator.manual_seed takes
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
