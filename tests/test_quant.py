@@ -272,3 +272,15 @@ def test_loss_change_against_fp32_is_within_bound(trained, fmt, tmp_path):
     assert abs(delta) < LOSS_BOUND[fmt], f"{fmt}: loss {base:.4f} -> {base + delta:.4f}"
     delta_bf16 = _loss(ref.to(torch.bfloat16), val) - base  # the fast CPU configuration
     assert abs(delta_bf16) < LOSS_BOUND[fmt] + 0.005
+
+
+def test_cached_scale_casts_follow_loads():
+    a, b = Transformer(tiny_config()).eval(), Transformer(tiny_config()).eval()
+    for m in (a, b):
+        quantize_model(m, "int8")
+        m.to(torch.bfloat16)
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        a(ids)  # fills a's bf16 scale caches
+        a.load_state_dict(b.state_dict())  # in-place copies into the same buffers
+        assert torch.equal(a(ids).logits, b(ids).logits)

@@ -156,6 +156,20 @@ def _empty_like_quantized(shape, fmt: str, device) -> tuple[torch.Tensor, torch.
             torch.empty(s_shape, dtype=torch.float32, device=device))
 
 
+def _scale_as(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 scale buffer `name` cast to dtype, cached (int8pack wants scales in x's dtype;
+    a cast per call is a measurable share of a small model's decode step). The cache entry is
+    keyed by the buffer object and its version, so loads and moves invalidate it."""
+    s = getattr(module, name)
+    if dtype == s.dtype:
+        return s
+    cache = module.__dict__.setdefault("_scale_cache", {})
+    hit = cache.get((name, dtype))
+    if hit is None or hit[0] is not s or hit[1] != s._version:
+        hit = cache[(name, dtype)] = (s, s._version, s.to(dtype))
+    return hit[2]
+
+
 def _apply_keeping(module: nn.Module, fn, recurse: bool, names: tuple[str, ...]) -> nn.Module:
     """Module._apply that only MOVES the named code/scale buffers: model.to(bf16) must neither cast
     e4m3 codes (a floating dtype to torch) nor round the fp32 scales. The dtype such a call asks
@@ -199,7 +213,8 @@ class QuantLinear(nn.Module):
         return _e4m3_dequant(q, s, dtype).contiguous() if self.fmt == "fp8" else dequantize(q, s, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = LINEAR[self.fmt](x, self.qweight, self.weight_scale_inv)
+        s = _scale_as(self, "weight_scale_inv", x.dtype) if self.fmt == "int8" else self.weight_scale_inv
+        y = LINEAR[self.fmt](x, self.qweight, s)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse=True):
@@ -255,7 +270,7 @@ class QuantMoE(MoE):
         """loop_experts' signature. Tokens sorted by expert, then only the experts that got tokens
         run, each with three quantized GEMMs on its contiguous rows (decode: K experts, M = 1)."""
         linear = LINEAR[self.fmt]
-        s1, s2, s3 = self.w1_scale_inv, self.w2_scale_inv, self.w3_scale_inv
+        s1, s2, s3 = (_scale_as(self, n + SUFFIX, x.dtype if self.fmt == "int8" else torch.float32) for n in self.WEIGHTS)
         N, K = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)
