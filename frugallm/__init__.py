@@ -52,7 +52,7 @@ def load(path, dtype=None, quantized=None):
     if ckpt is None and (path / "manifest.json").exists() and (path / "model.safetensors").exists():
         ckpt = path  # a checkpoint directory itself
     if ckpt is not None and (ckpt / "quantization.json").exists():
-        from .numerics.quantize import load_quantized
+        from .numerics.quantized_checkpoint import load_quantized
 
         return load_quantized(ckpt, dtype=dtype, quantized=quantized)
     if ckpt is not None:

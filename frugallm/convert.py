@@ -229,7 +229,7 @@ def keep_quantized(declared: bool, dtype: torch.dtype | None, quantized: bool | 
     True: keep them (an error if there are none). False: dequantize into dtype (fp32 by default)."""
     if quantized and not declared:
         raise ValueError(f"{path} is not a quantized checkpoint (no quantization declared); "
-                         f"write one with frugallm.numerics.quantize.quantize_checkpoint / `frugallm quantize`")
+                         f"write one with frugallm.numerics.quantized_checkpoint.quantize_checkpoint / `frugallm quantize`")
     return declared and dtype is None if quantized is None else quantized
 
 
@@ -318,7 +318,7 @@ def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None
     state = model.state_dict()
     if any(t.dtype == torch.int8 for t in state.values()):
         raise ValueError("an int8-quantized model has no Hugging Face DeepSeek layout; save it in frugallm's "
-                         "(numerics/quantize.py quantize_checkpoint, layout='frugallm')")
+                         "(numerics/quantized_checkpoint.py quantize_checkpoint, layout='frugallm')")
     if any(t.dtype == E4M3 for t in state.values()):
         hf_config["quantization_config"] = dict(FP8_CONFIG)
     tensors = {}

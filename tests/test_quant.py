@@ -1,4 +1,4 @@
-"""Weight-only int8 / fp8 quantization (numerics/quantize.py): kernels vs their reference twins,
+"""Weight-only int8 / fp8 quantization (numerics/quantize.py, quantized_checkpoint.py): kernels vs their reference twins,
 the converter's filter, bytes per parameter, checkpoints in DeepSeek's FP8 and frugallm's int8
 layouts (keep-codes and dequantized loads), and the loss change against fp32 on a trained model."""
 
@@ -18,7 +18,8 @@ from frugallm import Transformer
 from frugallm.model.moe import Gate, MoE
 from frugallm.numerics.fp8 import weight_dequant, weight_quant
 from frugallm.numerics.quantize import (FORMATS, LINEAR, LINEAR_REF, QuantLinear, QuantMoE, _e4m3_dequant,
-                                        dequantize, quantize, quantize_checkpoint, quantize_model, weight_bytes)
+                                        dequantize, quantize, quantize_model, weight_bytes)
+from frugallm.numerics.quantized_checkpoint import quantize_checkpoint
 
 from conftest import tiny_config
 
