@@ -168,7 +168,8 @@ def _scaled_mm_blockwise(a_q, a_s, b_q, b_s, b_blocks):
     laid out along its (k, n) view. Block-scaled modes only emit bf16 (upcast here for fp32 grads)."""
     scale_a = a_s.t().contiguous().t()  # (m, k/128), stride (1, m)
     scale_b = b_s.contiguous().t() if b_blocks else b_s.t().contiguous()  # (k/128, n/128) | (k/128, n)
-    out = torch._scaled_mm(a_q, b_q.t(), scale_a, scale_b, out_dtype=torch.bfloat16)
+    # B^T must be column-major: Dgrad's B = W^T is a transposed view, made contiguous first
+    out = torch._scaled_mm(a_q.contiguous(), b_q.contiguous().t(), scale_a, scale_b, out_dtype=torch.bfloat16)
     return out.float()
 
 
@@ -250,13 +251,21 @@ def fp8_experts(x, weights, idx, w1, w2, w3, scale_fmt: str | None = None) -> to
     order = flat.argsort(stable=True)
     xs = x.index_select(0, order // K)  # (N*K, d), rows of one expert contiguous
     w = weights.flatten().index_select(0, order)[:, None]
+    sizes = torch.bincount(flat, minlength=w1.shape[0]).tolist()
     outs = []
-    for e, chunk in enumerate(xs.split(torch.bincount(flat, minlength=w1.shape[0]).tolist())):
+    for e, (chunk, w_e) in enumerate(zip(xs.split(sizes), w.split(sizes))):
         if chunk.shape[0]:
             h = F.silu(fp8_linear(chunk, w1[e], None, scale_fmt)) * fp8_linear(chunk, w3[e], None, scale_fmt)
-            outs.append(fp8_linear(h, w2[e], None, scale_fmt))
-    out = torch.cat(outs) * w.to(outs[0].dtype)  # (N*K, d), in expert order
-    return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1).to(x.dtype)
+            # the routing weight scales the (n, I) hidden, not the (n, d) output: the same sum, and
+            # autograd keeps the narrower tensor for the weight's gradient (as grouped_experts)
+            outs.append(fp8_linear(h * w_e.to(h.dtype), w2[e], None, scale_fmt))
+    if not outs:  # no tokens at all
+        return torch.zeros_like(x)
+    out = torch.cat(outs)  # (N*K, d), in expert order
+    # un-sort by gathering with the inverse permutation: index_select's backward keeps only the
+    # index, while index_copy_'s would keep the whole (N*K, d) source alive for its shape
+    inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(N * K, device=order.device))
+    return out.index_select(0, inverse).view(N, K, -1).sum(dim=1).to(x.dtype)
 
 
 # --- the converter -----------------------------------------------------------------------------
