@@ -1,0 +1,227 @@
+"""Local inference on the CPU: frugallm vs transformers, the latent cache, speculative decoding,
+weight-only int8/fp8, and decode speed against this machine's memory bandwidth.
+
+Sections (one run, side by side):
+  1. memory bandwidth of this machine (read a 1 GiB buffer), and a ~100M-parameter model's decode
+     tokens/s against the bound bandwidth / weight bytes read per token (batch 1, bf16);
+  2. frugallm vs transformers on identical weights (the ~100M model, written with to_hf):
+     the same greedy tokens in fp32, then decode tokens/s at batch 1 and 8 and time to first
+     token in bf16 for both, and KV-cache bytes per token (latent vs transformers' full K/V);
+  3. speculative decoding on a trained run (default runs/tiny, the README's main job):
+     acceptance, tokens per forward, speed-up over plain greedy (same tokens, checked);
+  4. weight-only int8 / fp8 vs fp32 / bf16 on the trained run: bytes per parameter, decode tokens/s.
+
+Timings alternate the sides within one process and report medians, so machine drift hits both.
+
+    python benchmarks/bench_generate.py [--run runs/tiny] [--new 64] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import frugallm
+from frugallm.infer import KVCache
+from frugallm.infer.generate import generate
+from frugallm.model.moe import MoE
+
+
+def bandwidth(gib: float = 1.0, reps: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `reps` sums over a buffer far larger than the caches."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = min(_time(lambda: x.sum()) for _ in range(reps))
+    return x.numel() * 4 / best
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def m100_config() -> frugallm.ModelConfig:
+    """The `small` preset widened to ~100M parameters (dim 768, 11 layers), MoE as in small."""
+    return frugallm.get_preset("small").replace(dim=768, n_layers=11, n_mtp=0)
+
+
+def random_model(cfg, dtype) -> frugallm.Transformer:
+    torch.manual_seed(0)
+    model = frugallm.Transformer(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.gate.bias.normal_(std=0.01)  # routing stays token-dependent but the bias is exercised
+    return model.to(dtype).eval()
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode token reads: every matrix except the embedding table (one row
+    is read) and the routed experts that are not activated (n_activated of n_routed per layer)."""
+    cfg, total = model.config, 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp.") or name == "embed.weight":
+            continue
+        share = cfg.n_activated_experts / cfg.n_routed_experts if name.endswith(("ffn.w1", "ffn.w2", "ffn.w3")) else 1
+        total += p.numel() * p.element_size() * share
+    return int(total + cfg.dim * model.embed.weight.element_size())
+
+
+def ours_decode(model, prompts, new: int) -> tuple[float, float]:
+    """(decode tokens/s over the batch, seconds to the first token) of one greedy generate."""
+    stats = {}
+    generate(model, prompts, new, stats=stats)
+    return len(prompts) * (new - 1) / stats["decode_s"], stats["prefill_s"]
+
+
+def hf_decode(hf, prompts: torch.Tensor, new: int) -> tuple[float, float]:
+    """Same for transformers.generate: TTFT = a 1-token generate, decode = the rest."""
+    kw = dict(do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.inference_mode():
+        ttft = _time(lambda: hf.generate(prompts, max_new_tokens=1, min_new_tokens=1, **kw))
+        full = _time(lambda: hf.generate(prompts, max_new_tokens=new, min_new_tokens=new, **kw))
+    return prompts.shape[0] * (new - 1) / max(full - ttft, 1e-9), ttft
+
+
+def hf_cache_bytes_per_token(hf, T: int) -> int:
+    ids = torch.randint(0, hf.config.vocab_size, (1, T))
+    with torch.inference_mode():
+        past = hf(ids, use_cache=True).past_key_values
+    tensors = [t for layer in past.layers for t in (layer.keys, layer.values)]
+    return sum(t.numel() * t.element_size() for t in tensors) // T
+
+
+def median_pairs(fns: dict, rounds: int) -> dict:
+    """Alternate the callables `rounds` times; the per-key median of each returned tuple."""
+    out = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            out[k].append(fn())
+    return {k: tuple(statistics.median(x[i] for x in v) for i in range(len(v[0]))) for k, v in out.items()}
+
+
+def section_bandwidth_and_hf(args) -> None:
+    import transformers
+
+    cfg = m100_config()
+    counts = frugallm.count_params(cfg)
+    bw = bandwidth()
+    print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"model: `small` widened (dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_routed_experts} experts, "
+          f"top-{cfg.n_activated_experts}): {counts['total'] / 1e6:.1f}M parameters, "
+          f"{counts['active'] / 1e6:.1f}M active")
+    torch.manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt))
+    batch8 = torch.randint(0, cfg.vocab_size, (8, args.prompt))
+    with tempfile.TemporaryDirectory() as tmp:
+        frugallm.to_hf(random_model(cfg, torch.float32), Path(tmp) / "m", dtype=torch.float32)
+        ours32 = frugallm.from_hf(Path(tmp) / "m").eval()
+        hf32 = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "m", dtype=torch.float32).eval()
+        a = generate(ours32, prompt, 16)
+        with torch.inference_mode():
+            b = hf32.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[:, prompt.shape[1]:]
+        print(f"greedy tokens, fp32, 16 new: frugallm == transformers: {torch.equal(a, b)}")
+        del ours32, hf32
+        ours = frugallm.from_hf(Path(tmp) / "m", dtype=torch.bfloat16).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "m", dtype=torch.bfloat16).eval()
+    impls = [i for i in ("eager", "grouped_mm", "batched_mm") if i == "eager" or _hf_has_impl(i)]
+    best, best_rate = "eager", 0.0
+    for impl in impls:  # transformers at its fastest CPU experts implementation for decode
+        hf.set_experts_implementation(impl)
+        rate = hf_decode(hf, prompt, 8)[0]
+        if rate > best_rate:
+            best, best_rate = impl, rate
+    hf.set_experts_implementation(best)
+    ours_decode(ours, prompt, 4)  # warm-up
+    res = median_pairs({"ours1": lambda: ours_decode(ours, prompt, args.new),
+                        "hf1": lambda: hf_decode(hf, prompt, args.new),
+                        "ours8": lambda: ours_decode(ours, batch8, args.new),
+                        "hf8": lambda: hf_decode(hf, batch8, args.new)}, args.rounds)
+    per_token = weight_bytes_per_token(ours)
+    bound = bw / per_token
+    print(f"\nbf16, prompt {args.prompt}, {args.new} new tokens, median of {args.rounds} alternated runs; "
+          f"transformers experts_implementation={best}")
+    print(f"{'':26}{'frugallm':>12}{'transformers':>14}{'ratio':>8}")
+    for label, key in (("decode tok/s, batch 1", "1"), ("decode tok/s, batch 8", "8")):
+        o, h = res["ours" + key][0], res["hf" + key][0]
+        print(f"{label:26}{o:12.1f}{h:14.1f}{o / h:7.2f}x")
+    o, h = res["ours1"][1] * 1e3, res["hf1"][1] * 1e3
+    print(f"{'time to first token, ms':26}{o:12.1f}{h:14.1f}{h / o:7.2f}x faster")
+    ours_kv = KVCache(ours.config, 1, 8, dtype=torch.bfloat16).bytes_per_token()
+    hf_kv = hf_cache_bytes_per_token(hf, 64)
+    print(f"{'KV cache bytes / token':26}{ours_kv:12,}{hf_kv:14,}{hf_kv / ours_kv:7.1f}x smaller")
+    print(f"\nbandwidth bound, batch 1: {per_token / 1e6:.1f} MB of weights read per token -> "
+          f"{bound:.1f} tok/s at {bw / 1e9:.1f} GB/s; frugallm decodes {res['ours1'][0]:.1f} tok/s = "
+          f"{res['ours1'][0] / bound:.0%} of the bound")
+
+
+def _hf_has_impl(name: str) -> bool:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return name in ALL_EXPERTS_FUNCTIONS
+
+
+def held_out_texts(run: Path, n: int) -> list[str]:
+    """The first n documents of the run's validation split (never trained on)."""
+    from frugallm.config import TrainConfig
+    from frugallm.train import data
+    from frugallm.train.checkpoint import latest
+
+    cfg = TrainConfig.from_json(latest(run) / "train_config.json")
+    docs = (text for doc_id, text in data.iter_documents(cfg.data, cfg.text_field)
+            if data.is_val(doc_id, cfg.val_fraction) and len(text) > 2000)
+    return [next(docs) for _ in range(n)]
+
+
+def section_speculative(args) -> None:
+    run = Path(args.run)
+    if not run.exists():
+        print(f"\n(speculative and quantization sections skipped: no run at {run}; train one with `frugallm train`)")
+        return
+    tok = frugallm.load_tokenizer(run)
+    model = frugallm.load(run, dtype=torch.bfloat16)
+    prompts = [[tok.bos_id, *tok.encode(text)[: args.prompt]] for text in held_out_texts(run, args.n_prompts)]
+    plain = [generate(model, [p], args.new) for p in prompts]
+    spec_stats = []
+
+    def spec():
+        stats, out = {}, []
+        t = _time(lambda: out.extend(generate(model, [p], args.new, speculative=True, stats=stats) for p in prompts))
+        spec_stats.append(stats)
+        return (t, out)
+
+    res = median_pairs({"plain": lambda: (_time(lambda: [generate(model, [p], args.new) for p in prompts]),),
+                        "spec": lambda: (spec()[0],)}, args.rounds)
+    _, outs = spec()
+    same = all(torch.equal(a, b) for a, b in zip(plain, outs))
+    acc = statistics.mean(s["acceptance"] for s in spec_stats)
+    tpf = statistics.mean(s["tokens_per_forward"] for s in spec_stats)
+    print(f"\nspeculative decoding on {run} (bf16, batch 1, greedy, {len(prompts)} held-out {args.prompt}-token "
+          f"prompts x {args.new} new tokens): "
+          f"same tokens as greedy: {same}")
+    print(f"  acceptance {acc:.2f}, {tpf:.2f} tokens per main-model forward, "
+          f"speed-up {res['plain'][0] / res['spec'][0]:.2f}x ({res['plain'][0]:.2f} s -> {res['spec'][0]:.2f} s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/tiny", help="a trained run with MTP (default runs/tiny)")
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens for the speed sections")
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--n-prompts", type=int, default=4, help="held-out documents for the speculative section")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "spec", "quant"])
+    args = parser.parse_args()
+    if "hf" not in args.skip:
+        section_bandwidth_and_hf(args)
+    if "spec" not in args.skip:
+        section_speculative(args)
+
+
+if __name__ == "__main__":
+    main()
