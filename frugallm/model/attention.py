@@ -89,16 +89,17 @@ class MLA(nn.Module):
         return o.transpose(1, 2)  # (B, S, H, dv)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
+        # batched matmuls over heads, (B, H, S, .) x (B, 1, ., T): no weight or cache copies
         wkv_b = self.wkv_b.weight.view(self.n_heads, self.dn + self.dv, self.dc)
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : self.dn])  # W^UK absorbed: (B, S, H, dc)
-        scores = (torch.einsum("bshc,btc->bsht", q_lat, c_kv)
-                  + torch.einsum("bshr,btr->bsht", q_pe, k_pe))
+        q_lat = q_nope.transpose(1, 2) @ wkv_b[:, : self.dn]  # W^UK absorbed: (B, H, S, dc)
+        c, r = c_kv[:, None], k_pe[:, None]  # (B, 1, T, dc), (B, 1, T, dr)
+        scores = q_lat @ c.transpose(-1, -2) + q_pe.transpose(1, 2) @ r.transpose(-1, -2)  # (B, H, S, T)
         scores = upcast(scores) * self.softmax_scale
-        if mask is not None:  # scores are (B, S, H, T)
-            scores = scores.masked_fill(~mask.unsqueeze(-2), float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
         p = scores.softmax(dim=-1).type_as(c_kv)  # softmax in float32
-        x = torch.einsum("bsht,btc->bshc", p, c_kv)  # attention over the latent: (B, S, H, dc)
-        return torch.einsum("bshc,hdc->bshd", x, wkv_b[:, self.dn:])  # W^UV absorbed: (B, S, H, dv)
+        x = p @ c  # attention over the latent: (B, H, S, dc)
+        return (x @ wkv_b[:, self.dn:].transpose(-1, -2)).transpose(1, 2)  # W^UV absorbed: (B, S, H, dv)
 
 
 def causal_mask(S: int, T: int, start_pos: int, device) -> torch.Tensor:

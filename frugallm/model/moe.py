@@ -160,15 +160,17 @@ def grouped_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
     order = flat.argsort(stable=True)  # (N*K,) pair ids sorted by expert
     xs = x.index_select(0, order // K)  # (N*K, d), rows of one expert contiguous
     w = weights.flatten().index_select(0, order).to(x.dtype)[:, None]
-    if x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and N * K >= E:
         counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
         offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
         h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
             xs, w3.transpose(1, 2), offs=offs)
         out = torch._grouped_mm(h * w, w2.transpose(1, 2), offs=offs)
-    else:  # grouped_mm has no float64 kernel: same contiguous layout, one GEMM per expert
+    else:  # float64 (no grouped_mm kernel), or fewer pairs than experts (decode: most groups are
+        # empty, and CPU grouped_mm still runs a GEMM per group): one GEMM per non-empty group
         sizes = torch.bincount(flat, minlength=E).tolist()
-        out = torch.cat([_expert(chunk, w1[e], w2[e], w3[e]) for e, chunk in enumerate(xs.split(sizes))]) * w
+        out = torch.cat([_expert(chunk, w1[e], w2[e], w3[e]) for e, chunk in enumerate(xs.split(sizes))
+                         if sizes[e]]) * w
     return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1)
 
 
