@@ -141,7 +141,7 @@ def _generate(args: argparse.Namespace) -> int:
     from . import load, load_tokenizer
     from .infer.generate import generate_stream
 
-    model, tok = load(args.run, dtype=DTYPES[args.dtype]), load_tokenizer(args.run)
+    model, tok = _load_for_inference(args.run, args.dtype), load_tokenizer(args.run)
     ids = [tok.bos_id, *tok.encode(args.prompt)] if tok.bos_id is not None else tok.encode(args.prompt)
     stats, text, t0 = {}, tok.stream(), time.perf_counter()
     print(args.prompt, end="", flush=True)
@@ -159,6 +159,31 @@ def _generate(args: argparse.Namespace) -> int:
         line += (f"; speculative: acceptance {stats['acceptance']:.2f}, "
                  f"{stats['tokens_per_forward']:.2f} tokens per forward")
     print(line + "]", file=sys.stderr)
+    return 0
+
+
+def _load_for_inference(run: str, dtype: str | None):
+    """A quantized checkpoint keeps its int8/fp8 codes unless --dtype asks to dequantize; a plain one
+    runs in --dtype, default bfloat16 (the fast path on CPU)."""
+    from . import load
+    from .numerics.quantize import weight_bytes
+
+    if dtype is not None:
+        return load(run, dtype=DTYPES[dtype], quantized=False)
+    model = load(run)
+    return model if weight_bytes(model)["quantized_params"] else model.to(torch.bfloat16)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .numerics.quantize import weight_bytes
+    from .numerics.quantized_checkpoint import quantize_checkpoint
+
+    out = quantize_checkpoint(args.run, args.to, args.out, layout=args.layout)
+    from . import load
+
+    sizes = weight_bytes(load(out))
+    print(f"wrote {out} ({args.to}, {args.layout or 'default'} layout): {sizes['params']:,} parameters, "
+          f"{sizes['bytes'] / 2**20:.1f} MiB, {sizes['bytes_per_param']:.2f} bytes/param")
     return 0
 
 
@@ -239,9 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-p", type=float)
     ge.add_argument("--seed", type=int)
     ge.add_argument("--speculative", action="store_true", help="draft with the MTP modules, verify in one forward")
-    ge.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
-                    help="weights and activations (default bfloat16, the fast path on CPU)")
+    ge.add_argument("--dtype", choices=list(DTYPES),
+                    help="run in this dtype, dequantizing a quantized checkpoint (default: a quantized "
+                         "checkpoint keeps its codes, a plain one runs in bfloat16)")
     ge.set_defaults(func=_generate)
+
+    qu = sub.add_parser("quantize", help="write a weight-only int8 or fp8 copy of a model for CPU inference")
+    qu.add_argument("run", help="a frugallm run directory or a Hugging Face DeepSeek directory")
+    qu.add_argument("--to", required=True, choices=["int8", "fp8"],
+                    help="int8: per output channel; fp8: e4m3 in 128x128 blocks with weight_scale_inv")
+    qu.add_argument("--out", required=True, help="output directory (written atomically)")
+    qu.add_argument("--layout", choices=["deepseek", "frugallm"],
+                    help="deepseek: a Hugging Face DeepSeek FP8 dir (fp8 only, the fp8 default); "
+                         "frugallm: frugallm's quantized checkpoint (the int8 default)")
+    qu.set_defaults(func=_quantize)
     return parser
 
 

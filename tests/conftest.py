@@ -1,3 +1,5 @@
+import random
+
 import pytest
 import torch
 
@@ -22,3 +24,29 @@ def tiny_config(**overrides) -> ModelConfig:
 @pytest.fixture
 def cfg() -> ModelConfig:
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny trained run per session (2 layers, dim 32, a 300-token BPE, 20 steps, 2048 context)."""
+    from frugallm.config import TrainConfig, apply_overrides, get_preset
+    from frugallm.train.trainer import train
+
+    root = tmp_path_factory.mktemp("serve")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    words = "the cat sat on a mat and the dog ran to the park with a ball é ü ✓".split()
+    for d in range(8):
+        (corpus / f"d{d}.txt").write_text(" ".join(rng.choice(words) for _ in range(2000)))
+    pairs = ["dim=32", "n_layers=2", "n_dense_layers=1", "n_heads=2", "q_lora_rank=0", "kv_lora_rank=16",
+             "qk_nope_head_dim=8", "qk_rope_head_dim=8", "v_head_dim=8", "n_routed_experts=4", "n_expert_groups=1",
+             "n_limited_groups=1", "n_activated_experts=2", "moe_inter_dim=16", "inter_dim=64", "vocab_size=300",
+             "max_seq_len=2048", "seq_len=32", "batch_size=4", "tokenizer_train_chars=50000", "warmup_steps=2",
+             "eval_every=100", "eval_batches=1", "log_every=100", "sample_tokens=0", "precision=fp32",
+             f"data={corpus}", "steps=20", "save_every=20"]
+    model_cfg, train_cfg = apply_overrides(get_preset("tiny"), TrainConfig(), pairs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FRUGALLM_CACHE", str(root / "cache"))
+        train(model_cfg, train_cfg, root / "run", log=lambda line: None)
+    return root / "run"

@@ -30,3 +30,16 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({"dims": 3}))
     assert main(["info", "--config", str(tmp_path / "bad.json")]) == 2
     assert "unknown ModelConfig key(s) ['dims']" in capsys.readouterr().err
+
+
+def test_generate_and_quantize_commands(tiny_run, tmp_path, capsys):
+    assert main(["generate", str(tiny_run), "--prompt", "the cat", "--max-new-tokens", "12", "--speculative"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("the cat") and "tokens/s" in captured.err and "acceptance" in captured.err
+    for fmt in ("int8", "fp8"):
+        assert main(["quantize", str(tiny_run), "--to", fmt, "--out", str(tmp_path / fmt)]) == 0
+        assert "bytes/param" in capsys.readouterr().out
+        assert main(["generate", str(tmp_path / fmt), "--prompt", "the", "--max-new-tokens", "5"]) == 0
+    assert main(["quantize", str(tiny_run), "--to", "int8", "--layout", "deepseek", "--out", str(tmp_path / "x")]) == 2
+    assert "FP8 only" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2

@@ -8,7 +8,6 @@ every server test, so 16 concurrent clients also exercise the queue.
 import io
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -24,31 +23,6 @@ openai = pytest.importorskip("openai")
 KEY = "sk-test-frugallm"
 NAME = "tiny-chat"
 SLOTS = 4
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    from frugallm.config import TrainConfig, apply_overrides, get_preset
-    from frugallm.train.trainer import train
-
-    root = tmp_path_factory.mktemp("serve")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    words = "the cat sat on a mat and the dog ran to the park with a ball é ü ✓".split()
-    for d in range(8):
-        (corpus / f"d{d}.txt").write_text(" ".join(rng.choice(words) for _ in range(2000)))
-    pairs = ["dim=32", "n_layers=2", "n_dense_layers=1", "n_heads=2", "q_lora_rank=0", "kv_lora_rank=16",
-             "qk_nope_head_dim=8", "qk_rope_head_dim=8", "v_head_dim=8", "n_routed_experts=4", "n_expert_groups=1",
-             "n_limited_groups=1", "n_activated_experts=2", "moe_inter_dim=16", "inter_dim=64", "vocab_size=300",
-             "max_seq_len=2048", "seq_len=32", "batch_size=4", "tokenizer_train_chars=50000", "warmup_steps=2",
-             "eval_every=100", "eval_batches=1", "log_every=100", "sample_tokens=0", "precision=fp32",
-             f"data={corpus}", "steps=20", "save_every=20"]
-    model_cfg, train_cfg = apply_overrides(get_preset("tiny"), TrainConfig(), pairs)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FRUGALLM_CACHE", str(root / "cache"))
-        train(model_cfg, train_cfg, root / "run", log=lambda line: None)
-    return root / "run"
 
 
 def _free_port() -> int:
