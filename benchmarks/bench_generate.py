@@ -208,6 +208,26 @@ def section_speculative(args) -> None:
           f"speed-up {res['plain'][0] / res['spec'][0]:.2f}x ({res['plain'][0]:.2f} s -> {res['spec'][0]:.2f} s)")
 
 
+def section_quant(args) -> None:
+    """Weight-only int8 / fp8 vs fp32 / bf16 on the trained run (bench_quant.py's measurement)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_quant import measure, print_table, val_data, variants
+
+    run = Path(args.run)
+    if not run.exists():
+        return
+    from frugallm.train.checkpoint import latest
+
+    models = variants(frugallm.load(run, dtype=torch.float32))
+    torch.manual_seed(0)
+    prompt = torch.randint(0, models["fp32"].config.vocab_size, (1, args.prompt))
+    print(f"\nweight-only quantization on {run} (batch-1 cached decode, {args.new} tokens, median of {args.rounds}; "
+          f"val loss on 8 held-out batches):")
+    print_table(measure(models, prompt, args.new, args.rounds, val_data(latest(run), 8)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/tiny", help="a trained run with MTP (default runs/tiny)")
@@ -221,6 +241,8 @@ def main() -> None:
         section_bandwidth_and_hf(args)
     if "spec" not in args.skip:
         section_speculative(args)
+    if "quant" not in args.skip:
+        section_quant(args)
 
 
 if __name__ == "__main__":
