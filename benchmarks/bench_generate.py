@@ -155,6 +155,10 @@ def section_bandwidth_and_hf(args) -> None:
     ours_kv = KVCache(ours.config, 1, 8, dtype=torch.bfloat16).bytes_per_token()
     hf_kv = hf_cache_bytes_per_token(hf, 64)
     print(f"{'KV cache bytes / token':26}{ours_kv:12,}{hf_kv:14,}{hf_kv / ours_kv:7.1f}x smaller")
+    c = ours.config  # what a per-head K/V cache of the same model would hold (REFERENCE §2.4)
+    full_kv = c.n_layers * c.n_heads * (c.qk_head_dim + c.v_head_dim) * 2
+    print(f"  (a per-head K/V cache would hold {full_kv:,} bytes/token, {full_kv / ours_kv:.1f}x the latent; "
+          f"transformers {transformers.__version__} caches the latent too)")
     print(f"\nbandwidth bound, batch 1: {per_token / 1e6:.1f} MB of weights read per token -> "
           f"{bound:.1f} tok/s at {bw / 1e9:.1f} GB/s; frugallm decodes {res['ours1'][0]:.1f} tok/s = "
           f"{res['ours1'][0] / bound:.0%} of the bound")
