@@ -138,7 +138,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import time
 
-    from . import load, load_tokenizer
+    from . import load_tokenizer
     from .infer.generate import generate_stream
 
     model, tok = _load_for_inference(args.run, args.dtype), load_tokenizer(args.run)
@@ -175,12 +175,11 @@ def _load_for_inference(run: str, dtype: str | None):
 
 
 def _quantize(args: argparse.Namespace) -> int:
+    from . import load
     from .numerics.quantize import weight_bytes
     from .numerics.quantized_checkpoint import quantize_checkpoint
 
     out = quantize_checkpoint(args.run, args.to, args.out, layout=args.layout)
-    from . import load
-
     sizes = weight_bytes(load(out))
     print(f"wrote {out} ({args.to}, {args.layout or 'default'} layout): {sizes['params']:,} parameters, "
           f"{sizes['bytes'] / 2**20:.1f} MiB, {sizes['bytes_per_param']:.2f} bytes/param")

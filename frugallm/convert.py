@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_directory
 from .config import ModelConfig, yarn_mscale
 from .model.transformer import Transformer
 from .numerics.fp8 import E4M3, weight_dequant
@@ -338,17 +338,9 @@ def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None
                 if TOP_KEYS[ours] + suffix in tensors:
                     tensors[f"model.layers.{cfg.n_layers + k}.{hf_suffix}{suffix}"] = tensors[TOP_KEYS[ours] + suffix].clone()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for f in files:
             shutil.copyfile(f, tmp / Path(f).name)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

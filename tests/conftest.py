@@ -50,3 +50,17 @@ def tiny_run(tmp_path_factory):
         mp.setenv("FRUGALLM_CACHE", str(root / "cache"))
         train(model_cfg, train_cfg, root / "run", log=lambda line: None)
     return root / "run"
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """A small code-like text corpus in a folder, with the token cache under tmp_path."""
+    monkeypatch.setenv("FRUGALLM_CACHE", str(tmp_path / "cache"))
+    g = torch.Generator().manual_seed(0)
+    words = ["def", "return", "class", "import", "self", "value", "for", "in", "if", "else", "(", ")", ":"]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for d in range(12):
+        idx = torch.randint(0, len(words), (3000,), generator=g).tolist()
+        (folder / f"doc{d}.txt").write_text(" ".join(words[i] for i in idx))
+    return folder

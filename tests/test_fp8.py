@@ -374,19 +374,6 @@ def test_adamw_low_precision_matches_torch_adamw():
     assert ref_opt.state[ref[0]]["exp_avg"].dtype == torch.float32
 
 
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("FRUGALLM_CACHE", str(tmp_path / "cache"))
-    g = torch.Generator().manual_seed(0)
-    words = ["def", "return", "class", "import", "self", "value", "for", "in", "if", "else", "(", ")", ":"]
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for d in range(6):
-        idx = torch.randint(0, len(words), (2000,), generator=g).tolist()
-        (folder / f"doc{d}.txt").write_text(" ".join(words[i] for i in idx))
-    return folder
-
-
 def test_trainer_fp8_bf16_moments_resume_and_plain_checkpoint(tmp_path, corpus):
     """`--set fp8=true optim_state_dtype=bf16`: trains, resumes bit for bit (bf16 moments come back
     as bf16), and the checkpoint holds plain fp32 weights that frugallm.load reads."""

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,19 +22,6 @@ SMALL = ["dim=64", "n_layers=2", "n_heads=2", "q_lora_rank=0", "kv_lora_rank=32"
          "n_activated_experts=2", "moe_inter_dim=32", "inter_dim=128", "vocab_size=384", "max_seq_len=64",
          "seq_len=32", "batch_size=4", "tokenizer_train_chars=200000", "warmup_steps=3", "eval_every=5",
          "eval_batches=2", "log_every=1", "sample_tokens=0"]
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("FRUGALLM_CACHE", str(tmp_path / "cache"))
-    g = torch.Generator().manual_seed(0)
-    words = ["def", "return", "class", "import", "self", "value", "for", "in", "if", "else", "(", ")", ":"]
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for d in range(12):
-        idx = torch.randint(0, len(words), (3000,), generator=g).tolist()
-        (folder / f"doc{d}.txt").write_text(" ".join(words[i] for i in idx))
-    return folder
 
 
 def _cli(out, corpus, *extra, steps=12):

@@ -19,14 +19,13 @@ Both load with frugallm.load(dir): codes kept when no dtype is asked for, else d
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_directory
 from .fp8 import DEFAULT_SKIP
 from .quantize import FORMATS, SUFFIX, dequantize_state_dict, from_quantized_state_dict, quantize_model
 
@@ -75,9 +74,7 @@ def quantize_checkpoint(src, to: str, out, *, layout: str | None = None, skip=DE
     from ..train.checkpoint import _sha256
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
         model.config.to_json(tmp / "config.json")
@@ -89,12 +86,6 @@ def quantize_checkpoint(src, to: str, out, *, layout: str | None = None, skip=DE
             shutil.copyfile(f, tmp / f.name)
         names = sorted(p.name for p in tmp.iterdir())
         (tmp / "manifest.json").write_text(json.dumps({n: _sha256(tmp / n) for n in names}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -24,9 +24,7 @@ import glob as globlib
 import hashlib
 import json
 import os
-import shutil
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +32,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..atomic import atomic_directory
 from ..tokenizer import Tokenizer
 
 TEXT_SUFFIXES_SKIPPED = {".jsonl"}
@@ -195,16 +194,10 @@ def _build(directory: Path, source: str, tokenizer: Tokenizer, val_fraction: flo
         "documents": docs, "tokens": {"train": int(len(train)), "val": int(len(val))}, "bytes": n_bytes,
         "replaced_bytes": replacements.count, "val_fraction": val_fraction,
     }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         train.tofile(tmp / "train.bin")
         val.tofile(tmp / "val.bin")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --- batches ---------------------------------------------------------------------------------
