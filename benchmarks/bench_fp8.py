@@ -18,7 +18,7 @@ FP8 part of it, and apart from it autocast's bf16 copies of the weights (also he
 On CPU FP8 is an emulation (quantise, dequantise per group, fp32 GEMM), so it is SLOWER than
 bf16: the step-time ratio is printed as measured, never as a speed-up.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_fp8.py [--preset tiny] [--steps 250] [--arms fp32,bf16,fp8]
+    OMP_NUM_THREADS=1 python benchmarks/bench_fp8.py [--preset tiny] [--steps 250] [--arms fp32,bf16,fp8] [--seeds 0,1]
 """
 
 from __future__ import annotations
@@ -44,13 +44,14 @@ RECIPES = {  # TrainConfig fields of each arm
 }
 
 
-def run_arm(name: str, args) -> dict:
-    run = Path(args.out) / f"{args.preset}-{args.steps}-{name}"
+def run_arm(name: str, seed: int, args) -> dict:
+    run = Path(args.out) / f"{args.preset}-{args.steps}-{name}" if seed == 0 else \
+        Path(args.out) / f"{args.preset}-{args.steps}-{name}-seed{seed}"
     if not any((run / "checkpoints").glob("step_*")):
         train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, eval_every=args.eval_every,
                                 eval_batches=args.eval_batches, log_every=1, save_every=args.steps, sample_tokens=0,
-                                threads=1, seed=0, **RECIPES[name])
-        print(f"--- {name}: training into {run}", flush=True)
+                                threads=1, seed=seed, **RECIPES[name])
+        print(f"--- {name} seed {seed}: training into {run}", flush=True)
         train(get_preset(args.preset), train_cfg, run, log=lambda line: None)
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     tail = rows[-max(1, len(rows) // 10):]
@@ -127,6 +128,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--arms", default="fp32,bf16,fp8")
+    ap.add_argument("--seeds", default="0", help="comma-separated; each seed is a full bf16/fp8 pair")
+    ap.add_argument("--seed-arms", default="bf16,fp8", help="arms run for the seeds after the first")
     ap.add_argument("--mem-preset", default="small")
     ap.add_argument("--mem-batch", type=int, default=8)
     ap.add_argument("--out", default="runs/bench_fp8")
@@ -134,20 +137,35 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     arms = args.arms.split(",")
+    seeds = [int(x) for x in args.seeds.split(",")]
     t0 = time.perf_counter()
-    runs = {name: run_arm(name, args) for name in arms}
-    mem = {name: memory_and_time(name, args) for name in arms}
+    # Seed 0 runs every arm; further seeds only --seed-arms (fp32 is the slow one and not the comparison asked for).
+    runs = {(name, seed): run_arm(name, seed, args) for seed in seeds
+            for name in (arms if seed == seeds[0] else [a for a in args.seed_arms.split(",") if a in arms])}
+    mem = {name: memory_and_time(name, args) for name in RECIPES}  # cheap (3 steps): always all recipes
     tokens = args.steps * args.batch * args.seq
     print(f"\nPart 1: `{args.preset}` preset, {args.steps} steps x {args.batch} x {args.seq} = {tokens:,} tokens per arm, "
-          f"built-in corpus, seed 0, 1 thread")
-    print(f"{'arm':<6}| {'val loss':>9} | {'train loss (last 10%)':>21} | {'val gap vs bf16':>15} | "
+          f"built-in corpus, seeds {args.seeds} (init and data order), 1 thread")
+    print(f"{'arm':<6}| {'seed':>4} | {'val loss':>9} | {'train loss (last 10%)':>21} | {'val gap vs bf16':>15} | "
           f"{'train gap vs bf16':>17} | {'tok/s':>6} | {'time vs bf16':>12}")
-    base = runs.get("bf16")
-    for name, r in runs.items():
-        gap = (lambda k: f"{100 * (r[k] - base[k]) / base[k]:+.2f} %") if base else (lambda k: "-")
+    gaps: dict[str, list[tuple[float, float]]] = {}
+    for (name, seed), r in runs.items():
+        base = runs.get(("bf16", seed))
+        rel = (lambda k: (r[k] - base[k]) / base[k]) if base else None
+        if rel:
+            gaps.setdefault(name, []).append((rel("val"), rel("train_tail")))
+        gap = (lambda k: f"{100 * rel(k):+.2f} %") if rel else (lambda k: "-")
         slow = f"{base['tok_s'] / r['tok_s']:.2f}x" if base else "-"
-        print(f"{name:<6}| {r['val']:>9.4f} | {r['train_tail']:>21.4f} | {gap('val'):>15} | {gap('train_tail'):>17} | "
-              f"{r['tok_s']:>6,.0f} | {slow:>12}")
+        print(f"{name:<6}| {seed:>4} | {r['val']:>9.4f} | {r['train_tail']:>21.4f} | {gap('val'):>15} | "
+              f"{gap('train_tail'):>17} | {r['tok_s']:>6,.0f} | {slow:>12}")
+    for name, g in gaps.items():
+        if name != "bf16":
+            v, t = [sum(x[i] for x in g) / len(g) for i in (0, 1)]
+            print(f"{name:<6}| mean over {len(g)} seed(s): val gap {100 * v:+.2f} %, train gap {100 * t:+.2f} %")
+    if len(seeds) > 1:  # the seed-to-seed spread of bf16 itself: the noise floor the gaps are read against
+        vals = [runs[("bf16", s)]["val"] for s in seeds if ("bf16", s) in runs]
+        print(f"bf16  | val loss across seeds: {min(vals):.4f} .. {max(vals):.4f} "
+              f"(spread {100 * (max(vals) - min(vals)) / min(vals):.2f} %)")
     n = next(iter(mem.values()))["params"]
     print(f"\nPart 2: `{args.mem_preset}` preset ({n:,} parameters), one step of {args.mem_batch} x {args.seq} tokens, "
           f"1 thread")
@@ -161,7 +179,8 @@ def main() -> None:
               f"{m['weight_copy_mb']:>24.1f} | {m['step_s']:>6.2f} | {slow:>12}")
     print(f"\n(total wall time {time.perf_counter() - t0:.0f} s)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "memory": mem}, indent=2) + "\n")
+    Path(args.json).write_text(json.dumps({"args": vars(args), "runs": {f"{n}-seed{s}": r for (n, s), r in runs.items()},
+                                            "memory": mem}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Timings alternate the sides within one process and report medians, so machine dr
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -30,6 +31,7 @@ import frugallm
 from frugallm.infer import KVCache
 from frugallm.infer.generate import generate
 from frugallm.model.moe import MoE
+from frugallm.numerics.prepack import prepack
 
 
 def bandwidth(gib: float = 1.0, reps: int = 5) -> float:
@@ -137,12 +139,16 @@ def section_bandwidth_and_hf(args) -> None:
         if rate > best_rate:
             best, best_rate = impl, rate
     hf.set_experts_implementation(best)
+    per_token = weight_bytes_per_token(ours)
+    plain = ours  # frugallm's bf16 model as loaded, F.linear on plain weights (transformers' kernels)
+    ours = copy.deepcopy(plain)
+    prepack(ours)  # what `frugallm generate/chat/serve` run (load_for_inference): oneDNN-prepacked weights
     ours_decode(ours, prompt, 4)  # warm-up
-    res = median_pairs({"ours1": lambda: ours_decode(ours, prompt, args.new),
+    res = median_pairs({"plain1": lambda: ours_decode(plain, prompt, args.new),
+                        "ours1": lambda: ours_decode(ours, prompt, args.new),
                         "hf1": lambda: hf_decode(hf, prompt, args.new),
                         "ours8": lambda: ours_decode(ours, batch8, args.new),
                         "hf8": lambda: hf_decode(hf, batch8, args.new)}, args.rounds)
-    per_token = weight_bytes_per_token(ours)
     bound = bw / per_token
     print(f"\nbf16, prompt {args.prompt}, {args.new} new tokens, median of {args.rounds} alternated runs; "
           f"transformers experts_implementation={best}")
@@ -150,6 +156,9 @@ def section_bandwidth_and_hf(args) -> None:
     for label, key in (("decode tok/s, batch 1", "1"), ("decode tok/s, batch 8", "8")):
         o, h = res["ours" + key][0], res["hf" + key][0]
         print(f"{label:26}{o:12.1f}{h:14.1f}{o / h:7.2f}x")
+        if key == "1":
+            p = res["plain1"][0]
+            print(f"{'  same, weights not packed':26}{p:12.1f}{h:14.1f}{p / h:7.2f}x   (prepacking: {o / p:.2f}x)")
     o, h = res["ours1"][1] * 1e3, res["hf1"][1] * 1e3
     print(f"{'time to first token, ms':26}{o:12.1f}{h:14.1f}{h / o:7.2f}x faster")
     ours_kv = KVCache(ours.config, 1, 8, dtype=torch.bfloat16).bytes_per_token()
@@ -188,7 +197,7 @@ def section_speculative(args) -> None:
         print(f"\n(speculative and quantization sections skipped: no run at {run}; train one with `frugallm train`)")
         return
     tok = frugallm.load_tokenizer(run)
-    model = frugallm.load(run, dtype=torch.bfloat16)
+    model = frugallm.load_for_inference(run)  # bf16, prepacked
     prompts = [[tok.bos_id, *tok.encode(text)[: args.prompt]] for text in held_out_texts(run, args.n_prompts)]
     plain = [generate(model, [p], args.new) for p in prompts]
     spec_stats = []

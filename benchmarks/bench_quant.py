@@ -31,12 +31,15 @@ import torch
 
 import frugallm
 from frugallm.infer import KVCache
+from frugallm.numerics.prepack import prepack
 from frugallm.numerics.quantize import quantize_model, weight_bytes
 
 
 def variants(model: frugallm.Transformer) -> dict[str, frugallm.Transformer]:
     """fp32 model -> the variants (deep copies; the codes come from the fp32 weights)."""
     out = {"fp32": model.float().eval(), "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    out["bf16 prepacked"] = copy.deepcopy(out["bf16"])
+    prepack(out["bf16 prepacked"])  # numerics/prepack.py: what `frugallm generate` runs for a plain checkpoint
     for fmt in ("int8", "fp8"):
         q = copy.deepcopy(model)
         quantize_model(q, fmt)
@@ -45,7 +48,7 @@ def variants(model: frugallm.Transformer) -> dict[str, frugallm.Transformer]:
     q = copy.deepcopy(model)
     quantize_model(q, "int8", skip=("embed", "gate"))
     out["int8 + head (bf16 act)"] = q.to(torch.bfloat16)
-    return {k: out[k] for k in ("fp32", "bf16", "int8 (bf16 act)", "int8 + head (bf16 act)", "fp8 (bf16 act)",
+    return {k: out[k] for k in ("fp32", "bf16", "bf16 prepacked", "int8 (bf16 act)", "int8 + head (bf16 act)", "fp8 (bf16 act)",
                                 "int8 (fp32 act)", "fp8 (fp32 act)")}
 
 

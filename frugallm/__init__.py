@@ -71,6 +71,27 @@ def load(path, dtype=None, quantized=None):
     raise FileNotFoundError(f"{path} is neither a frugallm run (no valid checkpoint) nor a Hugging Face model dir")
 
 
+def load_for_inference(path, dtype=None):
+    """`load` for generation on this machine: a quantized checkpoint keeps its int8/fp8 codes unless
+    a dtype asks to dequantize it; a plain one runs in `dtype`, default bfloat16, and a bf16 model
+    on CPU gets its weights prepacked for oneDNN (numerics/prepack.py: the same outputs, faster
+    GEMVs). The result is for inference only: prepacked weights are not trainable parameters."""
+    import torch
+
+    from .numerics.prepack import prepack
+    from .numerics.quantize import weight_bytes
+
+    if dtype is not None:
+        model = load(path, dtype=dtype, quantized=False)
+    else:
+        model = load(path)
+        if weight_bytes(model)["quantized_params"]:
+            return model
+        model.to(torch.bfloat16)
+    prepack(model)
+    return model
+
+
 def load_tokenizer(path):
     """The tokenizer of a frugallm run or a Hugging Face checkpoint directory (its tokenizer.json)."""
     from .tokenizer import load_tokenizer as _load
@@ -79,5 +100,5 @@ def load_tokenizer(path):
 
 
 __all__ = ["ModelConfig", "PRESETS", "get_preset", "Transformer", "ModelOutput", "count_params", "from_hf", "to_hf",
-           "load", "load_tokenizer",
+           "load", "load_for_inference", "load_tokenizer",
            "generate", "generate_stream"]

@@ -125,12 +125,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from . import load, load_tokenizer
+    from . import load_for_inference, load_tokenizer
     from .infer.chat import chat_repl
 
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
-    return chat_repl(load(args.run), load_tokenizer(args.run), system=args.system,
+    return chat_repl(load_for_inference(args.run), load_tokenizer(args.run), system=args.system,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                      top_p=args.top_p, seed=args.seed, speculative=args.speculative)
 
@@ -138,10 +138,11 @@ def _chat(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import time
 
-    from . import load_tokenizer
+    from . import load_for_inference, load_tokenizer
     from .infer.generate import generate_stream
 
-    model, tok = _load_for_inference(args.run, args.dtype), load_tokenizer(args.run)
+    model = load_for_inference(args.run, DTYPES[args.dtype] if args.dtype else None)
+    tok = load_tokenizer(args.run)
     ids = [tok.bos_id, *tok.encode(args.prompt)] if tok.bos_id is not None else tok.encode(args.prompt)
     stats, text, t0 = {}, tok.stream(), time.perf_counter()
     print(args.prompt, end="", flush=True)
@@ -160,18 +161,6 @@ def _generate(args: argparse.Namespace) -> int:
                  f"{stats['tokens_per_forward']:.2f} tokens per forward")
     print(line + "]", file=sys.stderr)
     return 0
-
-
-def _load_for_inference(run: str, dtype: str | None):
-    """A quantized checkpoint keeps its int8/fp8 codes unless --dtype asks to dequantize; a plain one
-    runs in --dtype, default bfloat16 (the fast path on CPU)."""
-    from . import load
-    from .numerics.quantize import weight_bytes
-
-    if dtype is not None:
-        return load(run, dtype=DTYPES[dtype], quantized=False)
-    model = load(run)
-    return model if weight_bytes(model)["quantized_params"] else model.to(torch.bfloat16)
 
 
 def _quantize(args: argparse.Namespace) -> int:

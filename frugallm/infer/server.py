@@ -330,11 +330,11 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: s
     import torch
     import uvicorn
 
-    from .. import load, load_tokenizer
+    from .. import load_for_inference, load_tokenizer
 
     if threads:
         torch.set_num_threads(threads)
-    model, tokenizer = load(run), load_tokenizer(run)
+    model, tokenizer = load_for_inference(run), load_tokenizer(run)
     name = model_name or Path(run).resolve().name
     if speculative and model.config.n_mtp == 0:
         raise ValueError(f"--speculative drafts with MTP modules, and {run} has none (n_mtp=0)")

@@ -233,6 +233,21 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
 
 
+def adopt_moe(new: MoE, moe: MoE, drop: tuple[str, ...]) -> None:
+    """Initialise `new` (a MoE subclass, instead of MoE.__init__) with moe's own config, gate, shared
+    experts, buffers and parameters, except the parameters named in `drop` (the routed experts,
+    which the subclass holds in its own format)."""
+    nn.Module.__init__(new)
+    new.__dict__.update({k: v for k, v in vars(moe).items() if not k.startswith("_") and k != "expert_fn"})
+    for name, child in moe.named_children():
+        new.add_module(name, child)
+    for name, buf in moe.named_buffers(recurse=False):
+        new.register_buffer(name, buf, persistent=name not in moe._non_persistent_buffers_set)
+    for name, p in moe.named_parameters(recurse=False):
+        if name not in drop:
+            new.register_parameter(name, p)
+
+
 class QuantMoE(MoE):
     """A MoE whose stacked routed experts w1/w2/w3 are codes (buffers, same names) with
     w1_scale_inv etc. beside them. It adopts the original's gate, shared experts and counters,
@@ -241,15 +256,7 @@ class QuantMoE(MoE):
     WEIGHTS = ("w1", "w2", "w3")
 
     def __init__(self, moe: MoE, fmt: str):
-        nn.Module.__init__(self)  # not MoE.__init__: everything but w1/w2/w3 is moe's own objects
-        self.__dict__.update({k: v for k, v in vars(moe).items() if not k.startswith("_") and k != "expert_fn"})
-        for name, child in moe.named_children():
-            self.add_module(name, child)
-        for name, buf in moe.named_buffers(recurse=False):
-            self.register_buffer(name, buf, persistent=name not in moe._non_persistent_buffers_set)
-        for name, p in moe.named_parameters(recurse=False):
-            if name not in self.WEIGHTS:
-                self.register_parameter(name, p)
+        adopt_moe(self, moe, drop=self.WEIGHTS)
         self.fmt, self.compute_dtype = fmt, moe.w1.dtype
         for name in self.WEIGHTS:
             w = getattr(moe, name)
