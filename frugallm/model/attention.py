@@ -89,17 +89,24 @@ class MLA(nn.Module):
         return o.transpose(1, 2)  # (B, S, H, dv)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
-        # batched matmuls over heads, (B, H, S, .) x (B, 1, ., T): no weight or cache copies
-        wkv_b = self.wkv_b.weight.view(self.n_heads, self.dn + self.dv, self.dc)
-        q_lat = q_nope.transpose(1, 2) @ wkv_b[:, : self.dn]  # W^UK absorbed: (B, H, S, dc)
-        c, r = c_kv[:, None], k_pe[:, None]  # (B, 1, T, dc), (B, 1, T, dr)
-        scores = q_lat @ c.transpose(-1, -2) + q_pe.transpose(1, 2) @ r.transpose(-1, -2)  # (B, H, S, T)
-        scores = upcast(scores) * self.softmax_scale
+        # Every head attends to the same single latent "key/value head" (MQA), so heads fold into
+        # the rows of one (B, H*S, .) x (B, ., T) matmul: the cache is read once and never expanded
+        # over heads. The absorbed weights are per-head batches of one bmm, on strided views of
+        # wkv_b (no copies): (H, B*S, dn) x (H, dn, dc) and (H, B*S, dc) x (H, dc, dv).
+        B, S, H, _ = q_nope.shape
+        T, dc = c_kv.shape[1], self.dc
+        wkv_b = self.wkv_b.weight.view(H, self.dn + self.dv, dc)
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.dn), wkv_b[:, : self.dn])  # W^UK
+        q_lat = q_lat.view(H, B, S, dc).transpose(0, 1).reshape(B, H * S, dc)
+        q_r = q_pe.transpose(1, 2).reshape(B, H * S, self.dr)
+        scores = q_lat @ c_kv.transpose(1, 2) + q_r @ k_pe.transpose(1, 2)  # (B, H*S, T)
+        scores = upcast(scores).view(B, H, S, T) * self.softmax_scale
         if mask is not None:
             scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
-        p = scores.softmax(dim=-1).type_as(c_kv)  # softmax in float32
-        x = p @ c  # attention over the latent: (B, H, S, dc)
-        return (x @ wkv_b[:, self.dn:].transpose(-1, -2)).transpose(1, 2)  # W^UV absorbed: (B, S, H, dv)
+        p = scores.softmax(dim=-1).type_as(c_kv).view(B, H * S, T)  # softmax in float32
+        x = (p @ c_kv).view(B, H, S, dc).permute(1, 0, 2, 3).reshape(H, B * S, dc)  # attention over the latent
+        out = torch.bmm(x, wkv_b[:, self.dn:].transpose(1, 2))  # W^UV absorbed: (H, B*S, dv)
+        return out.view(H, B, S, self.dv).permute(1, 2, 0, 3)  # (B, S, H, dv)
 
 
 def causal_mask(S: int, T: int, start_pos: int, device) -> torch.Tensor:

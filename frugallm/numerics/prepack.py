@@ -130,6 +130,9 @@ class PackedMoE(MoE):
     def packed_experts(self, x, weights, idx, *_) -> torch.Tensor:
         """loop_experts' signature: pairs sorted by expert, one fused SwiGLU per expert with tokens."""
         N, K = idx.shape
+        if N == 1:  # decode at batch 1: the K experts in pair order, no sort / gather / scatter
+            out = torch.cat([_swiglu(x, self.w13s[e], self.w2s[e]) for e in idx[0].tolist()])  # (K, d)
+            return (out * weights.view(K, 1).to(x.dtype)).view(1, K, -1).sum(dim=1)
         flat = idx.flatten()
         order = flat.argsort(stable=True)
         xs = x.index_select(0, order // K)  # (N*K, d), each expert's rows contiguous
