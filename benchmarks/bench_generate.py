@@ -219,6 +219,44 @@ def section_speculative(args) -> None:
           f"same tokens as greedy: {same}")
     print(f"  acceptance {acc:.2f}, {tpf:.2f} tokens per main-model forward, "
           f"speed-up {res['plain'][0] / res['spec'][0]:.2f}x ({res['plain'][0]:.2f} s -> {res['spec'][0]:.2f} s)")
+    # Why the speed-up is what it is: a speculative step = one main forward over D+1 tokens + the
+    # MTP drafts; a plain step = one main forward over 1 token. On a GPU the first is ~flat in S;
+    # on a CPU at batch 1 it is not (a MoE reads the union of the tokens' experts), so the speed-up
+    # is bounded by tokens-per-forward / (cost of a speculative step / cost of a plain step).
+    costs = step_costs(model, args.prompt)
+    ratio = (costs["main"][model.config.n_mtp + 1] + costs["mtp"]) / costs["main"][1]
+    print(f"  per step, ms: plain forward (1 token) {costs['main'][1]:.2f}; verify forward "
+          f"({model.config.n_mtp + 1} tokens) {costs['main'][model.config.n_mtp + 1]:.2f}; MTP drafts {costs['mtp']:.2f} "
+          f"-> a speculative step costs {ratio:.2f}x a plain one, so {tpf:.2f} tokens per forward can give at most "
+          f"{tpf / ratio:.2f}x")
+
+
+@torch.inference_mode()
+def step_costs(model, prompt: int, reps: int = 30) -> dict:
+    """Median ms of the main model's cached forward over S = 1 .. D+1 new tokens, and of the D MTP
+    depths' draft forwards (one new position each), after a `prompt`-token prefill."""
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt + cfg.n_mtp + 1))
+    cache = KVCache(cfg, 1, ids.shape[1], dtype=model.embed.weight.dtype)
+    model(ids[:, :prompt], cache=cache)
+
+    def ms(fn) -> float:
+        fn()
+        return statistics.median(_time(fn) for _ in range(reps)) * 1e3
+
+    def main(S):
+        cache.lengths.fill_(prompt)
+        model(ids[:, prompt:prompt + S], cache=cache, attn_impl="absorbed")
+
+    mtp_caches = [KVCache(cfg, 1, ids.shape[1], dtype=model.embed.weight.dtype, n_layers=1) for _ in range(cfg.n_mtp)]
+    h = torch.randn(1, 1, cfg.dim, dtype=model.embed.weight.dtype)
+
+    def drafts():
+        for k, c in enumerate(mtp_caches):
+            c.lengths.fill_(prompt)
+            model.mtp_step(k, h, ids[:, prompt:prompt + 1], c, attn_impl="absorbed")
+
+    return {"main": {S: ms(lambda: main(S)) for S in range(1, cfg.n_mtp + 2)}, "mtp": ms(drafts)}
 
 
 def section_quant(args) -> None:

@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--speculative", action="store_true", help="draft with the MTP modules, verify in one forward")
     ge.add_argument("--dtype", choices=list(DTYPES),
                     help="run in this dtype, dequantizing a quantized checkpoint (default: a quantized "
-                         "checkpoint keeps its codes, a plain one runs in bfloat16)")
+                         "checkpoint keeps its codes, a plain one runs in bfloat16 with prepacked weights)")
     ge.set_defaults(func=_generate)
 
     qu = sub.add_parser("quantize", help="write a weight-only int8 or fp8 copy of a model for CPU inference")
