@@ -48,6 +48,9 @@ def run_arm(name: str, seed: int, args) -> dict:
     run = Path(args.out) / f"{args.preset}-{args.steps}-{name}" if seed == 0 else \
         Path(args.out) / f"{args.preset}-{args.steps}-{name}-seed{seed}"
     if not any((run / "checkpoints").glob("step_*")):
+        if (run / "metrics.jsonl").exists():  # another process is training it, or one crashed: never share a run
+            raise SystemExit(f"{run} holds an unfinished run (in progress elsewhere, or crashed); wait for it "
+                             f"or delete it, then run again")
         train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, eval_every=args.eval_every,
                                 eval_batches=args.eval_batches, log_every=1, save_every=args.steps, sample_tokens=0,
                                 threads=1, seed=seed, **RECIPES[name])
