@@ -156,21 +156,35 @@ def grouped_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
     E = w1.shape[0]
     dtype = _compute_dtype(x)  # grouped_mm is not on autocast's list: cast as autocast would
     x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or N * K < E:
+        # float64 (no grouped_mm kernel), or fewer pairs than experts (decode: most groups are
+        # empty, and CPU grouped_mm still runs a GEMM per group): one GEMM per non-empty group
+        return per_expert(x, weights, idx, E, lambda e, rows: _expert(rows, w1[e], w2[e], w3[e]))
     flat = idx.flatten()
     order = flat.argsort(stable=True)  # (N*K,) pair ids sorted by expert
     xs = x.index_select(0, order // K)  # (N*K, d), rows of one expert contiguous
     w = weights.flatten().index_select(0, order).to(x.dtype)[:, None]
-    if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and N * K >= E:
-        counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
-        h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
-            xs, w3.transpose(1, 2), offs=offs)
-        out = torch._grouped_mm(h * w, w2.transpose(1, 2), offs=offs)
-    else:  # float64 (no grouped_mm kernel), or fewer pairs than experts (decode: most groups are
-        # empty, and CPU grouped_mm still runs a GEMM per group): one GEMM per non-empty group
-        sizes = torch.bincount(flat, minlength=E).tolist()
-        out = torch.cat([_expert(chunk, w1[e], w2[e], w3[e]) for e, chunk in enumerate(xs.split(sizes))
-                         if sizes[e]]) * w
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
+    h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
+        xs, w3.transpose(1, 2), offs=offs)
+    out = torch._grouped_mm(h * w, w2.transpose(1, 2), offs=offs)
+    return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1)
+
+
+def per_expert(x, weights, idx, n_experts: int, expert) -> torch.Tensor:
+    """The routed experts as one call `expert(e, rows) -> (rows, d)` per expert that got tokens:
+    the (token, expert) pairs sorted by expert so each expert's rows are contiguous, the routing
+    weight on the output, then the un-sort (a scatter-copy to each pair's row) and a sum over the
+    K slots. Shared by the grouped path's small-batch fallback and the numerics converters
+    (numerics/quantize.py, numerics/prepack.py), which bring their own expert kernels."""
+    N, K = idx.shape
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    xs = x.index_select(0, order // K)  # (N*K, d)
+    w = weights.flatten().index_select(0, order).to(x.dtype)[:, None]
+    sizes = torch.bincount(flat, minlength=n_experts).tolist()
+    out = torch.cat([expert(e, rows) for e, rows in enumerate(xs.split(sizes)) if sizes[e]]) * w
     return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1)
 
 

@@ -24,7 +24,7 @@ expert. Everything else (norms, RoPE, attention, routing) is the model's own cod
 It is an inference-only, CPU-only, bf16-only layout: packed weights are not parameters (no grads,
 no optimizer), `model.to(...)` leaves them alone, and state_dict() writes the plain weights back, so
 a packed model saves like the original. Call it last, after any dtype cast; on a model that is not
-bf16 on CPU, or where oneDNN is missing, it changes nothing and says why.
+bf16 on CPU, or where oneDNN is missing, it changes nothing (`unavailable_reason` says why).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import MLP, MoE
+from ..model.moe import MLP, MoE, per_expert
 from .quantize import adopt_moe
 
 DTYPE = torch.bfloat16
@@ -128,19 +128,12 @@ class PackedMoE(MoE):
     w1 = w2 = w3 = None  # MoE.forward passes these to expert_fn, which does not read them
 
     def packed_experts(self, x, weights, idx, *_) -> torch.Tensor:
-        """loop_experts' signature: pairs sorted by expert, one fused SwiGLU per expert with tokens."""
+        """loop_experts' signature: one fused SwiGLU per expert that got tokens (model/moe.py per_expert)."""
         N, K = idx.shape
         if N == 1:  # decode at batch 1: the K experts in pair order, no sort / gather / scatter
             out = torch.cat([_swiglu(x, self.w13s[e], self.w2s[e]) for e in idx[0].tolist()])  # (K, d)
             return (out * weights.view(K, 1).to(x.dtype)).view(1, K, -1).sum(dim=1)
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        xs = x.index_select(0, order // K)  # (N*K, d), each expert's rows contiguous
-        w = weights.flatten().index_select(0, order).to(x.dtype)[:, None]
-        sizes = torch.bincount(flat, minlength=len(self.w2s)).tolist()
-        out = torch.cat([_swiglu(rows, self.w13s[e], self.w2s[e]) for e, rows in enumerate(xs.split(sizes))
-                         if sizes[e]]) * w
-        return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1)
+        return per_expert(x, weights, idx, len(self.w2s), lambda e, rows: _swiglu(rows, self.w13s[e], self.w2s[e]))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # the gate's bias etc.

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import MoE, loop_experts
+from ..model.moe import MoE, loop_experts, per_expert
 from .fp8 import BLOCK, DEFAULT_SKIP, E4M3, _skipped, weight_dequant, weight_quant
 
 FORMATS = ("int8", "fp8")
@@ -269,21 +269,12 @@ class QuantMoE(MoE):
         return self.quantized_experts
 
     def quantized_experts(self, x, weights, idx, w1, w2, w3) -> torch.Tensor:
-        """loop_experts' signature. Tokens sorted by expert, then only the experts that got tokens
-        run, each with three quantized GEMMs on its contiguous rows (decode: K experts, M = 1)."""
+        """loop_experts' signature: only the experts that got tokens run (model/moe.py per_expert),
+        each with three quantized GEMMs on its contiguous rows (decode: K experts, M = 1)."""
         linear = LINEAR[self.fmt]
         s1, s2, s3 = (_scale_as(self, n + SUFFIX, x.dtype if self.fmt == "int8" else torch.float32) for n in self.WEIGHTS)
-        N, K = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        xs = x.index_select(0, order // K)  # (N*K, d), rows of one expert contiguous
-        w = weights.flatten().index_select(0, order).to(x.dtype)[:, None]
-        outs = []
-        for e, rows in enumerate(xs.split(torch.bincount(flat, minlength=w1.shape[0]).tolist())):
-            if rows.shape[0]:
-                outs.append(linear(F.silu(linear(rows, w1[e], s1[e])) * linear(rows, w3[e], s3[e]), w2[e], s2[e]))
-        out = torch.cat(outs) * w  # (N*K, d), in expert order
-        return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1)
+        return per_expert(x, weights, idx, w1.shape[0], lambda e, rows: linear(
+            F.silu(linear(rows, w1[e], s1[e])) * linear(rows, w3[e], s3[e]), w2[e], s2[e]))
 
     def reference_experts(self, x, weights, idx) -> torch.Tensor:
         """The twin: dequantize all experts into x's dtype, then model/moe.py's loop_experts."""
