@@ -29,6 +29,7 @@ import torch
 
 import frugallm
 from frugallm.infer import KVCache
+from frugallm.infer.compiled import compile_decode
 from frugallm.infer.generate import generate
 from frugallm.model.moe import MoE
 from frugallm.numerics.prepack import prepack
@@ -74,10 +75,10 @@ def weight_bytes_per_token(model) -> int:
     return int(total + cfg.dim * model.embed.weight.element_size())
 
 
-def ours_decode(model, prompts, new: int) -> tuple[float, float]:
+def ours_decode(model, prompts, new: int, decoder=None) -> tuple[float, float]:
     """(decode tokens/s over the batch, seconds to the first token) of one greedy generate."""
     stats = {}
-    generate(model, prompts, new, stats=stats)
+    generate(model, prompts, new, stats=stats, decoder=decoder)
     return len(prompts) * (new - 1) / stats["decode_s"], stats["prefill_s"]
 
 
@@ -141,26 +142,38 @@ def section_bandwidth_and_hf(args) -> None:
     hf.set_experts_implementation(best)
     per_token = weight_bytes_per_token(ours)
     plain = ours  # frugallm's bf16 model as loaded, F.linear on plain weights (transformers' kernels)
+    packed = copy.deepcopy(plain)
+    prepack(packed)  # `frugallm generate/chat/serve` without --compile: oneDNN-prepacked weights, eager
     ours = copy.deepcopy(plain)
-    prepack(ours)  # what `frugallm generate/chat/serve` run (load_for_inference): oneDNN-prepacked weights
-    ours_decode(ours, prompt, 4)  # warm-up
+    decoder = compile_decode(ours)  # with --compile: the decode step as one inductor graph
+    t = time.perf_counter()
+    for batch in (1, 8):
+        decoder.warmup(batch)
+    compile_s = time.perf_counter() - t
+    ours_decode(packed, prompt, 4)  # warm-up
     res = median_pairs({"plain1": lambda: ours_decode(plain, prompt, args.new),
-                        "ours1": lambda: ours_decode(ours, prompt, args.new),
+                        "packed1": lambda: ours_decode(packed, prompt, args.new),
+                        "ours1": lambda: ours_decode(ours, prompt, args.new, decoder),
                         "hf1": lambda: hf_decode(hf, prompt, args.new),
-                        "ours8": lambda: ours_decode(ours, batch8, args.new),
+                        "packed8": lambda: ours_decode(packed, batch8, args.new),
+                        "ours8": lambda: ours_decode(ours, batch8, args.new, decoder),
                         "hf8": lambda: hf_decode(hf, batch8, args.new)}, args.rounds)
     bound = bw / per_token
     print(f"\nbf16, prompt {args.prompt}, {args.new} new tokens, median of {args.rounds} alternated runs; "
-          f"transformers experts_implementation={best}")
+          f"transformers experts_implementation={best}; frugallm's decode step compiled (compile_decode, "
+          f"{compile_s:.0f} s for batch 1 and 8, once per process)")
     print(f"{'':26}{'frugallm':>12}{'transformers':>14}{'ratio':>8}")
     for label, key in (("decode tok/s, batch 1", "1"), ("decode tok/s, batch 8", "8")):
         o, h = res["ours" + key][0], res["hf" + key][0]
         print(f"{label:26}{o:12.1f}{h:14.1f}{o / h:7.2f}x")
+        p = res["packed" + key][0]
+        print(f"{'  eager, prepacked':26}{p:12.1f}{h:14.1f}{p / h:7.2f}x   (compiling: {o / p:.2f}x)")
         if key == "1":
             p = res["plain1"][0]
-            print(f"{'  same, weights not packed':26}{p:12.1f}{h:14.1f}{p / h:7.2f}x   (prepacking: {o / p:.2f}x)")
-    o, h = res["ours1"][1] * 1e3, res["hf1"][1] * 1e3
-    print(f"{'time to first token, ms':26}{o:12.1f}{h:14.1f}{h / o:7.2f}x faster")
+            print(f"{'  eager, plain weights':26}{p:12.1f}{h:14.1f}{p / h:7.2f}x")
+    for label, key in (("time to first token, ms", "ours1"), ("  eager, prepacked", "packed1")):
+        o, h = res[key][1] * 1e3, res["hf1"][1] * 1e3  # prefill is eager either way
+        print(f"{label:26}{o:12.1f}{h:14.1f}{h / o:7.2f}x faster")
     ours_kv = KVCache(ours.config, 1, 8, dtype=torch.bfloat16).bytes_per_token()
     hf_kv = hf_cache_bytes_per_token(hf, 64)
     print(f"{'KV cache bytes / token':26}{ours_kv:12,}{hf_kv:14,}{hf_kv / ours_kv:7.1f}x smaller")
@@ -170,7 +183,7 @@ def section_bandwidth_and_hf(args) -> None:
           f"transformers {transformers.__version__} caches the latent too)")
     print(f"\nbandwidth bound, batch 1: {per_token / 1e6:.1f} MB of weights read per token -> "
           f"{bound:.1f} tok/s at {bw / 1e9:.1f} GB/s; frugallm decodes {res['ours1'][0]:.1f} tok/s = "
-          f"{res['ours1'][0] / bound:.0%} of the bound")
+          f"{res['ours1'][0] / bound:.0%} of the bound (eager, prepacked: {res['packed1'][0] / bound:.0%})")
 
 
 def _hf_has_impl(name: str) -> bool:

@@ -71,14 +71,16 @@ def load(path, dtype=None, quantized=None):
     raise FileNotFoundError(f"{path} is neither a frugallm run (no valid checkpoint) nor a Hugging Face model dir")
 
 
-def load_for_inference(path, dtype=None):
+def load_for_inference(path, dtype=None, prepack: bool = True):
     """`load` for generation on this machine: a quantized checkpoint keeps its int8/fp8 codes unless
-    a dtype asks to dequantize it; a plain one runs in `dtype`, default bfloat16, and a bf16 model
-    on CPU gets its weights prepacked for oneDNN (numerics/prepack.py: the same outputs, faster
-    GEMVs). The result is for inference only: prepacked weights are not trainable parameters."""
+    a dtype asks to dequantize it; a plain one runs in `dtype`, default bfloat16, and with `prepack`
+    a bf16 model on CPU gets its weights prepacked for oneDNN (numerics/prepack.py: the same
+    outputs, faster eager GEMVs). Pass prepack=False for a model to compile
+    (infer/compiled.py: compile_decode), which packs its weights itself. The result is for
+    inference only: prepacked weights are not trainable parameters."""
     import torch
 
-    from .numerics.prepack import prepack
+    from .numerics.prepack import prepack as _prepack
     from .numerics.quantize import weight_bytes
 
     if dtype is not None:
@@ -88,7 +90,8 @@ def load_for_inference(path, dtype=None):
         if weight_bytes(model)["quantized_params"]:
             return model
         model.to(torch.bfloat16)
-    prepack(model)
+    if prepack:
+        _prepack(model)
     return model
 
 

@@ -120,35 +120,46 @@ def _serve(args: argparse.Namespace) -> int:
     from .infer.server import serve
 
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-          slots=args.slots, speculative=args.speculative, threads=args.threads)
+          slots=args.slots, speculative=args.speculative, threads=args.threads, compile=args.compile)
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
     from . import load_for_inference, load_tokenizer
     from .infer.chat import chat_repl
+    from .infer.compiled import compile_decode
 
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
-    return chat_repl(load_for_inference(args.run), load_tokenizer(args.run), system=args.system,
+    model = load_for_inference(args.run, prepack=not args.compile)
+    decoder = compile_decode(model, warmup=_warmup(model, args)) if args.compile else None
+    return chat_repl(model, load_tokenizer(args.run), system=args.system,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                     top_p=args.top_p, seed=args.seed, speculative=args.speculative)
+                     top_p=args.top_p, seed=args.seed, speculative=args.speculative, decoder=decoder)
+
+
+def _warmup(model, args: argparse.Namespace) -> list[int]:
+    """The decode shapes (new tokens per step) to compile before the first prompt."""
+    print("compiling the decode step (once per shape; later runs reuse inductor's cache) ...", file=sys.stderr)
+    return [1] + ([model.config.n_mtp + 1] if args.speculative else [])
 
 
 def _generate(args: argparse.Namespace) -> int:
     import time
 
     from . import load_for_inference, load_tokenizer
+    from .infer.compiled import compile_decode
     from .infer.generate import generate_stream
 
-    model = load_for_inference(args.run, DTYPES[args.dtype] if args.dtype else None)
+    model = load_for_inference(args.run, DTYPES[args.dtype] if args.dtype else None, prepack=not args.compile)
+    decoder = compile_decode(model, warmup=_warmup(model, args)) if args.compile else None
     tok = load_tokenizer(args.run)
     ids = [tok.bos_id, *tok.encode(args.prompt)] if tok.bos_id is not None else tok.encode(args.prompt)
     stats, text, t0 = {}, tok.stream(), time.perf_counter()
     print(args.prompt, end="", flush=True)
     for step in generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed, stop=tok.eos_id, speculative=args.speculative,
-                                stats=stats):
+                                stats=stats, decoder=decoder):
         print(text.push(step[0].tolist()), end="", flush=True)
     print(text.flush())
     wall = time.perf_counter() - t0
@@ -176,6 +187,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+COMPILE_HELP = ("compile the decode step with torch.compile (about 2x faster decoding; tens of seconds of "
+                "compiling first, needs a C++ compiler; a quantized checkpoint cannot be compiled)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--slots", type=int, default=16, help="requests generated at once; the rest wait in order")
     sv.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
     sv.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    sv.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     sv.set_defaults(func=_serve)
 
     ch = sub.add_parser("chat", help="an interactive chat in the terminal (/reset, /system TEXT, /exit)")
@@ -241,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--top-p", type=float)
     ch.add_argument("--seed", type=int)
     ch.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    ch.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     ch.set_defaults(func=_chat)
 
     ge = sub.add_parser("generate", help="continue a prompt, streaming to the terminal, then report tokens/s")
@@ -255,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--dtype", choices=list(DTYPES),
                     help="run in this dtype, dequantizing a quantized checkpoint (default: a quantized "
                          "checkpoint keeps its codes, a plain one runs in bfloat16 with prepacked weights)")
+    ge.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     ge.set_defaults(func=_generate)
 
     qu = sub.add_parser("quantize", help="write a weight-only int8 or fp8 copy of a model for CPU inference")

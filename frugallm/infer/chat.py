@@ -56,8 +56,8 @@ class Conversation:
 
 def chat_repl(model, tokenizer, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.8,
               top_k: int | None = None, top_p: float | None = None, seed: int | None = None, speculative: bool = False,
-              input_fn: Callable[[str], str] = input, out: TextIO = sys.stdout) -> int:
-    """Run the REPL until /exit or end of input; returns 0."""
+              input_fn: Callable[[str], str] = input, out: TextIO = sys.stdout, decoder=None) -> int:
+    """Run the REPL until /exit or end of input; returns 0. decoder: as for `generate`."""
     context = model.config.max_seq_len
     convo = Conversation(tokenizer, context, system)
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else None
@@ -101,7 +101,7 @@ def chat_repl(model, tokenizer, system: str | None = None, max_new_tokens: int =
             say(f"(that message is too long: {len(ids)} prompt tokens, the context holds {context}; not sent)")
             continue
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, speculative=speculative,
-                        seed=None if seed is None else seed + turn)
+                        seed=None if seed is None else seed + turn, decoder=decoder)
         reply, n, t0 = _stream_reply(model, tokenizer, ids, min(max_new_tokens, room), sampling, stop, say)
         turn += 1
         convo.turns.append({"role": "assistant", "content": reply})

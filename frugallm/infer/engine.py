@@ -52,12 +52,13 @@ class Job:
 
 
 class Engine:
-    def __init__(self, model, tokenizer: Tokenizer, slots: int = 16, speculative: bool = False):
+    def __init__(self, model, tokenizer: Tokenizer, slots: int = 16, speculative: bool = False, decoder=None):
         if slots < 1:
             raise ValueError(f"slots={slots} must be >= 1")
         if speculative and model.config.n_mtp == 0:
             raise ValueError("speculative decoding needs the model's MTP modules, and this model has none (n_mtp=0)")
         self.model, self.tokenizer, self.slots, self.speculative = model, tokenizer, slots, speculative
+        self.decoder = decoder  # e.g. a compiled decode step (infer/compiled.py); None: eager
         self.stop_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
         self._pending: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
@@ -121,7 +122,7 @@ class Engine:
                 job.text = self.tokenizer.stream()
                 job.gen = generate_stream(self.model, [job.prompt], job.max_tokens, temperature=job.temperature,
                                           top_k=job.top_k, top_p=job.top_p, seed=job.seed, stop=self.stop_ids,
-                                          speculative=self.speculative)
+                                          speculative=self.speculative, decoder=self.decoder)
             tokens = next(job.gen)[0].tolist()
         except StopIteration:  # the generator ran out without a stop token: the length limit
             return self._finish(job, "length")

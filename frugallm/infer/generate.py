@@ -21,7 +21,7 @@ from .speculative import Drafter, accept
 @torch.inference_mode()
 def generate_stream(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None, seed: int | None = None, stop: int | Sequence[int] | None = None,
-                    speculative: bool = False, stats: dict | None = None) -> Iterator[torch.Tensor]:
+                    speculative: bool = False, stats: dict | None = None, decoder=None) -> Iterator[torch.Tensor]:
     """Yield the new tokens of every model step as (B, k) int64, k >= 1 (k > 1 only with `speculative`).
 
     input_ids: a (B, T) tensor, or a list of B token-id lists of any lengths.
@@ -30,6 +30,8 @@ def generate_stream(model, input_ids, max_new_tokens: int, temperature: float = 
     speculative: draft with the model's MTP modules and verify in one forward (speculative.py).
     stats: a dict to fill with counters: prompt_tokens, new_tokens, forwards, drafted, accepted,
         acceptance, tokens_per_forward, prefill_s (time to first token) and decode_s.
+    decoder: runs the decode / verify forwards instead of the eager model, e.g. a compiled step
+        (infer/compiled.py: compile_decode(model)); prefill and drafts stay eager.
     Closing the generator early releases its cache.
     """
     cfg = model.config
@@ -77,7 +79,8 @@ def generate_stream(model, input_ids, max_new_tokens: int, temperature: float = 
             drafts, dists = (drafter.draft(seq, n_verified, n_drafts, temperature, top_k, top_p, generator)
                              if n_drafts else (seq[:, :0], None))
             positions = (n_verified - 1)[:, None] + torch.arange(n_drafts + 1, device=device)  # (B, n_drafts+1)
-            out = model(seq.gather(1, positions), cache=cache, attn_impl="absorbed")
+            ids = seq.gather(1, positions)
+            out = decoder(ids, cache) if decoder else model(ids, cache=cache, attn_impl="absorbed")
             n, token, row_accepted = accept(out.logits, drafts, dists, temperature, top_k, top_p, generator)
             if drafter:
                 drafter.record(positions, out.hidden)
@@ -101,11 +104,11 @@ def generate_stream(model, input_ids, max_new_tokens: int, temperature: float = 
 
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, stop: int | Sequence[int] | None = None,
-             speculative: bool = False, stats: dict | None = None) -> torch.Tensor:
+             speculative: bool = False, stats: dict | None = None, decoder=None) -> torch.Tensor:
     """New token ids (B, T_new), T_new <= max_new_tokens: shorter when every row hit `stop` early,
     and rows that stopped before the others are padded with their stop id. See `generate_stream`."""
     steps = generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative,
-                            stats)
+                            stats, decoder)
     return torch.cat(list(steps), dim=1)[:, :max_new_tokens]
 
 

@@ -8,6 +8,10 @@ Rows keep their own lengths, so a batch may hold prompts of different lengths: r
 tokens go to positions lengths[b], lengths[b] + 1, ... Slots past a row's length may hold stale
 latents (right padding of a shorter prompt, rejected speculative drafts); the mask of `window`
 hides them, and the next write overwrites them. Rewinding a row is just lowering its length.
+
+A `static` cache (`KVCache.over`, for compiled decode steps, infer/compiled.py) never reads its
+lengths on the host: every step attends over all the buffer's slots under a mask, so the traced
+graph has no data-dependent shapes. The caller checks the bounds instead.
 """
 
 from __future__ import annotations
@@ -42,10 +46,21 @@ class KVCache:
         """Room for `max_len` positions (default the context) of `n_layers` layers (default the main stack)."""
         max_len = max_len or cfg.max_seq_len
         n_layers = cfg.n_layers if n_layers is None else n_layers
-        self.c_kv = torch.zeros(n_layers, batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.k_pe = torch.zeros(n_layers, batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions written, per row
-        self._layers = [LatentCache(self, i) for i in range(n_layers)]
+        self._adopt(torch.zeros(n_layers, batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device),
+                    torch.zeros(n_layers, batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device),
+                    torch.zeros(batch_size, dtype=torch.long, device=device), static=False)
+
+    @classmethod
+    def over(cls, c_kv: torch.Tensor, k_pe: torch.Tensor, lengths: torch.Tensor) -> "KVCache":
+        """A static cache on existing buffers (n_layers, B, T, dc), (n_layers, B, T, dr), lengths (B,),
+        e.g. the first T slots of another cache's: writes land in them, nothing is copied."""
+        cache = cls.__new__(cls)
+        cache._adopt(c_kv, k_pe, lengths, static=True)
+        return cache
+
+    def _adopt(self, c_kv: torch.Tensor, k_pe: torch.Tensor, lengths: torch.Tensor, static: bool) -> None:
+        self.c_kv, self.k_pe, self.lengths, self.static = c_kv, k_pe, lengths, static  # lengths: written, per row
+        self._layers = [LatentCache(self, i) for i in range(c_kv.shape[0])]
         self._start, self._T = 0, 0
 
     @property
@@ -59,7 +74,12 @@ class KVCache:
         """Positions (B, S) of S new tokens per row, and the (B, S, T) mask of the slots each may see.
 
         The mask is None when no slot needs hiding: one new token per row, all rows equally long.
+        A static cache always masks, over all its slots, and never syncs with the host.
         """
+        if self.static:
+            self._start, self._T = None, self.max_len
+            positions = self.lengths[:, None] + torch.arange(S, device=self.lengths.device)
+            return positions, torch.arange(self.max_len, device=self.lengths.device) <= positions[..., None]
         lo, hi = int(self.lengths.min()), int(self.lengths.max())
         self._start, self._T = (lo if lo == hi else None), hi + S
         if self._T > self.max_len:

@@ -126,17 +126,17 @@ class Server:
     """The app's state: model, tokenizer, engine, name, key; `app` is the FastAPI application."""
 
     def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, slots: int = 16,
-                 speculative: bool = False):
+                 speculative: bool = False, decoder=None):
         self.model, self.tokenizer, self.model_name, self.api_key = model, tokenizer, model_name, api_key
         self.context = model.config.max_seq_len
         self.created = int(time.time())
         self.engine: Engine | None = None
-        self.app = self._build_app(slots, speculative)
+        self.app = self._build_app(slots, speculative, decoder)
 
-    def _build_app(self, slots: int, speculative: bool) -> FastAPI:
+    def _build_app(self, slots: int, speculative: bool, decoder) -> FastAPI:
         @contextlib.asynccontextmanager
         async def lifespan(app):
-            self.engine = Engine(self.model, self.tokenizer, slots, speculative)
+            self.engine = Engine(self.model, self.tokenizer, slots, speculative, decoder)
             yield
             self.engine.close()
 
@@ -325,20 +325,25 @@ def _event(obj: dict) -> str:
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, slots: int = 16, speculative: bool = False, threads: int | None = None,
-          log_level: str = "info") -> None:
-    """Load RUN (a frugallm run or a Hugging Face DeepSeek dir) and serve it until interrupted."""
+          log_level: str = "info", compile: bool = False) -> None:
+    """Load RUN (a frugallm run or a Hugging Face DeepSeek dir) and serve it until interrupted.
+    compile: compile the decode step (infer/compiled.py) before listening."""
     import torch
     import uvicorn
 
     from .. import load_for_inference, load_tokenizer
+    from .compiled import compile_decode
 
     if threads:
         torch.set_num_threads(threads)
-    model, tokenizer = load_for_inference(run), load_tokenizer(run)
+    model, tokenizer = load_for_inference(run, prepack=not compile), load_tokenizer(run)
     name = model_name or Path(run).resolve().name
     if speculative and model.config.n_mtp == 0:
         raise ValueError(f"--speculative drafts with MTP modules, and {run} has none (n_mtp=0)")
-    server = Server(model, tokenizer, name, api_key=api_key, slots=slots, speculative=speculative)
+    if compile:
+        print("frugallm: compiling the decode step ...", flush=True)
+    decoder = compile_decode(model, warmup=[1] + ([model.config.n_mtp + 1] if speculative else [])) if compile else None
+    server = Server(model, tokenizer, name, api_key=api_key, slots=slots, speculative=speculative, decoder=decoder)
     print(f"frugallm: serving '{name}' ({model.config.max_seq_len}-token context, {slots} slots) "
           f"on http://{host}:{port}/v1{' with an API key' if api_key else ''}", flush=True)
     uvicorn.run(server.app, host=host, port=port, log_level=log_level)

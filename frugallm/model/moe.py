@@ -11,7 +11,8 @@ Gate, in order (V3-code `Gate.forward`):
      (never (s+b)-b, which cancels to 0 in fp32 when |b| >> s); sigmoid: w /= sum w; w *= route_scale
 
 Routed experts have two implementations with the same output: `loop` (reference: one masked
-pass per expert) and `grouped` (default: tokens sorted by expert, one grouped GEMM per weight).
+pass per expert) and `grouped` (default: tokens sorted by expert, one grouped GEMM per weight),
+plus two static-shape ones for compiled decoding (`gathered`, `dense`; `static_experts` picks).
 Expert weights are stacked (E, out, in) so both paths share them.
 
 Load balancing lives outside forward: training forwards only ADD to `tokens_per_expert`; the
@@ -186,6 +187,39 @@ def per_expert(x, weights, idx, n_experts: int, expert) -> torch.Tensor:
     sizes = torch.bincount(flat, minlength=n_experts).tolist()
     out = torch.cat([expert(e, rows) for e, rows in enumerate(xs.split(sizes)) if sizes[e]]) * w
     return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1)
+
+
+def gathered_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
+    """Static shapes, for compiled decode with fewer (token, expert) pairs than experts: each pair
+    reads its own expert's rows, w[idx] (N, K, ., .), inside one reduction, so a compiler fuses
+    the gather into the GEMV and nothing is copied or sorted. Accumulates in fp32."""
+    xf = upcast(x)[:, None, None, :]  # (N, 1, 1, d)
+    h = F.silu((xf * upcast(w1[idx])).sum(-1)) * (xf * upcast(w3[idx])).sum(-1)  # (N, K, I)
+    h = h * weights[..., None]
+    return (h[:, :, None, :] * upcast(w2[idx])).sum(dim=(1, 3)).to(x.dtype)  # sum over I and K
+
+
+def dense_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
+    """Static shapes, for compiled decode of a batch: every expert on every token, weighted by the
+    (N, E) routing weights (zero where not chosen). E/K times the routed FLOPs, but each expert's
+    weights are read once, in three GEMMs over the stacked matrices: at decode batch sizes the
+    union of the chosen experts is most of them anyway and the GEMMs are bandwidth-bound."""
+    N, K = idx.shape
+    E, I, d = w1.shape
+    dense = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter(1, idx, weights)  # (N, E)
+    a = F.linear(x, w1.reshape(E * I, d)).view(N, E, I)
+    b = F.linear(x, w3.reshape(E * I, d)).view(N, E, I)
+    h = (F.silu(upcast(a)) * b * dense[..., None]).to(x.dtype)
+    return F.linear(h.view(N, E * I), w2.permute(1, 0, 2).reshape(d, E * I))  # sum_e w2_e h_e
+
+
+def static_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
+    """An `expert_fn` for compiled decode steps (infer/compiled.py): under torch.compile, no
+    data-dependent shapes (no sort, no per-expert split): gathered with fewer pairs than experts
+    (batch-1 decode), dense otherwise. Eager calls (prefill) keep the grouped path."""
+    if not torch.compiler.is_compiling():
+        return grouped_experts(x, weights, idx, w1, w2, w3)
+    return (gathered_experts if idx.numel() < w1.shape[0] else dense_experts)(x, weights, idx, w1, w2, w3)
 
 
 def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

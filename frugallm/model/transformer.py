@@ -179,7 +179,7 @@ class Transformer(nn.Module):
                                  f"shorten the input or raise max_seq_len")
             return dict(cos=self.rope_cos[:S], sin=self.rope_sin[:S], absorb=absorb)
         positions, mask = cache.window(S)  # (B, S), (B, S, T) or None
-        if int(positions[:, -1].max()) >= cfg.max_seq_len:
+        if not cache.static and int(positions[:, -1].max()) >= cfg.max_seq_len:  # static: the caller checks
             raise ValueError(f"position {int(positions[:, -1].max())} is past max_seq_len={cfg.max_seq_len}; "
                              f"shorten the input or raise max_seq_len")
         return dict(cos=self.rope_cos[positions], sin=self.rope_sin[positions], positions=positions, mask=mask,

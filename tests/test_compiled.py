@@ -1,0 +1,83 @@
+"""Compiled decoding (infer/compiled.py) against its eager twin, and the static-shape pieces it
+is made of: the gathered / dense experts against the loop, the static cache against the dynamic one."""
+
+import pytest
+import torch
+
+from frugallm import Transformer
+from frugallm.infer import KVCache
+from frugallm.infer.compiled import compile_decode, unavailable_reason
+from frugallm.infer.generate import generate
+from frugallm.model.moe import MoE, dense_experts, gathered_experts, loop_experts, static_experts
+from frugallm.numerics.prepack import prepack
+
+from conftest import tiny_config
+
+
+@pytest.mark.parametrize("experts", [gathered_experts, dense_experts, static_experts])
+@pytest.mark.parametrize("n_tokens", [1, 3, 9])
+def test_static_shape_experts_equal_the_loop(experts, n_tokens):
+    cfg = tiny_config()
+    moe = MoE(cfg).double()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(n_tokens, cfg.dim, dtype=torch.float64)
+    weights, idx, _ = moe.gate(x)
+    want = loop_experts(x, weights, idx, moe.w1, moe.w2, moe.w3)
+    got = experts(x, weights, idx, moe.w1, moe.w2, moe.w3)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-13)
+
+
+def test_static_cache_view_equals_the_dynamic_cache():
+    """KVCache.over masks all its slots instead of slicing: same logits, same writes, ragged rows."""
+    model = Transformer(tiny_config()).double().eval()
+    cache = KVCache(model.config, 2, max_len=16, dtype=torch.float64)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 7)), cache=cache)
+        cache.lengths.copy_(torch.tensor([7, 4]))  # row 1 is a shorter prompt: slots 4..6 are stale
+        other = KVCache(model.config, 2, max_len=16, dtype=torch.float64)
+        other.c_kv.copy_(cache.c_kv), other.k_pe.copy_(cache.k_pe), other.lengths.copy_(cache.lengths)
+        ids = torch.randint(0, 97, (2, 2))
+        want = model(ids, cache=cache, attn_impl="absorbed").logits
+        T = int(other.lengths.max()) + 2
+        static = KVCache.over(other.c_kv[:, :, :T], other.k_pe[:, :, :T], other.lengths)
+        got = model(ids, cache=static, attn_impl="absorbed").logits
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(other.lengths, cache.lengths)
+    assert torch.equal(other.c_kv, cache.c_kv) and torch.equal(other.k_pe, cache.k_pe)
+
+
+def test_converted_models_are_refused_with_the_fix():
+    model = Transformer(tiny_config()).to(torch.bfloat16).eval()
+    if not prepack(model):
+        pytest.skip("prepacking is unavailable on this machine")
+    reason = unavailable_reason(model)
+    assert reason and "prepack=False" in reason
+    with pytest.raises(RuntimeError, match="cannot compile the decode step"):
+        compile_decode(model)
+
+
+@pytest.mark.skipif(unavailable_reason(Transformer(tiny_config())) is not None,
+                    reason="torch.compile cannot run here (no C++ compiler or unsupported build)")
+def test_compiled_decode_equals_eager_greedy_batch_and_speculative():
+    """fp32: batch 4 of ragged prompts (the dense expert path) and batch 1 speculative (gathered,
+    verify steps of 2 tokens): the same greedy tokens as the eager model, one graph per shape."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(n_layers=2)).eval()
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (9, 3, 6, 1)]
+    want = generate(model, prompts, 10)
+    spec_want = generate(model, prompts[:1], 10)
+    decoder = compile_decode(model)
+    assert torch.equal(generate(model, prompts, 10, decoder=decoder), want)
+    stats = {}
+    assert torch.equal(generate(model, prompts[:1], 10, speculative=True, decoder=decoder, stats=stats), spec_want)
+    assert stats["forwards"] < 10  # the verify graph (2 tokens per step) ran, not just the 1-token one
+    with torch.inference_mode():  # logits, not only their argmax: within fp32 reassociation
+        cache = KVCache(model.config, 1, max_len=16)
+        model(torch.tensor([prompts[0]]), cache=cache)
+        ids = torch.tensor([[5]])
+        got = decoder(ids, cache).logits
+        cache.lengths -= 1
+        eager = model(ids, cache=cache, attn_impl="absorbed").logits
+    assert torch.allclose(got, eager, rtol=1e-4, atol=1e-5)
