@@ -133,13 +133,10 @@ def section_bandwidth_and_hf(args) -> None:
         ours = frugallm.from_hf(Path(tmp) / "m", dtype=torch.bfloat16).eval()
         hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "m", dtype=torch.bfloat16).eval()
     impls = [i for i in ("eager", "grouped_mm", "batched_mm") if i == "eager" or _hf_has_impl(i)]
-    best, best_rate = "eager", 0.0
-    for impl in impls:  # transformers at its fastest CPU experts implementation for decode
+
+    def hf_with(impl, prompts):  # transformers with one of its CPU experts implementations
         hf.set_experts_implementation(impl)
-        rate = hf_decode(hf, prompt, 8)[0]
-        if rate > best_rate:
-            best, best_rate = impl, rate
-    hf.set_experts_implementation(best)
+        return hf_decode(hf, prompts, args.new)
     per_token = weight_bytes_per_token(ours)
     plain = ours  # frugallm's bf16 model as loaded, F.linear on plain weights (transformers' kernels)
     packed = copy.deepcopy(plain)
@@ -154,13 +151,19 @@ def section_bandwidth_and_hf(args) -> None:
     res = median_pairs({"plain1": lambda: ours_decode(plain, prompt, args.new),
                         "packed1": lambda: ours_decode(packed, prompt, args.new),
                         "ours1": lambda: ours_decode(ours, prompt, args.new, decoder),
-                        "hf1": lambda: hf_decode(hf, prompt, args.new),
                         "packed8": lambda: ours_decode(packed, batch8, args.new),
                         "ours8": lambda: ours_decode(ours, batch8, args.new, decoder),
-                        "hf8": lambda: hf_decode(hf, batch8, args.new)}, args.rounds)
+                        **{f"hf1:{i}": lambda i=i: hf_with(i, prompt) for i in impls},
+                        **{f"hf8:{i}": lambda i=i: hf_with(i, batch8) for i in impls}}, args.rounds)
+    # transformers at its best implementation for each measure (the best differs between them)
+    best = {"1": max(impls, key=lambda i: res[f"hf1:{i}"][0]), "8": max(impls, key=lambda i: res[f"hf8:{i}"][0]),
+            "ttft": min(impls, key=lambda i: res[f"hf1:{i}"][1])}
+    res["hf1"] = (res[f"hf1:{best['1']}"][0], res[f"hf1:{best['ttft']}"][1])
+    res["hf8"] = res[f"hf8:{best['8']}"]
     bound = bw / per_token
     print(f"\nbf16, prompt {args.prompt}, {args.new} new tokens, median of {args.rounds} alternated runs; "
-          f"transformers experts_implementation={best}; frugallm's decode step compiled (compile_decode, "
+          f"transformers at its best experts_implementation per row (batch 1: {best['1']}, batch 8: {best['8']}, "
+          f"first token: {best['ttft']}, of {', '.join(impls)}); frugallm's decode step compiled (compile_decode, "
           f"{compile_s:.0f} s for batch 1 and 8, once per process)")
     print(f"{'':26}{'frugallm':>12}{'transformers':>14}{'ratio':>8}")
     for label, key in (("decode tok/s, batch 1", "1"), ("decode tok/s, batch 8", "8")):
@@ -210,48 +213,76 @@ def section_speculative(args) -> None:
         print(f"\n(speculative and quantization sections skipped: no run at {run}; train one with `frugallm train`)")
         return
     tok = frugallm.load_tokenizer(run)
-    model = frugallm.load_for_inference(run)  # bf16, prepacked
+    eager = frugallm.load_for_inference(run)  # bf16, prepacked
+    compiled = frugallm.load_for_inference(run, prepack=False)
+    decoder = compile_decode(compiled, warmup=[1, compiled.config.n_mtp + 1])
     prompts = [[tok.bos_id, *tok.encode(text)[: args.prompt]] for text in held_out_texts(run, args.n_prompts)]
-    plain = [generate(model, [p], args.new) for p in prompts]
-    spec_stats = []
-
-    def spec():
-        stats, out = {}, []
-        t = _time(lambda: out.extend(generate(model, [p], args.new, speculative=True, stats=stats) for p in prompts))
-        spec_stats.append(stats)
-        return (t, out)
-
-    res = median_pairs({"plain": lambda: (_time(lambda: [generate(model, [p], args.new) for p in prompts]),),
-                        "spec": lambda: (spec()[0],)}, args.rounds)
-    _, outs = spec()
-    same = all(torch.equal(a, b) for a, b in zip(plain, outs))
-    acc = statistics.mean(s["acceptance"] for s in spec_stats)
-    tpf = statistics.mean(s["tokens_per_forward"] for s in spec_stats)
+    D = eager.config.n_mtp
     print(f"\nspeculative decoding on {run} (bf16, batch 1, greedy, {len(prompts)} held-out {args.prompt}-token "
-          f"prompts x {args.new} new tokens): "
-          f"same tokens as greedy: {same}")
-    print(f"  acceptance {acc:.2f}, {tpf:.2f} tokens per main-model forward, "
-          f"speed-up {res['plain'][0] / res['spec'][0]:.2f}x ({res['plain'][0]:.2f} s -> {res['spec'][0]:.2f} s)")
-    # Why the speed-up is what it is: a speculative step = one main forward over D+1 tokens + the
-    # MTP drafts; a plain step = one main forward over 1 token. On a GPU the first is ~flat in S;
-    # on a CPU at batch 1 it is not (a MoE reads the union of the tokens' experts), so the speed-up
-    # is bounded by tokens-per-forward / (cost of a speculative step / cost of a plain step).
-    costs = step_costs(model, args.prompt)
-    ratio = (costs["main"][model.config.n_mtp + 1] + costs["mtp"]) / costs["main"][1]
-    print(f"  per step, ms: plain forward (1 token) {costs['main'][1]:.2f}; verify forward "
-          f"({model.config.n_mtp + 1} tokens) {costs['main'][model.config.n_mtp + 1]:.2f}; MTP drafts {costs['mtp']:.2f} "
-          f"-> a speculative step costs {ratio:.2f}x a plain one, so {tpf:.2f} tokens per forward can give at most "
-          f"{tpf / ratio:.2f}x")
+          f"prompts x {args.new} new tokens), median of {args.rounds}:")
+    for label, model, dec in (("eager, prepacked", eager, None), ("compiled", compiled, decoder)):
+        gen = lambda p, **kw: generate(model, [p], args.new, decoder=dec, **kw)
+        plain = [gen(p) for p in prompts]  # also compiles any shape the warm-up missed
+        spec_stats, outs = [], []
+
+        def spec():
+            stats = {}
+            outs[:] = []
+            t = _time(lambda: outs.extend(gen(p, speculative=True, stats=stats) for p in prompts))
+            spec_stats.append(stats)
+            return (t,)
+
+        spec()
+        res = median_pairs({"plain": lambda: (_time(lambda: [gen(p) for p in prompts]),), "spec": spec}, args.rounds)
+        same = all(torch.equal(a, b) for a, b in zip(plain, outs))
+        acc = statistics.mean(s["acceptance"] for s in spec_stats)
+        tpf = statistics.mean(s["tokens_per_forward"] for s in spec_stats)
+        print(f"  {label}: same tokens as greedy: {same}; acceptance {acc:.2f}, {tpf:.2f} tokens per main-model "
+              f"forward; speed-up {res['plain'][0] / res['spec'][0]:.2f}x ({res['plain'][0]:.2f} s -> "
+              f"{res['spec'][0]:.2f} s)")
+        # Why: a speculative step = one main forward over D+1 tokens + the MTP drafts; a plain step =
+        # one main forward over 1 token. On a GPU the first is ~flat in S; on a CPU at batch 1 it is
+        # not (a MoE reads the union of the tokens' experts) and the drafts read the output head
+        # again, so the speed-up is at most tokens-per-forward / (speculative step / plain step).
+        costs = step_costs(model, args.prompt, dec)
+        ratio = (costs["main"][D + 1] + costs["mtp"]) / costs["main"][1]
+        print(f"    per step, ms: plain forward (1 token) {costs['main'][1]:.2f}; verify forward ({D + 1} tokens) "
+              f"{costs['main'][D + 1]:.2f}; MTP drafts {costs['mtp']:.2f} -> a speculative step costs {ratio:.2f}x "
+              f"a plain one, so {tpf:.2f} tokens per forward can give at most {tpf / ratio:.2f}x")
+    plain_b, verify_b, draft_b = spec_bytes(eager.config)
+    print(f"  weights read per step: plain {plain_b / 1e6:.1f} MB; verify ({D + 1} tokens, expected union of experts) "
+          f"{verify_b / 1e6:.1f} MB; drafts {draft_b / 1e6:.1f} MB (output head included) -> even at full bandwidth "
+          f"{tpf:.2f} tokens per forward give at most {tpf * plain_b / (verify_b + draft_b):.2f}x")
+
+
+def spec_bytes(cfg) -> tuple[float, float, float]:
+    """bf16 weight bytes read at batch 1 by a plain step, a verify step over D+1 tokens and the D
+    drafts. Routed experts count by the expected union over a step's S tokens under uniform
+    routing, E (1 - (1 - K/E)^S); the embedding table counts as nothing (one row per token)."""
+    with torch.device("meta"):
+        model = frugallm.Transformer(cfg)
+    E, K = cfg.n_routed_experts, cfg.n_activated_experts
+
+    def read(named, S: int) -> float:
+        return sum(p.numel() * 2 * ((1 - (1 - K / E) ** S) if n.endswith(("ffn.w1", "ffn.w2", "ffn.w3")) else 1)
+                   for n, p in named if n != "embed.weight")
+
+    main = [(n, p) for n, p in model.named_parameters() if not n.startswith("mtp.")]
+    drafts = sum(read(m.named_parameters(), 1) + model.head.weight.numel() * 2 for m in model.mtp)
+    return read(main, 1), read(main, cfg.n_mtp + 1), drafts
 
 
 @torch.inference_mode()
-def step_costs(model, prompt: int, reps: int = 30) -> dict:
+def step_costs(model, prompt: int, decoder=None, reps: int = 30) -> dict:
     """Median ms of the main model's cached forward over S = 1 .. D+1 new tokens, and of the D MTP
-    depths' draft forwards (one new position each), after a `prompt`-token prefill."""
+    depths' draft forwards (one new position each), after a `prompt`-token prefill; through
+    `decoder` (a compiled step) when given, as generate runs them."""
     cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (1, prompt + cfg.n_mtp + 1))
     cache = KVCache(cfg, 1, ids.shape[1], dtype=model.embed.weight.dtype)
     model(ids[:, :prompt], cache=cache)
+    forward = decoder or (lambda x, c: model(x, cache=c, attn_impl="absorbed"))
+    mtp_step = decoder.mtp_step if decoder else model.mtp_step
 
     def ms(fn) -> float:
         fn()
@@ -259,15 +290,16 @@ def step_costs(model, prompt: int, reps: int = 30) -> dict:
 
     def main(S):
         cache.lengths.fill_(prompt)
-        model(ids[:, prompt:prompt + S], cache=cache, attn_impl="absorbed")
+        forward(ids[:, prompt:prompt + S], cache)
 
     mtp_caches = [KVCache(cfg, 1, ids.shape[1], dtype=model.embed.weight.dtype, n_layers=1) for _ in range(cfg.n_mtp)]
     h = torch.randn(1, 1, cfg.dim, dtype=model.embed.weight.dtype)
+    at = torch.zeros(1, 1, dtype=torch.long)
 
     def drafts():
         for k, c in enumerate(mtp_caches):
             c.lengths.fill_(prompt)
-            model.mtp_step(k, h, ids[:, prompt:prompt + 1], c, attn_impl="absorbed")
+            mtp_step(k, h, ids[:, prompt:prompt + 1], c, attn_impl="absorbed", logits_at=at)
 
     return {"main": {S: ms(lambda: main(S)) for S in range(1, cfg.n_mtp + 2)}, "mtp": ms(drafts)}
 

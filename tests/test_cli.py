@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from frugallm.cli import main
 
 
@@ -43,3 +45,15 @@ def test_generate_and_quantize_commands(tiny_run, tmp_path, capsys):
     assert main(["quantize", str(tiny_run), "--to", "int8", "--layout", "deepseek", "--out", str(tmp_path / "x")]) == 2
     assert "FP8 only" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+
+
+def test_generate_compiled(tiny_run, capsys):
+    from frugallm import load
+    from frugallm.infer.compiled import unavailable_reason
+
+    if unavailable_reason(load(tiny_run)):
+        pytest.skip(unavailable_reason(load(tiny_run)))
+    assert main(["generate", str(tiny_run), "--prompt", "the cat", "--max-new-tokens", "8", "--compile"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("the cat") and "compiling the decode step" in captured.err
+    assert "decode" in captured.err and "tokens/s" in captured.err

@@ -231,18 +231,16 @@ def test_chat_cli_over_stdin(tiny_run):
     assert "frugallm chat" in r.stdout and "tokens/s]" in r.stdout
 
 
-def test_engine_speculative_greedy_equals_plain(tiny_run):
+def _engine_replies(model, tok, speculative: bool, decoder=None) -> list:
+    """Three greedy jobs through an Engine with 2 slots (one waits): (text, final event) each."""
     import asyncio
 
-    from frugallm import load, load_tokenizer
     from frugallm.infer.engine import Engine, Job
 
-    model, tok = load(tiny_run), load_tokenizer(tiny_run)
-    assert model.config.n_mtp > 0
     prompts = [[tok.bos_id, *tok.encode(p)] for p in ("the cat", "a dog ran to the", "ball")]
 
-    async def run(speculative):
-        engine = Engine(model, tok, slots=2, speculative=speculative)  # 3 jobs, 2 slots: one waits
+    async def run():
+        engine = Engine(model, tok, slots=2, speculative=speculative, decoder=decoder)
         try:
             jobs = [engine.submit(Job(p, 30, temperature=0.0, stop=["zz"])) for p in prompts]
             results = []
@@ -255,6 +253,26 @@ def test_engine_speculative_greedy_equals_plain(tiny_run):
         finally:
             engine.close()
 
-    plain = asyncio.run(run(False))
+    return asyncio.run(run())
+
+
+def test_engine_speculative_greedy_equals_plain(tiny_run):
+    from frugallm import load, load_tokenizer
+
+    model, tok = load(tiny_run), load_tokenizer(tiny_run)
+    assert model.config.n_mtp > 0
+    plain = _engine_replies(model, tok, speculative=False)
     assert all(event[0] == "done" for _, event in plain)
-    assert asyncio.run(run(True)) == plain
+    assert _engine_replies(model, tok, speculative=True) == plain
+
+
+def test_engine_with_a_compiled_decoder_equals_eager(tiny_run):
+    """The compiled step runs on the engine's worker thread; fp32, so greedy text must not change."""
+    from frugallm import load, load_tokenizer
+    from frugallm.infer.compiled import compile_decode, unavailable_reason
+
+    model, tok = load(tiny_run), load_tokenizer(tiny_run)
+    if unavailable_reason(model):
+        pytest.skip(unavailable_reason(model))
+    plain = _engine_replies(model, tok, speculative=False)
+    assert _engine_replies(model, tok, speculative=False, decoder=compile_decode(model)) == plain

@@ -7,14 +7,15 @@ around packed GEMMs, and with `cpp_wrapper` drives them from C++ as well.
 
 What makes the step traceable as one graph with no data-dependent shapes:
   - the cache is `KVCache.over(...)` (static): attention over all of its slots under a mask,
-    no host sync; the slots passed in are the first T = max(lengths) + S, and T is a dynamic
-    dimension, so a growing context never recompiles;
+    no host sync; the buffer length is a dynamic dimension, so no cache size recompiles (the
+    cost: a step attends over the whole buffer, prompt + max_new_tokens for `generate`);
   - routed experts go through `static_experts` (model/moe.py): per-pair gathered GEMVs at
     batch 1, every expert densely for a batch; no sort, no per-expert split;
   - freezing treats the weights as constants, so inductor prepacks them itself (the eager
     `numerics/prepack.py` is not applied to a model that is compiled).
 One graph is compiled per (batch, new tokens) shape, tens of seconds each for a ~100M model;
-inductor's on-disk cache makes later processes quicker. Prefill and the MTP drafts stay eager.
+inductor's on-disk cache makes later processes quicker. The MTP modules' drafting windows are
+compiled the same way (`mtp_step`); prefill stays eager.
 
 The reference twin is the eager model on a dynamic cache; tests/test_compiled.py compares them.
 """
@@ -49,7 +50,8 @@ def unavailable_reason(model) -> str | None:
 
 class CompiledDecode:
     """`decoder(tokens, cache)` == `model(tokens, cache=cache, attn_impl="absorbed")` for a
-    cached decode or verify step, compiled. Pass it to `generate(..., decoder=)`.
+    cached decode or verify step, compiled, and `decoder.mtp_step` == `model.mtp_step` for the
+    speculative drafts. Pass it to `generate(..., decoder=)`.
 
     The model must stay frozen afterwards (its weights are compiled in) and in inference mode.
     """
@@ -67,25 +69,46 @@ class CompiledDecode:
         # only reach inductor; without it the step ran ~1.6x slower. Costs ~16 us a call.
         self._config = {"freezing": True, "cpp_wrapper": cpp_wrapper}
         self._step = torch.compile(self._forward, dynamic=False)
+        self._mtp = torch.compile(self._mtp_forward, dynamic=False)
 
     def _forward(self, tokens, c_kv, k_pe, lengths):
         out = self.model(tokens, cache=KVCache.over(c_kv, k_pe, lengths), attn_impl="absorbed")
         return out.logits, out.hidden
 
+    def _mtp_forward(self, depth: int, h_prev, next_ids, c_kv, k_pe, lengths, logits_at):
+        return self.model.mtp_step(depth, h_prev, next_ids, KVCache.over(c_kv, k_pe, lengths), attn_impl="absorbed",
+                                   logits_at=logits_at)
+
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> ModelOutput:
         """tokens (B, S) at positions lengths[b]..+S-1 of `cache` (a dynamic KVCache); its lengths
         advance by S, as with the eager model."""
-        cfg = self.model.config
-        T = int(cache.lengths.max()) + tokens.shape[1]
-        if T > cache.max_len or T > cfg.max_seq_len:
-            raise ValueError(f"writing {tokens.shape[1]} tokens after position {T - tokens.shape[1]} needs {T} "
-                             f"slots; the cache holds {cache.max_len} and the context is {cfg.max_seq_len}")
-        c_kv, k_pe = cache.c_kv[:, :, :T], cache.k_pe[:, :, :T]
-        torch._dynamo.maybe_mark_dynamic(c_kv, 2)
-        torch._dynamo.maybe_mark_dynamic(k_pe, 2)
+        c_kv, k_pe = self._window(cache, tokens.shape[1])
         with torch._inductor.config.patch(self._config):
             logits, hidden = self._step(tokens, c_kv, k_pe, cache.lengths)
         return ModelOutput(logits=logits, hidden=hidden)
+
+    def mtp_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: KVCache,
+                 attn_impl: str | None = None, logits_at: torch.Tensor | None = None):
+        """`model.mtp_step`, compiled for speculative drafting windows (absorbed attention over a
+        few positions, one graph per width and depth); other calls (the first window after a
+        prefill, naive attention) run eager."""
+        if attn_impl != "absorbed" or logits_at is None:
+            return self.model.mtp_step(depth, h_prev, next_ids, cache, attn_impl, logits_at)
+        c_kv, k_pe = self._window(cache, next_ids.shape[1])
+        with torch._inductor.config.patch(self._config):
+            return self._mtp(depth, h_prev, next_ids, c_kv, k_pe, cache.lengths, logits_at)
+
+    def _window(self, cache: KVCache, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache's whole buffers, their length marked dynamic: one graph serves every cache size.
+        Not the first max(lengths) + S slots: a view's strides would depend on the buffer length,
+        and the first graph would be specialised to it."""
+        T = int(cache.lengths.max()) + S
+        if T > cache.max_len or T > self.model.config.max_seq_len:
+            raise ValueError(f"writing {S} tokens after position {T - S} needs {T} slots; the cache holds "
+                             f"{cache.max_len} and the context is {self.model.config.max_seq_len}")
+        torch._dynamo.maybe_mark_dynamic(cache.c_kv, 2)
+        torch._dynamo.maybe_mark_dynamic(cache.k_pe, 2)
+        return cache.c_kv, cache.k_pe
 
     @torch.inference_mode()
     def warmup(self, batch_size: int = 1, n_tokens: int = 1) -> None:

@@ -30,8 +30,9 @@ def generate_stream(model, input_ids, max_new_tokens: int, temperature: float = 
     speculative: draft with the model's MTP modules and verify in one forward (speculative.py).
     stats: a dict to fill with counters: prompt_tokens, new_tokens, forwards, drafted, accepted,
         acceptance, tokens_per_forward, prefill_s (time to first token) and decode_s.
-    decoder: runs the decode / verify forwards instead of the eager model, e.g. a compiled step
-        (infer/compiled.py: compile_decode(model)); prefill and drafts stay eager.
+    decoder: runs the decode / verify forwards (`decoder(ids, cache)`) and the MTP drafts
+        (`decoder.mtp_step`) instead of the eager model: a compiled step, infer/compiled.py
+        compile_decode(model). Prefill stays eager.
     Closing the generator early releases its cache.
     """
     cfg = model.config
@@ -63,7 +64,7 @@ def generate_stream(model, input_ids, max_new_tokens: int, temperature: float = 
         cache = KVCache(cfg, B, size, dtype=dtype, device=device)
         out = model(seq[:, :longest], cache=cache, logits_at=(lengths - 1)[:, None])
         cache.lengths.copy_(lengths)  # padding slots past each prompt are stale from here on
-        drafter = Drafter(model, B, size + D + 1, dtype, device) if D else None
+        drafter = Drafter(model, B, size + D + 1, dtype, device, decoder and decoder.mtp_step) if D else None
         if drafter:
             drafter.record(torch.arange(longest, device=device).expand(B, -1), out.hidden)
         token = sample(out.logits[:, 0], temperature, top_k, top_p, generator)

@@ -66,9 +66,10 @@ def accept(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch
 class Drafter:
     """Per-depth MTP caches and hidden-state history for one batch of B sequences."""
 
-    def __init__(self, model, batch_size: int, max_len: int, dtype: torch.dtype, device):
+    def __init__(self, model, batch_size: int, max_len: int, dtype: torch.dtype, device, mtp_step=None):
+        """mtp_step: runs the MTP modules instead of `model.mtp_step` (e.g. a compiled one)."""
         cfg = model.config
-        self.model, self.D = model, cfg.n_mtp
+        self.mtp_step, self.D = mtp_step or model.mtp_step, cfg.n_mtp
         self.caches = [KVCache(cfg, batch_size, max_len, dtype, device, n_layers=1) for _ in range(self.D)]
         # hist[k] (B, max_len, d): h^k at every position, the input of depth k+1 (hist[0]: main model)
         self.hist = [torch.zeros(batch_size, max_len, cfg.dim, dtype=dtype, device=device) for _ in range(self.D)]
@@ -96,7 +97,7 @@ class Drafter:
             width = int((n_verified - 1 - start).max())
             idx = start[:, None] + torch.arange(width, device=seq.device)  # (B, W)
             cache.lengths.copy_(start)
-            h, logits = self.model.mtp_step(k - 1, self.hist[k - 1][rows, idx], seq.gather(1, idx + k), cache,
+            h, logits = self.mtp_step(k - 1, self.hist[k - 1][rows, idx], seq.gather(1, idx + k), cache,
                                             attn_impl="absorbed" if width <= self.D + 1 else "naive",
                                             logits_at=(n_verified - 2 - start)[:, None])  # at position N-2
             if k < self.D:
