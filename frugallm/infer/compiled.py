@@ -40,8 +40,8 @@ def unavailable_reason(model) -> str | None:
         return "torch.compile is not supported by this Python / PyTorch build"
     if model.embed.weight.device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         return "torch.compile's CPU backend needs a C++ compiler (g++ or clang++): install one, e.g. `apt install g++`"
-    converted = [name for name, m in model.named_modules()
-                 if isinstance(m, (PackedLinear, PackedMLP, QuantLinear)) or isinstance(m, MoE) and m.expert_fn not in (None, static_experts)]
+    converted = [name for name, m in model.named_modules() if isinstance(m, (PackedLinear, PackedMLP, QuantLinear))
+                 or isinstance(m, MoE) and m.expert_fn not in (None, static_experts)]
     if converted:
         return (f"compiled decoding takes a plain model, and {converted[0]} was converted (prepacked or "
                 f"quantized): load a plain checkpoint with frugallm.load_for_inference(path, prepack=False)")
@@ -63,7 +63,7 @@ class CompiledDecode:
         self.model = model
         for m in model.modules():
             if isinstance(m, MoE):
-                m.expert_fn = static_experts  # eager calls (prefill, MTP drafts) keep the grouped path
+                m.expert_fn = static_experts  # eager calls (prefill, the first draft window) keep the grouped path
         # Set around every call, not passed as torch.compile(options=): dynamo reads `freezing` too,
         # while tracing (to keep the weights as constants instead of graph inputs), and options
         # only reach inductor; without it the step ran ~1.6x slower. Costs ~16 us a call.
