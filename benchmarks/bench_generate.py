@@ -63,16 +63,19 @@ def random_model(cfg, dtype) -> frugallm.Transformer:
     return model.to(dtype).eval()
 
 
+def weight_bytes_read(named_params, cfg, S: int = 1) -> float:
+    """Bytes of weights a batch-1 forward over S tokens reads: every matrix, the routed experts by
+    the expected union of the S tokens' choices under uniform routing, E (1 - (1 - K/E)^S) of E
+    (K of E at S = 1); the embedding table counts as nothing (one row per token)."""
+    chosen = 1 - (1 - cfg.n_activated_experts / cfg.n_routed_experts) ** S
+    return sum(p.numel() * p.element_size() * (chosen if n.endswith(("ffn.w1", "ffn.w2", "ffn.w3")) else 1)
+               for n, p in named_params if not n.endswith("embed.weight"))
+
+
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights one decode token reads: every matrix except the embedding table (one row
-    is read) and the routed experts that are not activated (n_activated of n_routed per layer)."""
-    cfg, total = model.config, 0
-    for name, p in model.named_parameters():
-        if name.startswith("mtp.") or name == "embed.weight":
-            continue
-        share = cfg.n_activated_experts / cfg.n_routed_experts if name.endswith(("ffn.w1", "ffn.w2", "ffn.w3")) else 1
-        total += p.numel() * p.element_size() * share
-    return int(total + cfg.dim * model.embed.weight.element_size())
+    """Bytes of weights one batch-1 decode token reads through the main model (no MTP)."""
+    return int(weight_bytes_read([(n, p) for n, p in model.named_parameters() if not n.startswith("mtp.")],
+                                 model.config))
 
 
 def ours_decode(model, prompts, new: int, decoder=None) -> tuple[float, float]:
@@ -215,7 +218,7 @@ def section_speculative(args) -> None:
     tok = frugallm.load_tokenizer(run)
     eager = frugallm.load_for_inference(run)  # bf16, prepacked
     compiled = frugallm.load_for_inference(run, prepack=False)
-    decoder = compile_decode(compiled, warmup=[1, compiled.config.n_mtp + 1])
+    decoder = compile_decode(compiled, warmup=True, speculative=True)
     prompts = [[tok.bos_id, *tok.encode(text)[: args.prompt]] for text in held_out_texts(run, args.n_prompts)]
     D = eager.config.n_mtp
     print(f"\nspeculative decoding on {run} (bf16, batch 1, greedy, {len(prompts)} held-out {args.prompt}-token "
@@ -257,19 +260,14 @@ def section_speculative(args) -> None:
 
 def spec_bytes(cfg) -> tuple[float, float, float]:
     """bf16 weight bytes read at batch 1 by a plain step, a verify step over D+1 tokens and the D
-    drafts. Routed experts count by the expected union over a step's S tokens under uniform
-    routing, E (1 - (1 - K/E)^S); the embedding table counts as nothing (one row per token)."""
+    drafts (each: its MTP block, then the shared output head again). Counted on a meta-device
+    model: the run's own model is prepacked, its matrices are no longer parameters."""
     with torch.device("meta"):
-        model = frugallm.Transformer(cfg)
-    E, K = cfg.n_routed_experts, cfg.n_activated_experts
-
-    def read(named, S: int) -> float:
-        return sum(p.numel() * 2 * ((1 - (1 - K / E) ** S) if n.endswith(("ffn.w1", "ffn.w2", "ffn.w3")) else 1)
-                   for n, p in named if n != "embed.weight")
-
+        model = frugallm.Transformer(cfg).to(torch.bfloat16)
     main = [(n, p) for n, p in model.named_parameters() if not n.startswith("mtp.")]
-    drafts = sum(read(m.named_parameters(), 1) + model.head.weight.numel() * 2 for m in model.mtp)
-    return read(main, 1), read(main, cfg.n_mtp + 1), drafts
+    head = model.head.weight.numel() * model.head.weight.element_size()
+    drafts = sum(weight_bytes_read(m.named_parameters(), cfg) + head for m in model.mtp)
+    return weight_bytes_read(main, cfg), weight_bytes_read(main, cfg, cfg.n_mtp + 1), drafts
 
 
 @torch.inference_mode()

@@ -51,8 +51,9 @@ def test_generate_compiled(tiny_run, capsys):
     from frugallm import load
     from frugallm.infer.compiled import unavailable_reason
 
-    if unavailable_reason(load(tiny_run)):
-        pytest.skip(unavailable_reason(load(tiny_run)))
+    reason = unavailable_reason(load(tiny_run))
+    if reason:
+        pytest.skip(reason)
     assert main(["generate", str(tiny_run), "--prompt", "the cat", "--max-new-tokens", "8", "--compile"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("the cat") and "compiling the decode step" in captured.err

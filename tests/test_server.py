@@ -272,7 +272,8 @@ def test_engine_with_a_compiled_decoder_equals_eager(tiny_run):
     from frugallm.infer.compiled import compile_decode, unavailable_reason
 
     model, tok = load(tiny_run), load_tokenizer(tiny_run)
-    if unavailable_reason(model):
-        pytest.skip(unavailable_reason(model))
+    reason = unavailable_reason(model)
+    if reason:
+        pytest.skip(reason)
     plain = _engine_replies(model, tok, speculative=False)
     assert _engine_replies(model, tok, speculative=False, decoder=compile_decode(model)) == plain

@@ -23,7 +23,6 @@ The reference twin is the eager model on a dynamic cache; tests/test_compiled.py
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
 
 import torch
 
@@ -36,7 +35,7 @@ from .kv_cache import KVCache
 
 def unavailable_reason(model) -> str | None:
     """Why `compile_decode` cannot apply to this model on this machine, or None."""
-    if not hasattr(torch, "compile") or not torch._dynamo.is_dynamo_supported():
+    if not torch._dynamo.is_dynamo_supported():
         return "torch.compile is not supported by this Python / PyTorch build"
     if model.embed.weight.device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         return "torch.compile's CPU backend needs a C++ compiler (g++ or clang++): install one, e.g. `apt install g++`"
@@ -92,7 +91,7 @@ class CompiledDecode:
         """`model.mtp_step`, compiled for speculative drafting windows (absorbed attention over a
         few positions, one graph per width and depth); other calls (the first window after a
         prefill, naive attention) run eager."""
-        if attn_impl != "absorbed" or logits_at is None:
+        if attn_impl != "absorbed":
             return self.model.mtp_step(depth, h_prev, next_ids, cache, attn_impl, logits_at)
         c_kv, k_pe = self._window(cache, next_ids.shape[1])
         with torch._inductor.config.patch(self._config):
@@ -120,11 +119,12 @@ class CompiledDecode:
         self(torch.zeros(batch_size, n_tokens, dtype=torch.long, device=cache.lengths.device), cache)
 
 
-def compile_decode(model, cpp_wrapper: bool = True, warmup: Sequence[int] = ()) -> CompiledDecode:
+def compile_decode(model, cpp_wrapper: bool = True, warmup: bool = False, speculative: bool = False) -> CompiledDecode:
     """The model's decode step, compiled (see the module docstring); the model itself is only
     given static-shape expert dispatch for traced calls, and eager calls behave as before.
-    warmup: numbers of new tokens per step (1; D+1 for speculative verify) to compile now, at batch 1."""
+    warmup: compile batch 1's decode step now (and, with `speculative`, its D+1-token verify step)
+    rather than on the first request."""
     decoder = CompiledDecode(model, cpp_wrapper=cpp_wrapper)
-    for n_tokens in warmup:
+    for n_tokens in ([1] + ([model.config.n_mtp + 1] if speculative else [])) if warmup else []:
         decoder.warmup(1, n_tokens)
     return decoder

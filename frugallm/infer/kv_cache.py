@@ -53,7 +53,7 @@ class KVCache:
     @classmethod
     def over(cls, c_kv: torch.Tensor, k_pe: torch.Tensor, lengths: torch.Tensor) -> "KVCache":
         """A static cache on existing buffers (n_layers, B, T, dc), (n_layers, B, T, dr), lengths (B,),
-        e.g. the first T slots of another cache's: writes land in them, nothing is copied."""
+        e.g. another cache's: writes land in them, nothing is copied."""
         cache = cls.__new__(cls)
         cache._adopt(c_kv, k_pe, lengths, static=True)
         return cache

@@ -342,7 +342,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: s
         raise ValueError(f"--speculative drafts with MTP modules, and {run} has none (n_mtp=0)")
     if compile:
         print("frugallm: compiling the decode step ...", flush=True)
-    decoder = compile_decode(model, warmup=[1] + ([model.config.n_mtp + 1] if speculative else [])) if compile else None
+    decoder = compile_decode(model, warmup=True, speculative=speculative) if compile else None
     server = Server(model, tokenizer, name, api_key=api_key, slots=slots, speculative=speculative, decoder=decoder)
     print(f"frugallm: serving '{name}' ({model.config.max_seq_len}-token context, {slots} slots) "
           f"on http://{host}:{port}/v1{' with an API key' if api_key else ''}", flush=True)
