@@ -81,3 +81,23 @@ def test_compiled_decode_equals_eager_greedy_batch_and_speculative():
         cache.lengths -= 1
         eager = model(ids, cache=cache, attn_impl="absorbed").logits
     assert torch.allclose(got, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(unavailable_reason(Transformer(tiny_config())) is not None,
+                    reason="torch.compile cannot run here (no C++ compiler or unsupported build)")
+def test_two_compiled_models_keep_their_own_weights():
+    """Dynamo checks no guards on the model's modules (compiled.py): two models of one config must
+    still never share a graph, since each graph has its model's weights frozen in."""
+    decoders, models = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(Transformer(tiny_config(n_layers=1)).eval())
+        decoders.append(compile_decode(models[-1]))
+    with torch.inference_mode():
+        for model, decoder in zip(models, decoders):
+            cache = KVCache(model.config, 1, max_len=8)
+            model(torch.tensor([[3, 4, 5]]), cache=cache)
+            got = decoder(torch.tensor([[6]]), cache).logits
+            cache.lengths -= 1
+            want = model(torch.tensor([[6]]), cache=cache, attn_impl="absorbed").logits
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)

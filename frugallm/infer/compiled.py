@@ -13,6 +13,15 @@ What makes the step traceable as one graph with no data-dependent shapes:
     batch 1, every expert densely for a batch; no sort, no per-expert split;
   - freezing treats the weights as constants, so inductor prepacks them itself (the eager
     `numerics/prepack.py` is not applied to a model that is compiled).
+What keeps the per-step overhead down (batch 1 decodes in ~4.5 ms on the 100M model of
+benchmarks/bench_generate.py, one thread):
+  - at batch 1, the attention's batched matmuls (absorbed W^UK / W^UV per head, scores and
+    values over the one latent head) become multiply-and-sum that inductor fuses with the
+    mask and softmax, instead of ~15 us oneDNN calls on a few hundred KB each (-0.35 ms a step);
+    at batch 8 the rewrite measured no better, so only batch-1 graphs take it;
+  - dynamo checks no guards on the model's modules (hundreds, ~0.3 ms a step): the model is
+    frozen into the graph anyway. Each decoder traces its own copy of the step's code, so its
+    graphs (kept per code object) are never matched against another model's.
 One graph is compiled per (batch, new tokens) shape, tens of seconds each for a ~100M model;
 inductor's on-disk cache makes later processes quicker. The MTP modules' drafting windows are
 compiled the same way (`mtp_step`); prefill stays eager.
@@ -22,9 +31,12 @@ The reference twin is the eager model on a dynamic cache; tests/test_compiled.py
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import types
 
 import torch
+from torch._inductor.fx_passes import decompose_mem_bound_mm
 
 from ..model.moe import MoE, static_experts
 from ..model.transformer import ModelOutput
@@ -67,8 +79,9 @@ class CompiledDecode:
         # while tracing (to keep the weights as constants instead of graph inputs), and options
         # only reach inductor; without it the step ran ~1.6x slower. Costs ~16 us a call.
         self._config = {"freezing": True, "cpp_wrapper": cpp_wrapper}
-        self._step = torch.compile(self._forward, dynamic=False)
-        self._mtp = torch.compile(self._mtp_forward, dynamic=False)
+        no_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        self._step = torch.compile(_own_code(self._forward), dynamic=False, options=no_module_guards)
+        self._mtp = torch.compile(_own_code(self._mtp_forward), dynamic=False, options=no_module_guards)
 
     def _forward(self, tokens, c_kv, k_pe, lengths):
         out = self.model(tokens, cache=KVCache.over(c_kv, k_pe, lengths), attn_impl="absorbed")
@@ -82,7 +95,7 @@ class CompiledDecode:
         """tokens (B, S) at positions lengths[b]..+S-1 of `cache` (a dynamic KVCache); its lengths
         advance by S, as with the eager model."""
         c_kv, k_pe = self._window(cache, tokens.shape[1])
-        with torch._inductor.config.patch(self._config):
+        with self._settings(tokens.shape[0]):
             logits, hidden = self._step(tokens, c_kv, k_pe, cache.lengths)
         return ModelOutput(logits=logits, hidden=hidden)
 
@@ -94,8 +107,24 @@ class CompiledDecode:
         if attn_impl != "absorbed":
             return self.model.mtp_step(depth, h_prev, next_ids, cache, attn_impl, logits_at)
         c_kv, k_pe = self._window(cache, next_ids.shape[1])
-        with torch._inductor.config.patch(self._config):
+        with self._settings(next_ids.shape[0]):
             return self._mtp(depth, h_prev, next_ids, c_kv, k_pe, cache.lengths, logits_at)
+
+    @contextlib.contextmanager
+    def _settings(self, batch_size: int):
+        """Inductor's settings while a step runs (and compiles, on a new shape). At batch 1, its
+        `decompose_mm_pass` rewrites every bmm whose batch dimension is at most this model's head
+        count (the pass reads that limit from a module constant, so it is set here too)."""
+        config = dict(self._config)
+        limit = decompose_mem_bound_mm.cpu_max_first_dimension_decomposition
+        if batch_size == 1:
+            config["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
+            decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = self.model.config.n_heads
+        try:
+            with torch._inductor.config.patch(config):
+                yield
+        finally:
+            decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = limit
 
     def _window(self, cache: KVCache, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The cache's whole buffers, their length marked dynamic: one graph serves every cache size.
@@ -117,6 +146,13 @@ class CompiledDecode:
                         device=self.model.embed.weight.device)
         cache.lengths.fill_(2)
         self(torch.zeros(batch_size, n_tokens, dtype=torch.long, device=cache.lengths.device), cache)
+
+
+def _own_code(method):
+    """The bound method on a copy of its code object: dynamo keeps compiled graphs per code object."""
+    f = method.__func__
+    return types.MethodType(types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__,
+                                               f.__closure__), method.__self__)
 
 
 def compile_decode(model, cpp_wrapper: bool = True, warmup: bool = False, speculative: bool = False) -> CompiledDecode:
