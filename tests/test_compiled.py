@@ -38,14 +38,15 @@ def test_static_cache_view_equals_the_dynamic_cache():
         model(torch.randint(0, 97, (2, 7)), cache=cache)
         cache.lengths.copy_(torch.tensor([7, 4]))  # row 1 is a shorter prompt: slots 4..6 are stale
         other = KVCache(model.config, 2, max_len=16, dtype=torch.float64)
-        other.c_kv.copy_(cache.c_kv), other.k_pe.copy_(cache.k_pe), other.lengths.copy_(cache.lengths)
+        for mine, theirs in zip(other.c_kv + other.k_pe + [other.lengths], cache.c_kv + cache.k_pe + [cache.lengths]):
+            mine.copy_(theirs)
         ids = torch.randint(0, 97, (2, 2))
         want = model(ids, cache=cache, attn_impl="absorbed").logits
         static = KVCache.over(other.c_kv, other.k_pe, other.lengths)
         got = model(ids, cache=static, attn_impl="absorbed").logits
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
     assert torch.equal(other.lengths, cache.lengths)
-    assert torch.equal(other.c_kv, cache.c_kv) and torch.equal(other.k_pe, cache.k_pe)
+    assert all(torch.equal(a, b) for a, b in zip(other.c_kv + other.k_pe, cache.c_kv + cache.k_pe))
 
 
 def test_converted_models_are_refused_with_the_fix():

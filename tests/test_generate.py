@@ -45,7 +45,7 @@ def test_cache_holds_only_the_latent_and_rope_key():
     cache = KVCache(cfg, batch_size=2, max_len=10)
     per_token = cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     assert cache.values_per_token() == per_token
-    assert cache.c_kv.numel() + cache.k_pe.numel() == per_token * 2 * 10
+    assert sum(t.numel() for t in cache.c_kv + cache.k_pe) == per_token * 2 * 10
 
 
 def test_cache_reuse_after_reset_and_overflow_is_an_error():

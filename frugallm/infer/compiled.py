@@ -134,8 +134,8 @@ class CompiledDecode:
         if T > cache.max_len or T > self.model.config.max_seq_len:
             raise ValueError(f"writing {S} tokens after position {T - S} needs {T} slots; the cache holds "
                              f"{cache.max_len} and the context is {self.model.config.max_seq_len}")
-        torch._dynamo.maybe_mark_dynamic(cache.c_kv, 2)
-        torch._dynamo.maybe_mark_dynamic(cache.k_pe, 2)
+        for buffer in cache.c_kv + cache.k_pe:
+            torch._dynamo.maybe_mark_dynamic(buffer, 1)
         return cache.c_kv, cache.k_pe
 
     @torch.inference_mode()

@@ -2,7 +2,9 @@
 
 That is (kv_lora_rank + qk_rope_head_dim) values per token per layer, e.g. 576 for V3, instead
 of the H * (192 + 128) a naive K/V cache holds (REFERENCE §2.4). Buffers are preallocated at a
-static shape and reused across requests (`reset`).
+static shape and reused across requests (`reset`). Each layer has buffers of its own, not a slice
+of one stacked tensor: a compiled step (infer/compiled.py) then writes its new latents in place,
+where slices of a shared base made the traced graph copy every layer's buffer each step.
 
 Rows keep their own lengths, so a batch may hold prompts of different lengths: row b's next
 tokens go to positions lengths[b], lengths[b] + 1, ... Slots past a row's length may hold stale
@@ -46,26 +48,26 @@ class KVCache:
         """Room for `max_len` positions (default the context) of `n_layers` layers (default the main stack)."""
         max_len = max_len or cfg.max_seq_len
         n_layers = cfg.n_layers if n_layers is None else n_layers
-        self._adopt(torch.zeros(n_layers, batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device),
-                    torch.zeros(n_layers, batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device),
+        self._adopt([torch.zeros(batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device) for _ in range(n_layers)],
+                    [torch.zeros(batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device) for _ in range(n_layers)],
                     torch.zeros(batch_size, dtype=torch.long, device=device), static=False)
 
     @classmethod
-    def over(cls, c_kv: torch.Tensor, k_pe: torch.Tensor, lengths: torch.Tensor) -> "KVCache":
-        """A static cache on existing buffers (n_layers, B, T, dc), (n_layers, B, T, dr), lengths (B,),
+    def over(cls, c_kv: list[torch.Tensor], k_pe: list[torch.Tensor], lengths: torch.Tensor) -> "KVCache":
+        """A static cache on existing buffers, per layer (B, T, dc) and (B, T, dr), and lengths (B,),
         e.g. another cache's: writes land in them, nothing is copied."""
         cache = cls.__new__(cls)
         cache._adopt(c_kv, k_pe, lengths, static=True)
         return cache
 
-    def _adopt(self, c_kv: torch.Tensor, k_pe: torch.Tensor, lengths: torch.Tensor, static: bool) -> None:
-        self.c_kv, self.k_pe, self.lengths, self.static = c_kv, k_pe, lengths, static  # lengths: written, per row
-        self._layers = [LatentCache(self, i) for i in range(c_kv.shape[0])]
+    def _adopt(self, c_kv: list[torch.Tensor], k_pe: list[torch.Tensor], lengths: torch.Tensor, static: bool) -> None:
+        self.c_kv, self.k_pe, self.lengths, self.static = list(c_kv), list(k_pe), lengths, static  # lengths: written, per row
+        self._layers = [LatentCache(self, i) for i in range(len(c_kv))]
         self._start, self._T = 0, 0
 
     @property
     def max_len(self) -> int:
-        return self.c_kv.shape[2]
+        return self.c_kv[0].shape[1]
 
     def layer(self, i: int) -> LatentCache:
         return self._layers[i]
@@ -99,7 +101,7 @@ class KVCache:
 
     def values_per_token(self) -> int:
         """Cached values per token, all layers: n_layers * (kv_lora_rank + qk_rope_head_dim)."""
-        return self.c_kv.shape[0] * (self.c_kv.shape[-1] + self.k_pe.shape[-1])
+        return len(self.c_kv) * (self.c_kv[0].shape[-1] + self.k_pe[0].shape[-1])
 
     def bytes_per_token(self) -> int:
-        return self.values_per_token() * self.c_kv.element_size()
+        return self.values_per_token() * self.c_kv[0].element_size()

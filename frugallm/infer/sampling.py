@@ -22,11 +22,18 @@ def probs(logits: torch.Tensor, temperature: float, top_k: int | None = None, to
     return logits.softmax(dim=-1)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim. Widened to fp32 first: exact (every bf16 value is an fp32 value,
+    and ties still go to the first index), and torch's bf16 argmax is ~5x slower on a CPU (50 vs
+    11 us over a 16k vocabulary, a percent of a 100M model's decode step)."""
+    return logits.float().argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). temperature 0 = greedy (argmax)."""
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     return torch.multinomial(probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .kv_cache import KVCache
-from .sampling import probs
+from .sampling import greedy, probs
 
 
 def accept(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
@@ -40,7 +40,7 @@ def accept(target_logits: torch.Tensor, drafts: torch.Tensor, draft_probs: torch
     """
     B, D = drafts.shape
     if temperature <= 0:
-        target = target_logits.argmax(dim=-1)  # (B, D+1)
+        target = greedy(target_logits)  # (B, D+1)
         agree = drafts == target[:, :D]
         accepted = agree.long().cumprod(dim=1).sum(dim=1)
         n = int(accepted.min()) if D else 0
@@ -104,7 +104,7 @@ class Drafter:
                 self.hist[k][rows, idx] = h
             last = logits[:, 0]  # (B, V)
             if temperature <= 0:
-                token, dist = last.argmax(dim=-1), None
+                token, dist = greedy(last), None
             else:
                 dist = probs(last, temperature, top_k, top_p)
                 token = torch.multinomial(dist, 1, generator=generator).squeeze(-1)
