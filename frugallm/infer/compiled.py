@@ -9,12 +9,15 @@ What makes the step traceable as one graph with no data-dependent shapes:
   - the cache is `KVCache.over(...)` (static): attention over all of its slots under a mask,
     no host sync; the buffer length is a dynamic dimension, so no cache size recompiles (the
     cost: a step attends over the whole buffer, prompt + max_new_tokens for `generate`);
+    each layer's buffers are graph inputs of their own, so the new latents are written in place
+    (slices of one stacked buffer made the graph copy each layer's buffer every step);
   - routed experts go through `static_experts` (model/moe.py): per-pair gathered GEMVs at
     batch 1, every expert densely for a batch; no sort, no per-expert split;
   - freezing treats the weights as constants, so inductor prepacks them itself (the eager
     `numerics/prepack.py` is not applied to a model that is compiled).
-What keeps the per-step overhead down (batch 1 decodes in ~4.5 ms on the 100M model of
+What keeps the per-step overhead down (batch 1 decodes in ~4 ms on the 100M model of
 benchmarks/bench_generate.py, one thread):
+  - linears that share an input are concatenated into one GEMM (fewer fixed-cost oneDNN calls);
   - at batch 1, the attention's batched matmuls (absorbed W^UK / W^UV per head, scores and
     values over the one latent head) become multiply-and-sum that inductor fuses with the
     mask and softmax, instead of ~15 us oneDNN calls on a few hundred KB each (-0.35 ms a step);
@@ -78,7 +81,10 @@ class CompiledDecode:
         # Set around every call, not passed as torch.compile(options=): dynamo reads `freezing` too,
         # while tracing (to keep the weights as constants instead of graph inputs), and options
         # only reach inductor; without it the step ran ~1.6x slower. Costs ~16 us a call.
-        self._config = {"freezing": True, "cpp_wrapper": cpp_wrapper}
+        # cpp.enable_concat_linear: linears that read the same input (wq_a and wkv_a; a SwiGLU's w1
+        # and w3) become one packed GEMM each: 56 instead of 78 oneDNN calls a step on the 100M
+        # model, ~9 us of fixed cost each at batch 1 (-0.3 ms a step, five of six alternated runs).
+        self._config = {"freezing": True, "cpp_wrapper": cpp_wrapper, "cpp.enable_concat_linear": True}
         no_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self._step = torch.compile(_own_code(self._forward), dynamic=False, options=no_module_guards)
         self._mtp = torch.compile(_own_code(self._mtp_forward), dynamic=False, options=no_module_guards)
