@@ -116,8 +116,8 @@ def section_bandwidth_and_hf(args) -> None:
 
     cfg = m100_config()
     counts = frugallm.count_params(cfg)
-    bw = bandwidth()
-    print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bandwidth() / 1e9:.1f} GB/s (once, at the "
+          f"start; the bound below uses the median of the rounds, measured between the decode runs)")
     print(f"model: `small` widened (dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_routed_experts} experts, "
           f"top-{cfg.n_activated_experts}): {counts['total'] / 1e6:.1f}M parameters, "
           f"{counts['active'] / 1e6:.1f}M active")
@@ -151,7 +151,10 @@ def section_bandwidth_and_hf(args) -> None:
         decoder.warmup(batch)
     compile_s = time.perf_counter() - t
     ours_decode(packed, prompt, 4)  # warm-up
-    res = median_pairs({"plain1": lambda: ours_decode(plain, prompt, args.new),
+    # the host's speed drifts by tens of percent over minutes: measure the bandwidth in every round,
+    # next to the decode runs it bounds, rather than once
+    res = median_pairs({"bw": lambda: (bandwidth(reps=3),),
+                        "plain1": lambda: ours_decode(plain, prompt, args.new),
                         "packed1": lambda: ours_decode(packed, prompt, args.new),
                         "ours1": lambda: ours_decode(ours, prompt, args.new, decoder),
                         "packed8": lambda: ours_decode(packed, batch8, args.new),
@@ -163,6 +166,7 @@ def section_bandwidth_and_hf(args) -> None:
             "ttft": min(impls, key=lambda i: res[f"hf1:{i}"][1])}
     res["hf1"] = (res[f"hf1:{best['1']}"][0], res[f"hf1:{best['ttft']}"][1])
     res["hf8"] = res[f"hf8:{best['8']}"]
+    bw = res["bw"][0]
     bound = bw / per_token
     print(f"\nbf16, prompt {args.prompt}, {args.new} new tokens, median of {args.rounds} alternated runs; "
           f"transformers at its best experts_implementation per row (batch 1: {best['1']}, batch 8: {best['8']}, "

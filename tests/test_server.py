@@ -205,7 +205,11 @@ def test_chat_repl_history_truncation_and_commands(tiny_run):
     from frugallm.infer.chat import chat_repl
 
     model, tok = load(tiny_run), load_tokenizer(tiny_run)
-    long = "the cat sat " * 170  # ~680 tokens: three of them overflow the 2048-token context
+    # ~40% of the context: two fit with their replies, three do not. Sized by the run's own tokenizer:
+    # BPE training is not bit-identical between processes, and a fixed text once sat at the edge.
+    long = "the cat sat "
+    while len(tok.encode(long)) < 0.4 * model.config.max_seq_len:
+        long += "the cat sat "
     lines = iter(["/help", long, long, long, "/reset", "hi", "the cat " * 2000, "/system talk like a cat", "hi"])
 
     def read(prompt):

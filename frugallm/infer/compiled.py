@@ -17,7 +17,11 @@ What makes the step traceable as one graph with no data-dependent shapes:
     `numerics/prepack.py` is not applied to a model that is compiled).
 What keeps the per-step overhead down (batch 1 decodes in ~4 ms on the 100M model of
 benchmarks/bench_generate.py, one thread):
-  - linears that share an input are concatenated into one GEMM (fewer fixed-cost oneDNN calls);
+  - at batch 1, every linear but the output head is an inductor multiply-and-sum GEMV
+    (`GemvLinear`): ~49 GB/s on the 0.2-0.6 MB matrices of a layer, where a oneDNN call reached
+    ~25 (it carries ~9 us of fixed cost); the 25 MB head stays on oneDNN (~37 GB/s; as a
+    multiply-and-sum it measured slower). 3.9 -> 3.2 ms a step, alternated runs;
+  - batched steps concatenate linears that share an input into one GEMM (fewer oneDNN calls);
   - at batch 1, the attention's batched matmuls (absorbed W^UK / W^UV per head, scores and
     values over the one latent head) become multiply-and-sum that inductor fuses with the
     mask and softmax, instead of ~15 us oneDNN calls on a few hundred KB each (-0.35 ms a step);
@@ -39,6 +43,7 @@ import shutil
 import types
 
 import torch
+from torch import nn
 from torch._inductor.fx_passes import decompose_mem_bound_mm
 
 from ..model.moe import MoE, static_experts
@@ -62,6 +67,18 @@ def unavailable_reason(model) -> str | None:
     return None
 
 
+class GemvLinear(nn.Linear):
+    """nn.Linear whose one-row calls, while torch.compile traces them, are written as a multiply
+    and a sum that inductor emits as one fused fp32-accumulating reduction: a bandwidth-bound
+    GEMV with no library call. Eager calls (and traced calls on several rows) are nn.Linear's.
+    `CompiledDecode` gives this class to a model's linears (same parameters, same state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and self.bias is None:
+            return (x[..., None, :] * self.weight).sum(-1, dtype=torch.float32).to(x.dtype)  # (..., out)
+        return super().forward(x)
+
+
 class CompiledDecode:
     """`decoder(tokens, cache)` == `model(tokens, cache=cache, attn_impl="absorbed")` for a
     cached decode or verify step, compiled, and `decoder.mtp_step` == `model.mtp_step` for the
@@ -78,6 +95,8 @@ class CompiledDecode:
         for m in model.modules():
             if isinstance(m, MoE):
                 m.expert_fn = static_experts  # eager calls (prefill, the first draft window) keep the grouped path
+            if type(m) is nn.Linear and m is not model.head:
+                m.__class__ = GemvLinear  # eager calls unchanged
         # Set around every call, not passed as torch.compile(options=): dynamo reads `freezing` too,
         # while tracing (to keep the weights as constants instead of graph inputs), and options
         # only reach inductor; without it the step ran ~1.6x slower. Costs ~16 us a call.
@@ -162,8 +181,9 @@ def _own_code(method):
 
 
 def compile_decode(model, cpp_wrapper: bool = True, warmup: bool = False, speculative: bool = False) -> CompiledDecode:
-    """The model's decode step, compiled (see the module docstring); the model itself is only
-    given static-shape expert dispatch for traced calls, and eager calls behave as before.
+    """The model's decode step, compiled (see the module docstring); the model's MoEs get
+    static-shape expert dispatch and its linears become `GemvLinear` for traced calls; eager
+    calls behave as before.
     warmup: compile batch 1's decode step now (and, with `speculative`, its D+1-token verify step)
     rather than on the first request."""
     decoder = CompiledDecode(model, cpp_wrapper=cpp_wrapper)
