@@ -6,7 +6,7 @@ import torch
 
 from frugallm import Transformer
 from frugallm.infer import KVCache
-from frugallm.infer.compiled import compile_decode, unavailable_reason
+from frugallm.infer.compiled import GemvLinear, compile_decode, unavailable_reason
 from frugallm.infer.generate import generate
 from frugallm.model.moe import MoE, dense_experts, gathered_experts, loop_experts
 from frugallm.numerics.prepack import prepack
@@ -102,3 +102,20 @@ def test_two_compiled_models_keep_their_own_weights():
             cache.lengths -= 1
             want = model(torch.tensor([[6]]), cache=cache, attn_impl="absorbed").logits
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(unavailable_reason(Transformer(tiny_config())) is not None,
+                    reason="torch.compile cannot run here (no C++ compiler or unsupported build)")
+def test_gemv_linear_equals_linear_traced_and_eager():
+    """One-row calls traced by torch.compile take the multiply-and-sum GEMV; several rows and eager
+    calls are nn.Linear's. fp64, so any difference is a wrong reduction, not rounding."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 20, bias=False).double()
+    gemv = GemvLinear(48, 20, bias=False).double()
+    gemv.load_state_dict(linear.state_dict())
+    traced = torch.compile(gemv, dynamic=False)
+    for shape in [(1, 1, 48), (1, 48), (3, 2, 48)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        want = linear(x)
+        assert torch.allclose(gemv(x), want, rtol=1e-13, atol=1e-13)
+        assert torch.allclose(traced(x), want, rtol=1e-12, atol=1e-12)

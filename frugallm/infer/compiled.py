@@ -15,11 +15,11 @@ What makes the step traceable as one graph with no data-dependent shapes:
     batch 1, every expert densely for a batch; no sort, no per-expert split;
   - freezing treats the weights as constants, so inductor prepacks them itself (the eager
     `numerics/prepack.py` is not applied to a model that is compiled).
-What keeps the per-step overhead down (batch 1 decodes in ~4 ms on the 100M model of
+What keeps the per-step overhead down (a batch-1 step takes ~3.2 ms on the 100M model of
 benchmarks/bench_generate.py, one thread):
   - at batch 1, every linear but the output head is an inductor multiply-and-sum GEMV
-    (`GemvLinear`): ~49 GB/s on the 0.2-0.6 MB matrices of a layer, where a oneDNN call reached
-    ~25 (it carries ~9 us of fixed cost); the 25 MB head stays on oneDNN (~37 GB/s; as a
+    (`GemvLinear`): 0.49 vs 0.97 ms for oneDNN over the 55 matrices (0.2-0.6 MB) of 11 layers
+    in a microbenchmark, as a oneDNN call carries ~9 us of fixed cost; the 25 MB head stays on oneDNN (~37 GB/s; as a
     multiply-and-sum it measured slower). 3.9 -> 3.2 ms a step, alternated runs;
   - batched steps concatenate linears that share an input into one GEMM (fewer oneDNN calls);
   - at batch 1, the attention's batched matmuls (absorbed W^UK / W^UV per head, scores and
@@ -75,7 +75,8 @@ class GemvLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and self.bias is None:
-            return (x[..., None, :] * self.weight).sum(-1, dtype=torch.float32).to(x.dtype)  # (..., out)
+            acc = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 accumulation
+            return (x[..., None, :] * self.weight).sum(-1, dtype=acc).to(x.dtype)  # (..., out)
         return super().forward(x)
 
 
