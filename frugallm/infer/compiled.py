@@ -19,8 +19,8 @@ What keeps the per-step overhead down (a batch-1 step takes ~3.2 ms on the 100M 
 benchmarks/bench_generate.py, one thread):
   - at batch 1, every linear but the output head is an inductor multiply-and-sum GEMV
     (`GemvLinear`): 0.49 vs 0.97 ms for oneDNN over the 55 matrices (0.2-0.6 MB) of 11 layers
-    in a microbenchmark, as a oneDNN call carries ~9 us of fixed cost; the 25 MB head stays on oneDNN (~37 GB/s; as a
-    multiply-and-sum it measured slower). 3.9 -> 3.2 ms a step, alternated runs;
+    in a microbenchmark, as a oneDNN call carries ~9 us of fixed cost; the 25 MB head stays on
+    oneDNN (~37 GB/s; as a multiply-and-sum it measured slower). 3.9 -> 3.2 ms a step;
   - batched steps concatenate linears that share an input into one GEMM (fewer oneDNN calls);
   - at batch 1, the attention's batched matmuls (absorbed W^UK / W^UV per head, scores and
     values over the one latent head) become multiply-and-sum that inductor fuses with the
@@ -105,6 +105,7 @@ class CompiledDecode:
         # and w3) become one packed GEMM each: 56 instead of 78 oneDNN calls a step on the 100M
         # model, ~9 us of fixed cost each at batch 1 (-0.3 ms a step, five of six alternated runs).
         self._config = {"freezing": True, "cpp_wrapper": cpp_wrapper, "cpp.enable_concat_linear": True}
+        self._config_batch1 = {**self._config, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
         no_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self._step = torch.compile(_own_code(self._forward), dynamic=False, options=no_module_guards)
         self._mtp = torch.compile(_own_code(self._mtp_forward), dynamic=False, options=no_module_guards)
@@ -141,13 +142,11 @@ class CompiledDecode:
         """Inductor's settings while a step runs (and compiles, on a new shape). At batch 1, its
         `decompose_mm_pass` rewrites every bmm whose batch dimension is at most this model's head
         count (the pass reads that limit from a module constant, so it is set here too)."""
-        config = dict(self._config)
         limit = decompose_mem_bound_mm.cpu_max_first_dimension_decomposition
         if batch_size == 1:
-            config["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
             decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = self.model.config.n_heads
         try:
-            with torch._inductor.config.patch(config):
+            with torch._inductor.config.patch(self._config_batch1 if batch_size == 1 else self._config):
                 yield
         finally:
             decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = limit

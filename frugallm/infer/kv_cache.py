@@ -48,8 +48,9 @@ class KVCache:
         """Room for `max_len` positions (default the context) of `n_layers` layers (default the main stack)."""
         max_len = max_len or cfg.max_seq_len
         n_layers = cfg.n_layers if n_layers is None else n_layers
-        self._adopt([torch.zeros(batch_size, max_len, cfg.kv_lora_rank, dtype=dtype, device=device) for _ in range(n_layers)],
-                    [torch.zeros(batch_size, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device) for _ in range(n_layers)],
+        buffers = lambda width: [torch.zeros(batch_size, max_len, width, dtype=dtype, device=device)
+                                 for _ in range(n_layers)]
+        self._adopt(buffers(cfg.kv_lora_rank), buffers(cfg.qk_rope_head_dim),
                     torch.zeros(batch_size, dtype=torch.long, device=device), static=False)
 
     @classmethod
@@ -61,7 +62,8 @@ class KVCache:
         return cache
 
     def _adopt(self, c_kv: list[torch.Tensor], k_pe: list[torch.Tensor], lengths: torch.Tensor, static: bool) -> None:
-        self.c_kv, self.k_pe, self.lengths, self.static = list(c_kv), list(k_pe), lengths, static  # lengths: written, per row
+        # lengths: positions written, per row
+        self.c_kv, self.k_pe, self.lengths, self.static = list(c_kv), list(k_pe), lengths, static
         self._layers = [LatentCache(self, i) for i in range(len(c_kv))]
         self._start, self._T = 0, 0
 
