@@ -189,7 +189,9 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-COMPILE_HELP = ("compile the decode step with torch.compile (1.5-1.9x faster decoding here; tens of seconds of "
+SPECULATIVE_HELP = ("draft with the MTP modules, verify in one forward (exact; on a CPU at batch 1 it gains "
+                    "little, and with --compile it can be slower: see the README)")
+COMPILE_HELP = ("compile the decode step with torch.compile (1.9-2.6x faster decoding here; tens of seconds of "
                 "compiling first, needs a C++ compiler; a quantized checkpoint cannot be compiled)")
 
 
@@ -243,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
     sv.add_argument("--model-name", help="the model id clients ask for (default: the run directory's name)")
     sv.add_argument("--slots", type=int, default=16, help="requests generated at once; the rest wait in order")
-    sv.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    sv.add_argument("--speculative", action="store_true", help=SPECULATIVE_HELP)
     sv.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     sv.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     sv.set_defaults(func=_serve)
@@ -256,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--top-k", type=int)
     ch.add_argument("--top-p", type=float)
     ch.add_argument("--seed", type=int)
-    ch.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding")
+    ch.add_argument("--speculative", action="store_true", help=SPECULATIVE_HELP)
     ch.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     ch.set_defaults(func=_chat)
 
@@ -268,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-k", type=int)
     ge.add_argument("--top-p", type=float)
     ge.add_argument("--seed", type=int)
-    ge.add_argument("--speculative", action="store_true", help="draft with the MTP modules, verify in one forward")
+    ge.add_argument("--speculative", action="store_true", help=SPECULATIVE_HELP)
     ge.add_argument("--dtype", choices=list(DTYPES),
                     help="run in this dtype, dequantizing a quantized checkpoint (default: a quantized "
                          "checkpoint keeps its codes, a plain one runs in bfloat16 with prepacked weights)")
