@@ -254,7 +254,7 @@ def section_speculative(args) -> None:
         # not (a MoE reads the union of the tokens' experts) and the drafts read the output head
         # again, so the speed-up is at most tokens-per-forward / (speculative step / plain step).
         # Timed inside these very runs: weights come from memory, as they do in real decoding (a
-        # draft timed in a loop of its own finds its 21 MB in the L3 cache and looks ~1.5x cheaper).
+        # draft timed in a loop of its own found its 21 MB in the L3 cache and looked ~1.6x cheaper).
         main, verify = timed.ms["main", 1], timed.ms["main", D + 1]
         draft = timed.per_step("mtp")
         ratio = (verify + draft) / main

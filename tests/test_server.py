@@ -205,8 +205,8 @@ def test_chat_repl_history_truncation_and_commands(tiny_run):
     from frugallm.infer.chat import chat_repl
 
     model, tok = load(tiny_run), load_tokenizer(tiny_run)
-    # ~40% of the context: two fit with their replies, three do not. Sized by the run's own tokenizer:
-    # BPE training is not bit-identical between processes, and a fixed text once sat at the edge.
+    # ~40% of the context: two fit with their replies, three do not. Sized by the run's own tokenizer, so the
+    # test does not hang on how its BPE happens to split the text (a fixed text once sat at the edge).
     long = "the cat sat "
     while len(tok.encode(long)) < 0.4 * model.config.max_seq_len:
         long += "the cat sat "

@@ -98,8 +98,8 @@ class Drafter:
             idx = start[:, None] + torch.arange(width, device=seq.device)  # (B, W)
             cache.lengths.copy_(start)
             h, logits = self.mtp_step(k - 1, self.hist[k - 1][rows, idx], seq.gather(1, idx + k), cache,
-                                            attn_impl="absorbed" if width <= self.D + 1 else "naive",
-                                            logits_at=(n_verified - 2 - start)[:, None])  # at position N-2
+                                      attn_impl="absorbed" if width <= self.D + 1 else "naive",
+                                      logits_at=(n_verified - 2 - start)[:, None])  # at position N-2
             if k < self.D:
                 self.hist[k][rows, idx] = h
             last = logits[:, 0]  # (B, V)
