@@ -18,7 +18,13 @@ FP8 part of it, and apart from it autocast's bf16 copies of the weights (also he
 On CPU FP8 is an emulation (quantise, dequantise per group, fp32 GEMM), so it is SLOWER than
 bf16: the step-time ratio is printed as measured, never as a speed-up.
 
+The arms compare precisions on purpose (each row is named by its recipe); the host's own train
+choice (frugallm/host.py) is printed in the header. Training runs are reused across invocations
+(--out): a run trained on another host kind is flagged, since its tok/s are that host's.
+
     OMP_NUM_THREADS=1 python benchmarks/bench_fp8.py [--preset tiny] [--steps 250] [--arms fp32,bf16,fp8] [--seeds 0,1]
+                                                     [--save [VARIANT]]
+The JSON goes to benchmarks/results/bench_fp8[_<preset>]_<host-kind>.json unless --json says otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +43,10 @@ from frugallm.model.transformer import Transformer
 from frugallm.numerics.fp8 import convert_to_fp8
 from frugallm.train.optim import build_optimizer
 from frugallm.train.trainer import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _host import (add_host_args, host_kind, host_record, pick_dtype, print_host_header,  # noqa: E402
+                   results_path, save_output)
 
 RECIPES = {  # TrainConfig fields of each arm
     "fp32": dict(precision="fp32", fp8=False, optim_state_dtype="fp32"),
@@ -56,6 +67,11 @@ def run_arm(name: str, seed: int, args) -> dict:
                                 threads=1, seed=seed, **RECIPES[name])
         print(f"--- {name} seed {seed}: training into {run}", flush=True)
         train(get_preset(args.preset), train_cfg, run, log=lambda line: None)
+        (run / "host_kind.txt").write_text(host_kind() + "\n")
+    trained_on = (run / "host_kind.txt").read_text().strip() if (run / "host_kind.txt").exists() else None
+    if trained_on != host_kind():
+        print(f"note: {run} was trained on {f'host kind {trained_on}' if trained_on else 'an unrecorded host'}, "
+              f"not this one ({host_kind()}): its tok/s are that host's; delete the run to measure here", flush=True)
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     tail = rows[-max(1, len(rows) // 10):]
     timed = rows[len(rows) // 10:]  # skip the first 10 % (allocator and cache warm-up)
@@ -136,9 +152,15 @@ def main() -> None:
     ap.add_argument("--mem-preset", default="small")
     ap.add_argument("--mem-batch", type=int, default=8)
     ap.add_argument("--out", default="runs/bench_fp8")
-    ap.add_argument("--json", default="benchmarks/results/bench_fp8.json")
+    ap.add_argument("--json", default=None, help="default benchmarks/results/bench_fp8[_<preset>]_<host-kind>.json")
+    add_host_args(ap)
     args = ap.parse_args()
+    if args.json is None:
+        args.json = str(results_path("bench_fp8", "" if args.preset == "tiny" else args.preset, ".json"))
     torch.set_num_threads(1)
+    save_output("bench_fp8", args.save)
+    print_host_header()
+    print(f"(the arms compare recipes on purpose; the host's own choice: {pick_dtype('train').reason})")
     arms = args.arms.split(",")
     seeds = [int(x) for x in args.seeds.split(",")]
     t0 = time.perf_counter()
@@ -182,8 +204,10 @@ def main() -> None:
               f"{m['weight_copy_mb']:>24.1f} | {m['step_s']:>6.2f} | {slow:>12}")
     print(f"\n(total wall time {time.perf_counter() - t0:.0f} s)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"args": vars(args), "runs": {f"{n}-seed{s}": r for (n, s), r in runs.items()},
-                                            "memory": mem}, indent=2) + "\n")
+    Path(args.json).write_text(json.dumps({"host": host_record(), "args": vars(args),
+                                           "runs": {f"{n}-seed{s}": r for (n, s), r in runs.items()},
+                                           "memory": mem}, indent=2) + "\n")
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -3,17 +3,23 @@ weight-only int8/fp8, and decode speed against this machine's memory bandwidth.
 
 Sections (one run, side by side):
   1. memory bandwidth of this machine (read a 1 GiB buffer), and a ~100M-parameter model's decode
-     tokens/s against the bound bandwidth / weight bytes read per token (batch 1, bf16);
+     tokens/s against the bound bandwidth / weight bytes read per token (batch 1);
   2. frugallm vs transformers on identical weights (the ~100M model, written with to_hf):
      the same greedy tokens in fp32, then decode tokens/s at batch 1 and 8 and time to first
-     token in bf16 for both, and KV-cache bytes per token (latent vs transformers' full K/V);
+     token, both sides in the same dtype, and KV-cache bytes per token (latent vs transformers' full K/V);
   3. speculative decoding on a trained run (default runs/tiny, the README's main job):
      acceptance, tokens per forward, speed-up over plain greedy (same tokens, checked);
   4. weight-only int8 / fp8 vs fp32 / bf16 on the trained run: bytes per parameter, decode tokens/s.
 
 Timings alternate the sides within one process and report medians, so machine drift hits both.
 
-    python benchmarks/bench_generate.py [--run runs/tiny] [--new 64] [--rounds 3]
+Dtype (sections 1-3): the host's best for generation, frugallm/host.py choose_dtype("inference")
+(one dtype runs prefill and decode; bf16 only where it measures clearly faster here), for frugallm
+and transformers alike, unless --dtype forces one; the output names it. Section 4 compares the
+dtypes on purpose (its rows are named by dtype).
+
+    python benchmarks/bench_generate.py [--run runs/tiny] [--new 64] [--rounds 3] [--dtype auto|fp32|bf16]
+                                        [--skip hf spec quant] [--save [VARIANT]]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +39,10 @@ from frugallm.infer import KVCache
 from frugallm.infer.compiled import compile_decode
 from frugallm.infer.generate import generate
 from frugallm.model.moe import MoE
-from frugallm.numerics.prepack import prepack
+from frugallm.numerics.prepack import prepack, unavailable_reason
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _host import add_host_args, dtype_name, pick_dtype, print_host_header, save_output  # noqa: E402
 
 
 def bandwidth(gib: float = 1.0, reps: int = 5) -> float:
@@ -68,7 +78,7 @@ def weight_bytes_read(named_params, cfg, S: int = 1) -> float:
     the expected union of the S tokens' choices under uniform routing, E (1 - (1 - K/E)^S) of E
     (K of E at S = 1); the embedding table counts as nothing (one row per token)."""
     chosen = 1 - (1 - cfg.n_activated_experts / cfg.n_routed_experts) ** S
-    return sum(p.numel() * p.element_size() * (chosen if n.endswith(("ffn.w1", "ffn.w2", "ffn.w3")) else 1)
+    return sum(p.numel() * p.element_size() * (chosen if n.endswith(("ffn.experts.w1", "ffn.experts.w2", "ffn.experts.w3")) else 1)
                for n, p in named_params if not n.endswith("embed.weight"))
 
 
@@ -114,6 +124,10 @@ def median_pairs(fns: dict, rounds: int) -> dict:
 def section_bandwidth_and_hf(args) -> None:
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
+    choice = pick_dtype("inference", args.dtype)
+    dtype = choice.dtype
+    print(f"\n{choice.reason}")
     cfg = m100_config()
     counts = frugallm.count_params(cfg)
     print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bandwidth() / 1e9:.1f} GB/s (once, at the "
@@ -133,17 +147,20 @@ def section_bandwidth_and_hf(args) -> None:
             b = hf32.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)[:, prompt.shape[1]:]
         print(f"greedy tokens, fp32, 16 new: frugallm == transformers: {torch.equal(a, b)}")
         del ours32, hf32
-        ours = frugallm.from_hf(Path(tmp) / "m", dtype=torch.bfloat16).eval()
-        hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "m", dtype=torch.bfloat16).eval()
+        ours = frugallm.from_hf(Path(tmp) / "m", dtype=dtype).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "m", dtype=dtype).eval()
     impls = [i for i in ("eager", "grouped_mm", "batched_mm") if i == "eager" or _hf_has_impl(i)]
 
     def hf_with(impl, prompts):  # transformers with one of its CPU experts implementations
         hf.set_experts_implementation(impl)
         return hf_decode(hf, prompts, args.new)
     per_token = weight_bytes_per_token(ours)
-    plain = ours  # frugallm's bf16 model as loaded, F.linear on plain weights (transformers' kernels)
-    packed = copy.deepcopy(plain)
-    prepack(packed)  # `frugallm generate/chat/serve` without --compile: oneDNN-prepacked weights, eager
+    plain = ours  # frugallm's model as loaded, F.linear on plain weights (transformers' kernels)
+    no_prepack = unavailable_reason(plain)
+    # `frugallm generate/chat/serve` without --compile: oneDNN-prepacked weights (bf16 where the host packs them)
+    packed = plain if no_prepack else copy.deepcopy(plain)
+    prepack(packed)
+    eager_label = "  eager, plain weights" if no_prepack else "  eager, prepacked"
     ours = copy.deepcopy(plain)
     decoder = compile_decode(ours)  # with --compile: the decode step as one inductor graph
     t = time.perf_counter()
@@ -154,7 +171,7 @@ def section_bandwidth_and_hf(args) -> None:
     # the host's speed drifts by tens of percent over minutes: measure the bandwidth in every round,
     # next to the decode runs it bounds, rather than once
     res = median_pairs({"bw": lambda: (bandwidth(reps=3),),
-                        "plain1": lambda: ours_decode(plain, prompt, args.new),
+                        **({} if no_prepack else {"plain1": lambda: ours_decode(plain, prompt, args.new)}),
                         "packed1": lambda: ours_decode(packed, prompt, args.new),
                         "ours1": lambda: ours_decode(ours, prompt, args.new, decoder),
                         "packed8": lambda: ours_decode(packed, batch8, args.new),
@@ -168,7 +185,10 @@ def section_bandwidth_and_hf(args) -> None:
     res["hf8"] = res[f"hf8:{best['8']}"]
     bw = res["bw"][0]
     bound = bw / per_token
-    print(f"\nbf16, prompt {args.prompt}, {args.new} new tokens, median of {args.rounds} alternated runs; "
+    if no_prepack:
+        print(f"(no prepacked row: {no_prepack})")
+    print(f"\n{choice.name} on both sides, prompt {args.prompt}, {args.new} new tokens, median of {args.rounds} "
+          f"alternated runs; "
           f"transformers at its best experts_implementation per row (batch 1: {best['1']}, batch 8: {best['8']}, "
           f"first token: {best['ttft']}, of {', '.join(impls)}); frugallm's decode step compiled (compile_decode, "
           f"{compile_s:.0f} s for batch 1 and 8, once per process)")
@@ -177,23 +197,23 @@ def section_bandwidth_and_hf(args) -> None:
         o, h = res["ours" + key][0], res["hf" + key][0]
         print(f"{label:26}{o:12.1f}{h:14.1f}{o / h:7.2f}x")
         p = res["packed" + key][0]
-        print(f"{'  eager, prepacked':26}{p:12.1f}{h:14.1f}{p / h:7.2f}x   (compiling: {o / p:.2f}x)")
-        if key == "1":
+        print(f"{eager_label:26}{p:12.1f}{h:14.1f}{p / h:7.2f}x   (compiling: {o / p:.2f}x)")
+        if key == "1" and not no_prepack:
             p = res["plain1"][0]
             print(f"{'  eager, plain weights':26}{p:12.1f}{h:14.1f}{p / h:7.2f}x")
-    for label, key in (("time to first token, ms", "ours1"), ("  eager, prepacked", "packed1")):
+    for label, key in (("time to first token, ms", "ours1"), (eager_label, "packed1")):
         o, h = res[key][1] * 1e3, res["hf1"][1] * 1e3  # prefill is eager either way
         print(f"{label:26}{o:12.1f}{h:14.1f}{h / o:7.2f}x faster")
-    ours_kv = KVCache(ours.config, 1, 8, dtype=torch.bfloat16).bytes_per_token()
+    ours_kv = KVCache(ours.config, 1, 8, dtype=dtype).bytes_per_token()
     hf_kv = hf_cache_bytes_per_token(hf, 64)
     print(f"{'KV cache bytes / token':26}{ours_kv:12,}{hf_kv:14,}{hf_kv / ours_kv:7.1f}x smaller")
     c = ours.config  # what a per-head K/V cache of the same model would hold (REFERENCE §2.4)
-    full_kv = c.n_layers * c.n_heads * (c.qk_head_dim + c.v_head_dim) * 2
+    full_kv = c.n_layers * c.n_heads * (c.qk_head_dim + c.v_head_dim) * torch.empty(0, dtype=dtype).element_size()
     print(f"  (a per-head K/V cache would hold {full_kv:,} bytes/token, {full_kv / ours_kv:.1f}x the latent; "
           f"transformers {transformers.__version__} caches the latent too)")
     print(f"\nbandwidth bound, batch 1: {per_token / 1e6:.1f} MB of weights read per token -> "
           f"{bound:.1f} tok/s at {bw / 1e9:.1f} GB/s; frugallm decodes {res['ours1'][0]:.1f} tok/s = "
-          f"{res['ours1'][0] / bound:.0%} of the bound (eager, prepacked: {res['packed1'][0] / bound:.0%})")
+          f"{res['ours1'][0] / bound:.0%} of the bound ({eager_label.strip()}: {res['packed1'][0] / bound:.0%})")
 
 
 def _hf_has_impl(name: str) -> bool:
@@ -220,14 +240,17 @@ def section_speculative(args) -> None:
         print(f"\n(speculative and quantization sections skipped: no run at {run}; train one with `frugallm train`)")
         return
     tok = frugallm.load_tokenizer(run)
-    eager = frugallm.load_for_inference(run)  # bf16, prepacked
-    compiled = frugallm.load_for_inference(run, prepack=False)
+    eager = frugallm.load_for_inference(run, dtype=args.dtype)  # the host's inference dtype; bf16 is prepacked
+    compiled = frugallm.load_for_inference(run, dtype=args.dtype, prepack=False)
+    dtype = next(eager.parameters()).dtype
+    eager_label = "eager, prepacked" if any(type(m).__name__.startswith("Packed") for m in eager.modules()) \
+        else "eager"
     decoder = compile_decode(compiled, warmup=True, speculative=True)
     prompts = [[tok.bos_id, *tok.encode(text)[: args.prompt]] for text in held_out_texts(run, args.n_prompts)]
     D = eager.config.n_mtp
-    print(f"\nspeculative decoding on {run} (bf16, batch 1, greedy, {len(prompts)} held-out {args.prompt}-token "
-          f"prompts x {args.new} new tokens), median of {args.rounds}:")
-    for label, model, dec in (("eager, prepacked", eager, None), ("compiled", compiled, decoder)):
+    print(f"\nspeculative decoding on {run} ({dtype_name(dtype)}, batch 1, greedy, {len(prompts)} "
+          f"held-out {args.prompt}-token prompts x {args.new} new tokens), median of {args.rounds}:")
+    for label, model, dec in ((eager_label, eager, None), ("compiled", compiled, decoder)):
         timed = TimedDecoder(model, dec)
         gen = lambda p, **kw: generate(model, [p], args.new, decoder=timed, **kw)
         plain = [gen(p) for p in prompts]  # also compiles any shape the warm-up missed
@@ -261,18 +284,18 @@ def section_speculative(args) -> None:
         print(f"    per step, ms (in these runs): plain forward (1 token) {main:.2f}; verify forward ({D + 1} tokens) "
               f"{verify:.2f}; MTP drafts {draft:.2f} -> a speculative step costs {ratio:.2f}x a plain one, so "
               f"{tpf:.2f} tokens per forward can give at most {tpf / ratio:.2f}x")
-    plain_b, verify_b, draft_b = spec_bytes(eager.config)
+    plain_b, verify_b, draft_b = spec_bytes(eager.config, dtype)
     print(f"  weights read per step: plain {plain_b / 1e6:.1f} MB; verify ({D + 1} tokens, expected union of experts) "
           f"{verify_b / 1e6:.1f} MB; drafts {draft_b / 1e6:.1f} MB (output head included) -> with every forward at "
           f"full bandwidth, {tpf:.2f} tokens per forward would give {tpf * plain_b / (verify_b + draft_b):.2f}x")
 
 
-def spec_bytes(cfg) -> tuple[float, float, float]:
-    """bf16 weight bytes read at batch 1 by a plain step, a verify step over D+1 tokens and the D
-    drafts (each: its MTP block, then the shared output head again). Counted on a meta-device
-    model: the run's own model is prepacked, its matrices are no longer parameters."""
+def spec_bytes(cfg, dtype=torch.bfloat16) -> tuple[float, float, float]:
+    """Weight bytes (in `dtype`) read at batch 1 by a plain step, a verify step over D+1 tokens and
+    the D drafts (each: its MTP block, then the shared output head again). Counted on a meta-device
+    model: the run's own model may be prepacked, its matrices then no longer parameters."""
     with torch.device("meta"):
-        model = frugallm.Transformer(cfg).to(torch.bfloat16)
+        model = frugallm.Transformer(cfg).to(dtype)
     main = [(n, p) for n, p in model.named_parameters() if not n.startswith("mtp.")]
     head = model.head.weight.numel() * model.head.weight.element_size()
     drafts = sum(weight_bytes_read(m.named_parameters(), cfg) + head for m in model.mtp)
@@ -345,7 +368,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n-prompts", type=int, default=4, help="held-out documents for the speculative section")
     parser.add_argument("--skip", nargs="*", default=[], choices=["hf", "spec", "quant"])
+    add_host_args(parser, dtype_help="dtype of sections 1-3, both sides (auto: the host's inference choice)")
     args = parser.parse_args()
+    save_output("bench_generate", args.save)
+    print_host_header()
     if "hf" not in args.skip:
         section_bandwidth_and_hf(args)
     if "spec" not in args.skip:

@@ -13,7 +13,9 @@ the 20 before it, after the warm-up), the composite Amax gains over training (fo
 sum, backward = max column sum of the product of H_res over depth; hyperconn.composite_gains),
 the step time (alternated rounds after training, median) and the activation memory of a
 training step (bytes of the distinct storages autograd saves), each against plain.
-Writes <out>/bench_mhc.json and <out>/bench_mhc_gains.png (gains per depth, HC vs mHC).
+Writes <out>/bench_mhc[_seedN]_<host-kind>.json and <out>/bench_mhc_gains[_seedN]_<host-kind>.png
+(gains per depth, HC vs mHC). Every model trains in fp32 whatever the host (a stability comparison,
+not a speed one; the header prints the host and its own dtype choices).
 
     python benchmarks/bench_mhc.py [--steps 400] [--lrs 3e-3,2e-2] [--seed 0] [--modes plain,hc,mhc]
                                    [--threads 1] [--out benchmarks/results]
@@ -28,6 +30,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import sysconfig
 import time
 import zlib
@@ -38,6 +41,9 @@ import torch
 import frugallm
 from frugallm.model.hyperconn import composite_gains, static_parameters
 from frugallm.train.optim import ExpertBiasUpdate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _host import host_record, print_host_header  # noqa: E402  (benchmarks/_host.py)
 
 MODES = ("plain", "hc", "mhc")
 
@@ -143,7 +149,7 @@ def train_run(mode, lr, args, base_state, train, val, batch_starts, val_starts, 
     final = val_loss(model, val, val_starts, args.seq, args.batch) if diverged is None else float("nan")
     n_spikes, worst = spikes(losses, after=args.warmup)
     result = {"mode": mode, "lr": lr, "final_val_loss": final, "diverged_at": diverged, "spikes": n_spikes,
-              "worst_spike_ratio": worst, "median_step_s": statistics.median(times[5:]), "losses": losses,
+              "worst_spike_ratio": worst, "median_step_s": statistics.median(times[5:] or times), "losses": losses,
               "evals": evals, "gains": gains}
     if gains:
         result["max_gain_fwd"] = max(g["hc_gain_fwd"] for g in gains)
@@ -258,6 +264,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    kind = print_host_header()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lrs = [float(v) for v in args.lrs.split(",")]
@@ -308,8 +315,8 @@ def main() -> None:
               f"params {o['params']:,} (+{o['params'] - p['params']:,})")
     print(f"total wall time {total / 60:.1f} min")
 
-    tag = "" if args.seed == 0 else f"_seed{args.seed}"
-    report = _round({"args": vars(args), "results": results, "overheads": over})
+    tag = ("" if args.seed == 0 else f"_seed{args.seed}") + f"_{kind}"
+    report = _round({"host": host_record(), "args": vars(args), "results": results, "overheads": over})
     (out / f"bench_mhc{tag}.json").write_text(json.dumps(report, indent=1) + "\n")
     plot(results, out / f"bench_mhc_gains{tag}.png")
     print(f"wrote {out / f'bench_mhc{tag}.json'} and {out / f'bench_mhc_gains{tag}.png'}")

@@ -16,8 +16,12 @@ and losses are checked to agree before anything is timed. Runs are alternated be
 in one process (after a warm-up) and the median per side is reported, so drifting machine load
 hits both sides alike.
 
-    python benchmarks/bench_model.py [--batch 8] [--seq 256] [--rounds 15] [--dtype bf16|fp32]
-                                     [--no-compile] [--profile]
+Dtype: both sides run in the same dtype, the host's best (frugallm/host.py `choose_dtype`: "train"
+for the train step, "prefill" for prefill; bf16 only where it measures clearly faster than fp32 on
+this CPU) unless --dtype forces one; each row prints the dtype it ran in.
+
+    python benchmarks/bench_model.py [--batch 8] [--seq 256] [--rounds 15] [--dtype auto|fp32|bf16]
+                                     [--compile|--no-compile] [--profile] [--save [VARIANT]]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +41,9 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 import frugallm
 from frugallm.model.moe import MoE
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _host import add_host_args, dtype_name, pick_dtype, print_host_header, save_output  # noqa: E402
+
 CPU_EXPERT_IMPLS = ("eager", "grouped_mm", "batched_mm")  # the others (deepgemm, sonicmoe) are GPU kernels
 
 
@@ -201,41 +208,56 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=15, help="timed runs per side, alternated (median reported)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    ap.add_argument("--no-compile", dest="compile", action="store_false",
-                    help="skip the torch.compile(frugallm) rows (compiling takes ~30 s)")
+    add_host_args(ap, dtype_help="dtype of both sides (auto: the host profile's train / prefill choice)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time torch.compile(frugallm): the train step (forward + loss + backward through "
+                         "inductor) and prefill (default on; --no-compile skips it, compiling takes ~30 s a case)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of one frugallm train step")
     args = ap.parse_args()
 
     threads = len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
+    save_output("bench_model", args.save)
+    print_host_header()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    dtype = DTYPES[args.dtype]
+    choice = {case: pick_dtype(case, args.dtype) for case in ("train", "prefill")}
+    for c in choice.values():
+        print(c.reason)
+    dtype_of = {case: c.dtype for case, c in choice.items()}
+    name_of = {case: c.name for case, c in choice.items()}
     tokens = args.batch * args.seq
 
+    pairs = {}  # dtype -> (frugallm, transformers), both cast from the same fp32 checkpoint on load
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(Path(tmp) / "hf", args.seq)
-        # both sides cast the same fp32 checkpoint on load (and both keep the selection bias fp32)
-        fl, hf = frugallm.from_hf(path, dtype=dtype), load_hf(path, dtype)
-        ids = torch.randint(0, fl.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+        for dtype in dict.fromkeys(dtype_of.values()):
+            # both keep the selection bias fp32
+            pairs[dtype] = frugallm.from_hf(path, dtype=dtype), load_hf(path, dtype)
+        vocab = next(iter(pairs.values()))[0].config.vocab_size
+        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
         logit_err, loss_err = check_same_model(path, ids[:2, :128])
 
-    print(f"frugallm {frugallm.__version__} vs transformers {transformers.__version__} | torch {torch.__version__}, "
-          f"{threads} threads, {args.dtype} | tiny preset, n_mtp=0 | batch {args.batch} x {args.seq} = {tokens} tokens")
+    print(f"\nfrugallm {frugallm.__version__} vs transformers {transformers.__version__} | torch {torch.__version__}, "
+          f"{threads} threads | train step {name_of['train']}, prefill {name_of['prefill']} (both sides) | tiny "
+          f"preset, n_mtp=0 | batch {args.batch} x {args.seq} = {tokens} tokens")
     print(f"same weights: fp32 logits relative max error {logit_err:.1e}, loss relative error {loss_err:.1e}")
-    default_impl = hf.config._experts_implementation
-    fl.eval()
-    hf.eval()
-    impl, probe = pick_experts_impl(hf, ids)
-    print(f"transformers: attention sdpa, experts_implementation={impl!r} (default {default_impl!r}; prefill probe: "
-          + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in probe.items()) + ")")
+    compiled = {}
+    for dtype, (fl, hf) in pairs.items():
+        default_impl = hf.config._experts_implementation
+        fl.eval()
+        hf.eval()
+        impl, probe = pick_experts_impl(hf, ids)
+        print(f"transformers {dtype_name(dtype)}: attention sdpa, experts_implementation={impl!r} "
+              f"(default {default_impl!r}; prefill probe: "
+              + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in probe.items()) + ")")
+        compiled[dtype] = torch.compile(fl) if args.compile else None
 
     targets = next_token_targets(ids)
-    compiled = torch.compile(fl) if args.compile else None
-
     results = {}
     for case, train in (("train", True), ("prefill", False)):
+        fl, hf = pairs[dtype_of[case]]
+        cfl = compiled[dtype_of[case]]
         for m in (fl, hf):
             m.train(train)
         if train:
@@ -244,9 +266,9 @@ def main() -> None:
         else:
             steps = {"frugallm": frugallm_prefill(fl, ids), "transformers": hf_prefill(hf, ids),
                      "frugallm loop": frugallm_prefill(fl, ids, moe_impl="loop")}
-        if compiled is not None:
-            step = frugallm_train(compiled, ids, targets) if train else frugallm_prefill(compiled, ids)
-            if first_call(f"torch.compile(frugallm) {case}", step):
+        if cfl is not None:
+            step = frugallm_train(cfl, ids, targets) if train else frugallm_prefill(cfl, ids)
+            if first_call(f"torch.compile(frugallm) {case} ({name_of[case]})", step):
                 steps["frugallm compiled"] = step
         results[case] = alternate(steps, args.warmup, args.rounds)
         set_moe_impl(fl, "grouped")
@@ -254,39 +276,46 @@ def main() -> None:
     # --- the table
     rows = [("train step (fwd+loss+bwd)", "train", "frugallm"),
             ("prefill (fwd, inference_mode)", "prefill", "frugallm")]
-    if compiled is not None:
+    if args.compile:
         rows.insert(1, ("train step, frugallm compiled", "train", "frugallm compiled"))
         rows.append(("prefill, frugallm compiled", "prefill", "frugallm compiled"))
-    header = f"{'case':<31}| {'frugallm tok/s':>15} | {'transformers tok/s':>18} | {'frugallm/transformers':>21}"
+    header = (f"{'case':<31}| {'dtype':<5} | {'frugallm tok/s':>15} | {'transformers tok/s':>18} | "
+              f"{'frugallm/transformers':>21}")
     print("\n" + header + "\n" + "-" * len(header))
     for label, case, side in rows:
         t = results[case]
         if side not in t:
-            print(f"{label:<31}| {'failed':>15} |")
+            print(f"{label:<31}| {name_of[case]:<5} | {'failed':>15} |")
             continue
         ours, theirs = tokens / t[side], tokens / t["transformers"]
-        print(f"{label:<31}| {ours:>15,.0f} | {theirs:>18,.0f} | {ours / theirs:>21.2f}")
+        print(f"{label:<31}| {name_of[case]:<5} | {ours:>15,.0f} | {theirs:>18,.0f} | {ours / theirs:>21.2f}")
 
     # --- roofline
-    rate = matmul_rate(dtype)
+    rates = {dtype: matmul_rate(dtype) for dtype in pairs}
+    fl = next(iter(pairs.values()))[0]
     fwd, active = forward_flops(fl, args.batch, args.seq)
-    print(f"\nroofline: {args.dtype} torch.mm 2048^3 at {rate / 1e9:,.0f} GFLOP/s; "
-          f"{active / 1e6:.2f}M matmul params active per token")
+    print("\nroofline: torch.mm 2048^3 at " + ", ".join(
+        f"{dtype_name(d)} {r / 1e9:,.0f} GFLOP/s" for d, r in rates.items())
+        + f"; {active / 1e6:.2f}M matmul params active per token")
     for case, flops in (("train", 3 * fwd), ("prefill", fwd)):
-        ideal = flops / rate
+        ideal = flops / rates[dtype_of[case]]
         sides = ", ".join(f"{side} {t * 1e3:.0f} ms ({t / ideal:.1f}x)"
                           for side, t in results[case].items() if side != "frugallm loop")
-        print(f"  {case:<8} {flops / 1e9:6.2f} GFLOP -> ideal {ideal * 1e3:6.1f} ms | measured (x ideal): {sides}")
+        print(f"  {case:<8} {name_of[case]:<5} {flops / 1e9:6.2f} GFLOP -> ideal {ideal * 1e3:6.1f} ms | "
+              f"measured (x ideal): {sides}")
 
     # --- grouped vs loop routed experts
     parts = []
     for case in ("train", "prefill"):
         g, l = results[case]["frugallm"], results[case]["frugallm loop"]
-        parts.append(f"{case} {tokens / g:,.0f} vs {tokens / l:,.0f} tok/s (grouped/loop {l / g:.2f})")
+        parts.append(f"{case} ({name_of[case]}) {tokens / g:,.0f} vs {tokens / l:,.0f} tok/s "
+                     f"(grouped/loop {l / g:.2f})")
     print("\nfrugallm MoE grouped vs loop (eager): " + "; ".join(parts))
 
     if args.profile:
-        print(f"\ntorch.profiler, one frugallm {args.dtype} train step (eager, grouped), top 15 by self CPU time:")
+        print(f"\ntorch.profiler, one frugallm {name_of['train']} train step (eager, grouped), "
+              f"top 15 by self CPU time:")
+        fl = pairs[dtype_of["train"]][0]
         fl.train()
         profile_train_step(frugallm_train(fl, ids, targets))
 

@@ -10,9 +10,14 @@ them alike. FP8 on a CPU is storage, not speed: no CPU FP8 GEMM exists, each for
 dequantizes (REFERENCE §8.4).
 
     python benchmarks/bench_quant.py [--run RUN_DIR] [--steps 200] [--speed-preset small] [--prompt 64]
-                                     [--new 32] [--rounds 5]
+                                     [--new 32] [--rounds 5] [--dtype auto|fp32|bf16] [--save [VARIANT]]
 
-Without --run it first trains the `tiny` preset for --steps steps (bf16, the built-in corpus). A
+The fp32 / bf16 rows compare the dtypes on purpose; the host's own choice for decoding
+(frugallm/host.py choose_dtype("decode")) is printed above the table. "bf16 prepacked" is left out
+where the host's oneDNN does not prepack bf16 weights.
+
+Without --run it first trains the `tiny` preset for --steps steps (--dtype: the training precision,
+auto = the host's train choice; the built-in corpus). A
 second table times decoding on a randomly initialised --speed-preset model (speed does not depend
 on the weights' values), where the weights, not per-op overheads, dominate a decode step.
 """
@@ -23,6 +28,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,15 +37,20 @@ import torch
 
 import frugallm
 from frugallm.infer import KVCache
-from frugallm.numerics.prepack import prepack
+from frugallm.numerics.prepack import prepack, unavailable_reason
 from frugallm.numerics.quantize import quantize_model, weight_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _host import (add_host_args, host_record, pick_dtype, print_host_header, results_path,  # noqa: E402
+                   save_output)
 
 
 def variants(model: frugallm.Transformer) -> dict[str, frugallm.Transformer]:
     """fp32 model -> the variants (deep copies; the codes come from the fp32 weights)."""
     out = {"fp32": model.float().eval(), "bf16": copy.deepcopy(model).to(torch.bfloat16)}
-    out["bf16 prepacked"] = copy.deepcopy(out["bf16"])
-    prepack(out["bf16 prepacked"])  # numerics/prepack.py: what `frugallm generate` runs for a plain checkpoint
+    if unavailable_reason(out["bf16"]) is None:  # numerics/prepack.py: what `frugallm generate` runs for bf16
+        out["bf16 prepacked"] = copy.deepcopy(out["bf16"])
+        prepack(out["bf16 prepacked"])
     for fmt in ("int8", "fp8"):
         q = copy.deepcopy(model)
         quantize_model(q, fmt)
@@ -48,8 +59,9 @@ def variants(model: frugallm.Transformer) -> dict[str, frugallm.Transformer]:
     q = copy.deepcopy(model)
     quantize_model(q, "int8", skip=("embed", "gate"))
     out["int8 + head (bf16 act)"] = q.to(torch.bfloat16)
-    return {k: out[k] for k in ("fp32", "bf16", "bf16 prepacked", "int8 (bf16 act)", "int8 + head (bf16 act)", "fp8 (bf16 act)",
-                                "int8 (fp32 act)", "fp8 (fp32 act)")}
+    order = ("fp32", "bf16", "bf16 prepacked", "int8 (bf16 act)", "int8 + head (bf16 act)", "fp8 (bf16 act)",
+             "int8 (fp32 act)", "fp8 (fp32 act)")
+    return {k: out[k] for k in order if k in out}
 
 
 def decoder(model, prompt: torch.Tensor, new: int):
@@ -85,12 +97,12 @@ def val_data(run: Path, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor
     return [batches.get(i) for i in range(min(n_batches, batches.windows // batches.batch_size))]
 
 
-def train_tiny(out: Path, steps: int) -> Path:
+def train_tiny(out: Path, steps: int, precision: str = "bf16") -> Path:
     from frugallm.config import TrainConfig
     from frugallm.train.trainer import train
 
     cfg = TrainConfig(steps=steps, batch_size=8, seq_len=256, eval_every=10**9, save_every=steps, sample_tokens=0,
-                      log_every=50)
+                      log_every=50, precision=precision)
     train(frugallm.get_preset("tiny"), cfg, out, log=lambda s: print("  train:", s))
     return out
 
@@ -145,16 +157,24 @@ def main() -> None:
     p.add_argument("--new", type=int, default=32, help="decoded tokens per timed run")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--val-batches", type=int, default=8)
-    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--json", type=Path, help="also write the figures here (with --save: next to the .txt)")
+    add_host_args(p, dtype_help="precision of the tiny training run when no --run is given (auto: the host's "
+                                "train choice); the table compares dtypes on purpose")
     args = p.parse_args()
+    if args.save is not None and args.json is None:
+        args.json = results_path("bench_quant", args.save, ".json")
+    save_output("bench_quant", args.save)
+    print_host_header()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(f"the host's own decode choice: {pick_dtype('decode').reason}")
 
     tmp = None
     if args.run is None:
         tmp = tempfile.TemporaryDirectory()
-        print(f"training the tiny preset for {args.steps} steps ...")
+        train_dtype = pick_dtype("train", args.dtype)
+        print(f"training the tiny preset for {args.steps} steps ({train_dtype.reason}) ...")
         t = time.perf_counter()
-        args.run = train_tiny(Path(tmp.name) / "run", args.steps)
+        args.run = train_tiny(Path(tmp.name) / "run", args.steps, train_dtype.name)
         print(f"  trained in {time.perf_counter() - t:.0f} s")
     base = frugallm.load(args.run, dtype=torch.float32, quantized=False)
     batches = val_data(args.run, args.val_batches)
@@ -167,7 +187,7 @@ def main() -> None:
     rows = measure(models, prompt, args.new, args.rounds, batches)
     print()
     print_table(rows)
-    report = {"run": str(args.run), "trained": rows}
+    report = {"host": host_record(), "run": str(args.run), "trained": rows}
     if args.speed_preset:
         cfg = frugallm.get_preset(args.speed_preset).replace(n_mtp=0)
         torch.manual_seed(0)

@@ -71,28 +71,38 @@ def load(path, dtype=None, quantized=None):
     raise FileNotFoundError(f"{path} is neither a frugallm run (no valid checkpoint) nor a Hugging Face model dir")
 
 
-def load_for_inference(path, dtype=None, prepack: bool = True):
-    """`load` for generation on this machine: a quantized checkpoint keeps its int8/fp8 codes unless
-    a dtype asks to dequantize it; a plain one runs in `dtype`, default bfloat16, and with `prepack`
-    a bf16 model on CPU gets its weights prepacked for oneDNN (numerics/prepack.py: the same
-    outputs, faster eager GEMVs). Pass prepack=False for a model to compile
-    (infer/compiled.py: compile_decode), which packs its weights itself. The result is for
-    inference only: prepacked weights are not trainable parameters."""
-    import torch
-
+def load_for_inference(path, dtype="auto", prepack: bool = True):
+    """`load` for generation on this machine. dtype: "auto" (default) takes the host profile's
+    inference choice (host.py: bf16 only where it measures clearly faster here, else fp32), or
+    a name / torch.dtype, honoured. A quantized checkpoint keeps its int8/fp8 codes under auto
+    and dequantizes to that dtype as it runs; an explicit dtype dequantizes it into a plain model.
+    With `prepack`, a bf16 model gets its weights prepacked for oneDNN where the host supports it
+    (numerics/prepack.py: the same outputs, faster eager GEMVs). Pass prepack=False for a model to
+    compile (infer/compiled.py: compile_decode), which packs its weights itself. The result is for
+    inference only: prepacked weights are not trainable parameters. `inference_dtype(dtype)` gives
+    the choice with its reason, for printing."""
     from .numerics.prepack import prepack as _prepack
     from .numerics.quantize import weight_bytes
 
-    if dtype is not None:
-        model = load(path, dtype=dtype, quantized=False)
+    choice = inference_dtype(dtype)
+    if dtype not in (None, "auto"):
+        model = load(path, dtype=choice.dtype, quantized=False)
     else:
         model = load(path)
         if weight_bytes(model)["quantized_params"]:
-            return model
-        model.to(torch.bfloat16)
+            return model.to(choice.dtype)  # codes stay; they dequantize to this dtype (numerics/quantize.py)
+        model.to(choice.dtype)
     if prepack:
         _prepack(model)
     return model
+
+
+def inference_dtype(dtype="auto"):
+    """The host's dtype for generation (host.py `choose_dtype("inference")`), as a DtypeChoice
+    (.dtype, .reason: one line with the measured figures)."""
+    from .host import choose_dtype
+
+    return choose_dtype("inference", dtype)
 
 
 def load_tokenizer(path):
@@ -103,5 +113,5 @@ def load_tokenizer(path):
 
 
 __all__ = ["ModelConfig", "PRESETS", "get_preset", "Transformer", "ModelOutput", "count_params", "from_hf", "to_hf",
-           "load", "load_for_inference", "load_tokenizer",
+           "load", "load_for_inference", "inference_dtype", "load_tokenizer",
            "generate", "generate_stream"]

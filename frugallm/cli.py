@@ -15,6 +15,12 @@ def _info(args: argparse.Namespace) -> int:
     from . import Transformer, count_params, get_preset
     from .config import ModelConfig
 
+    if args.host:
+        from .host import host_profile
+
+        print(host_profile().describe())
+        return 0
+
     cfg = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
     counts = count_params(cfg)
     print(f"frugallm model: {'--config ' + args.config if args.config else 'preset ' + args.preset}")
@@ -48,7 +54,15 @@ def _train(args: argparse.Namespace) -> int:
 
     model_cfg = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
     train_cfg = TrainConfig.from_json(args.train_config) if args.train_config else TrainConfig()
-    flags = {"data": args.data, "steps": args.steps, "save_every": args.save_every}
+    # the length: --time (steps a cap), or --steps alone (no budget), or neither: DEFAULT_TIME, capped at
+    # TrainConfig.steps; a --train-config file or --set steps=/time_budget= says it instead
+    time_budget = args.time
+    if time_budget is None and args.steps is not None:
+        time_budget = ""
+    elif time_budget is None and not args.train_config and not any(
+            p.startswith(("steps=", "time_budget=")) for p in args.set or []):
+        time_budget = DEFAULT_TIME
+    flags = {"data": args.data, "steps": args.steps, "time_budget": time_budget, "save_every": args.save_every}
     pairs = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set or [])
     model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, pairs)
     result = train(model_cfg, train_cfg, args.out, resume=args.resume)
@@ -79,6 +93,7 @@ def _eval(args: argparse.Namespace) -> int:
     from . import load, load_tokenizer
     from .config import TrainConfig
     from .train import data
+    from .host import choose_dtype
     from .train.trainer import evaluate
     from .train.checkpoint import latest
 
@@ -90,7 +105,11 @@ def _eval(args: argparse.Namespace) -> int:
     source = cfg.data if args.data is None else args.data
     splits = data.prepare(source, tok, cfg.val_fraction, cfg.text_field)
     batches = data.val_batches(splits.val, cfg.seq_len, cfg.batch_size)
-    loss = evaluate(model, batches, args.batches, contextlib.nullcontext)
+    choice = choose_dtype("prefill")  # eval is a prefill: the host's measured choice
+    print(f"frugallm: {choice.reason}", file=sys.stderr)
+    autocast = (lambda: torch.autocast("cpu", dtype=choice.dtype)) if choice.dtype == torch.bfloat16 \
+        else contextlib.nullcontext
+    loss = evaluate(model, batches, args.batches, autocast)
     print(f"{args.run} ({ckpt.name}) on {splits.manifest['source']} val: loss {loss:.4f}, "
           f"perplexity {math.exp(loss):.2f}, unigram baseline "
           f"{data.unigram_loss(splits.train, splits.val, model.config.vocab_size):.4f}")
@@ -120,21 +139,31 @@ def _serve(args: argparse.Namespace) -> int:
     from .infer.server import serve
 
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-          slots=args.slots, speculative=args.speculative, threads=args.threads, compile=args.compile)
+          slots=args.slots, speculative=args.speculative, threads=args.threads, compile=args.compile,
+          dtype=args.dtype)
     return 0
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from . import load_for_inference, load_tokenizer
+    from . import load_tokenizer
     from .infer.chat import chat_repl
 
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
-    model = load_for_inference(args.run, prepack=not args.compile)
+    model = _load_for_inference(args)
     decoder = _compile(model, args)
     return chat_repl(model, load_tokenizer(args.run), system=args.system,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                      top_p=args.top_p, seed=args.seed, speculative=args.speculative, decoder=decoder)
+
+
+def _load_for_inference(args: argparse.Namespace):
+    """The model for generate / chat, in the dtype --dtype asks for (auto: the host profile's
+    choice), after one line on stderr that says what was chosen and why."""
+    from . import inference_dtype, load_for_inference
+
+    print(f"frugallm: {inference_dtype(args.dtype).reason}", file=sys.stderr)
+    return load_for_inference(args.run, args.dtype, prepack=not args.compile)
 
 
 def _compile(model, args: argparse.Namespace):
@@ -150,10 +179,10 @@ def _compile(model, args: argparse.Namespace):
 def _generate(args: argparse.Namespace) -> int:
     import time
 
-    from . import load_for_inference, load_tokenizer
+    from . import load_tokenizer
     from .infer.generate import generate_stream
 
-    model = load_for_inference(args.run, DTYPES[args.dtype] if args.dtype else None, prepack=not args.compile)
+    model = _load_for_inference(args)
     decoder = _compile(model, args)
     tok = load_tokenizer(args.run)
     ids = [tok.bos_id, *tok.encode(args.prompt)] if tok.bos_id is not None else tok.encode(args.prompt)
@@ -188,7 +217,10 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DEFAULT_TIME = "8m"  # `frugallm train` with neither --steps nor --time: the main job fits in 10 minutes
+DTYPE_CHOICES = ["auto", "fp32", "bf16", "float32", "bfloat16", "float64"]
+DTYPE_HELP = ("compute dtype (default auto: bf16 only where this host measures it clearly faster than fp32, "
+              "see `frugallm info --host`); an explicit dtype dequantizes a quantized checkpoint")
 SPECULATIVE_HELP = ("draft with the MTP modules, verify in one forward (exact; on a CPU at batch 1 it gains "
                     "little, and with --compile it can be slower: see the README)")
 COMPILE_HELP = ("compile the decode step with torch.compile (1.9-2.6x faster decoding here; tens of seconds of "
@@ -202,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = info.add_mutually_exclusive_group()
     src.add_argument("--preset", default="tiny", help="preset name (tiny, small, v2-lite, v3)")
     src.add_argument("--config", help="a ModelConfig JSON file")
+    info.add_argument("--host", action="store_true",
+                      help="print this machine's profile: ISA, bf16 support, measured fp32/bf16 speeds, auto choices")
     info.add_argument("--max-build-params", type=float, default=2e9,
                       help="only count, do not build, models larger than this (default 2e9)")
     info.set_defaults(func=_info)
@@ -213,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--train-config", help="a TrainConfig JSON file")
     tr.add_argument("--data", help="text files, a folder, a glob, JSONL, or hf:NAME (default: the Python stdlib)")
     tr.add_argument("--out", default="runs/tiny", help="run directory (default runs/tiny)")
-    tr.add_argument("--steps", type=int)
+    tr.add_argument("--steps", type=int, help="the run's length; with --time, the most it may plan (default 500)")
+    tr.add_argument("--time", help="a time budget for the whole command, e.g. 90s, 8m, 1h: steps are planned from "
+                                   f"the measured throughput (default {DEFAULT_TIME} unless --steps is given)")
     tr.add_argument("--save-every", type=int)
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="any ModelConfig or TrainConfig field")
@@ -248,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--speculative", action="store_true", help=SPECULATIVE_HELP)
     sv.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     sv.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    sv.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     sv.set_defaults(func=_serve)
 
     ch = sub.add_parser("chat", help="an interactive chat in the terminal (/reset, /system TEXT, /exit)")
@@ -260,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int)
     ch.add_argument("--speculative", action="store_true", help=SPECULATIVE_HELP)
     ch.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    ch.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     ch.set_defaults(func=_chat)
 
     ge = sub.add_parser("generate", help="continue a prompt, streaming to the terminal, then report tokens/s")
@@ -271,9 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-p", type=float)
     ge.add_argument("--seed", type=int)
     ge.add_argument("--speculative", action="store_true", help=SPECULATIVE_HELP)
-    ge.add_argument("--dtype", choices=list(DTYPES),
-                    help="run in this dtype, dequantizing a quantized checkpoint (default: a quantized "
-                         "checkpoint keeps its codes, a plain one runs in bfloat16 with prepacked weights)")
+    ge.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     ge.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     ge.set_defaults(func=_generate)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,8 @@ class TrainConfig:
     tokenizer: str = ""  # tokenizer.json (or its dir); "" = reuse the run's, or train one on the data
     tokenizer_train_chars: int = 8_000_000  # text sampled to train a tokenizer
     # --- optimisation (V3 §4.2: AdamW (0.9, 0.95), wd 0.1, clip 1.0)
-    steps: int = 500
+    steps: int = 500  # the run's length; with a time_budget, the most it may plan
+    time_budget: str = ""  # "" = none; "90s", "8m", "1h": plan the steps that fit (trainer.py), capped by steps
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -250,7 +252,8 @@ class TrainConfig:
     mtp_lambda_late: float = 0.1  # V3: lambda 0.3 for the first ~68% of tokens, then 0.1
     mtp_lambda_late_from: float = 0.7  # fraction of steps after which mtp_lambda_late applies
     # --- precision and speed
-    precision: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    precision: str = "auto"  # auto (host.py measures: bf16 only where clearly faster) | bf16 (autocast,
+    # fp32 master weights) | fp32. A run's train_config.json records the resolved dtype, never "auto".
     fp8: bool = False  # V3 fine-grained FP8 GEMMs in every Linear and routed expert (numerics/fp8.py)
     optim_state_dtype: str = "fp32"  # AdamW moments: fp32 (torch's AdamW) | bf16 (fp32 master weights)
     compile: bool = False
@@ -270,8 +273,12 @@ class TrainConfig:
         errors = []
         if self.schedule not in ("cosine", "wsd"):
             errors.append(f"schedule={self.schedule!r} must be 'cosine' or 'wsd'")
-        if self.precision not in ("bf16", "fp32"):
-            errors.append(f"precision={self.precision!r} must be 'bf16' or 'fp32'")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            errors.append(f"precision={self.precision!r} must be 'auto', 'bf16' or 'fp32'")
+        try:
+            duration_seconds(self.time_budget)
+        except ValueError as e:
+            errors.append(str(e))
         if self.optim_state_dtype not in ("fp32", "bf16"):
             errors.append(f"optim_state_dtype={self.optim_state_dtype!r} must be 'fp32' or 'bf16'")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every", "keep_last"):
@@ -297,6 +304,18 @@ class TrainConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def duration_seconds(text: str) -> float | None:
+    """'90s', '8m', '1.5h' -> seconds; '' -> None (no time budget)."""
+    if text == "":
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smh])", str(text))
+    seconds = float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]] if match else 0.0
+    if seconds <= 0:
+        raise ValueError(f"time_budget={text!r} must be a positive number followed by s, m or h "
+                         f"(e.g. '90s', '8m', '1.5h'), or '' for no time budget")
+    return seconds
 
 
 def apply_overrides(model: ModelConfig, train: TrainConfig, pairs: list[str]) -> tuple[ModelConfig, TrainConfig]:
@@ -326,4 +345,5 @@ def apply_overrides(model: ModelConfig, train: TrainConfig, pairs: list[str]) ->
     return model.replace(**model_changes), dataclasses.replace(train, **train_changes)
 
 
-__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "get_preset", "apply_overrides", "check_keys", "yarn_mscale"]
+__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "get_preset", "apply_overrides", "check_keys", "yarn_mscale",
+           "duration_seconds"]

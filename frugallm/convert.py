@@ -1,6 +1,6 @@
 """Hugging Face DeepSeek-V2/V3 <-> frugallm: one key table, both directions (REFERENCE §12).
 
-frugallm stores the routed experts of a layer stacked, `layers.L.ffn.w1` (E, I, d); HF stores
+frugallm stores the routed experts of a layer stacked, `layers.L.ffn.experts.w1` (E, I, d); HF stores
 them one tensor per expert, `model.layers.L.mlp.experts.E.gate_proj.weight`. The MTP module k is
 HF layer `num_hidden_layers + k` (REFERENCE §5.2): its block uses the ordinary layer keys, plus
 enorm / hnorm / eh_proj / shared_head.norm, and physical copies of the embedding and head.
@@ -50,9 +50,9 @@ LAYER_KEYS = {
     "ffn.shared_experts.w1.weight": "mlp.shared_experts.gate_proj.weight",
     "ffn.shared_experts.w2.weight": "mlp.shared_experts.down_proj.weight",
     "ffn.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
-    "ffn.w1": "mlp.experts.{e}.gate_proj.weight",
-    "ffn.w2": "mlp.experts.{e}.down_proj.weight",
-    "ffn.w3": "mlp.experts.{e}.up_proj.weight",
+    "ffn.experts.w1": "mlp.experts.{e}.gate_proj.weight",
+    "ffn.experts.w2": "mlp.experts.{e}.down_proj.weight",
+    "ffn.experts.w3": "mlp.experts.{e}.up_proj.weight",
 }
 MTP_KEYS = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
             "eh_proj.weight": "eh_proj.weight", "norm.weight": "shared_head.norm.weight"}
@@ -240,7 +240,7 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
     dtype: parameter dtype (default float32); the gate bias always stays float32.
     quantized (see keep_quantized): for a DeepSeek FP8 directory (config.json declares
     quantization_config), keep each FP8 weight as e4m3 codes + block scales in the model
-    (numerics/quantize.py QuantLinear / QuantMoE; the other tensors as stored, or in `dtype`),
+    (numerics/quantize.py QuantLinear / QuantExperts; the other tensors as stored, or in `dtype`),
     never materialising the dequantized model; or dequantize each tensor on its own, per
     128x128 block, into `dtype` (for training). Without a declaration, FP8 tensors that carry
     a weight_scale_inv are dequantized.

@@ -34,10 +34,15 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "unknown ModelConfig key(s) ['dims']" in capsys.readouterr().err
 
 
-def test_generate_and_quantize_commands(tiny_run, tmp_path, capsys):
+@pytest.mark.parametrize("host", ["this-host", "no-bf16", "bf16"])
+def test_generate_and_quantize_commands(tiny_run, tmp_path, capsys, monkeypatch, host):
+    if host != "this-host":  # the auto choice and the quantized paths as on a host of the other kind
+        monkeypatch.setenv("FRUGALLM_HOST", host)
     assert main(["generate", str(tiny_run), "--prompt", "the cat", "--max-new-tokens", "12", "--speculative"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("the cat") and "tokens/s" in captured.err and "acceptance" in captured.err
+    if host != "this-host":
+        assert f"inference dtype auto -> {'fp32' if host == 'no-bf16' else 'bf16'}" in captured.err
     for fmt in ("int8", "fp8"):
         assert main(["quantize", str(tiny_run), "--to", fmt, "--out", str(tmp_path / fmt)]) == 0
         assert "bytes/param" in capsys.readouterr().out

@@ -24,8 +24,9 @@ def test_static_shape_experts_equal_the_loop(experts, n_tokens):
             p.normal_(0, 0.3)
     x = torch.randn(n_tokens, cfg.dim, dtype=torch.float64)
     weights, idx, _ = moe.gate(x)
-    want = loop_experts(x, weights, idx, moe.w1, moe.w2, moe.w3)
-    got = experts(x, weights, idx, moe.w1, moe.w2, moe.w3)
+    ws = moe.experts.w1, moe.experts.w2, moe.experts.w3
+    want = loop_experts(x, weights, idx, *ws)
+    got = experts(x, weights, idx, *ws)
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-13)
 
 

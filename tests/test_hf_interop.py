@@ -97,7 +97,7 @@ def test_hf_checkpoint_with_mtp_tensors_loads_them(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     loaded = frugallm.from_hf(tmp_path)
     assert torch.equal(loaded.mtp[0].eh_proj.weight, donor.mtp[0].eh_proj.weight)
-    assert torch.equal(loaded.mtp[0].block.ffn.w2, donor.mtp[0].block.ffn.w2)
+    assert torch.equal(loaded.mtp[0].block.ffn.experts.w2, donor.mtp[0].block.ffn.experts.w2)
 
 
 def test_missing_mtp_layer_warns_and_disables_it(tmp_path):
@@ -162,7 +162,7 @@ def test_unmapped_tensors_are_an_error(tmp_path):
 def test_bf16_load_keeps_gate_bias_fp32(tmp_path):
     make_hf("v3", 16, tmp_path)
     model = frugallm.from_hf(tmp_path, dtype=torch.bfloat16)
-    assert model.layers[1].ffn.w1.dtype == torch.bfloat16
+    assert model.layers[1].ffn.experts.w1.dtype == torch.bfloat16
     assert model.layers[1].ffn.gate.bias.dtype == torch.float32
 
 

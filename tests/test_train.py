@@ -210,7 +210,7 @@ def test_weight_decay_only_on_matrices():
     decay, no_decay = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8).param_groups
     assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
-    assert any(p is model.layers[1].ffn.w1 for p in decay["params"])
+    assert any(p is model.layers[1].ffn.experts.w1 for p in decay["params"])
     assert any(p is model.norm.weight for p in no_decay["params"])
     mhc = Transformer(tiny_config(residual="mhc"))
     decay, no_decay = build_optimizer(mhc, 1e-3, 0.1, (0.9, 0.95), 1e-8).param_groups
@@ -226,7 +226,7 @@ def test_bias_update_balances_a_skewed_router():
     cfg = tiny_config(n_routed_experts=8, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2)
     moe = MoE(cfg).train()
     torch.nn.init.normal_(moe.gate.weight, std=0.1)
-    for p in (moe.w1, moe.w2, moe.w3):
+    for p in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
         torch.nn.init.normal_(p, std=0.02)
     with torch.no_grad():
         moe.gate.weight[:2] += 0.05  # inputs share a mean direction that favours experts 0 and 1

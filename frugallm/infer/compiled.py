@@ -11,7 +11,7 @@ What makes the step traceable as one graph with no data-dependent shapes:
     cost: a step attends over the whole buffer, prompt + max_new_tokens for `generate`);
     each layer's buffers are graph inputs of their own, so the new latents are written in place
     (slices of one stacked buffer made the graph copy each layer's buffer every step);
-  - routed experts go through `static_experts` (model/moe.py): per-pair gathered GEMVs at
+  - routed experts are `StaticExperts` (model/moe.py static_experts): per-pair gathered GEMVs at
     batch 1, every expert densely for a batch; no sort, no per-expert split;
   - freezing treats the weights as constants, so inductor prepacks them itself (the eager
     `numerics/prepack.py` is not applied to a model that is compiled).
@@ -46,10 +46,9 @@ import torch
 from torch import nn
 from torch._inductor.fx_passes import decompose_mem_bound_mm
 
-from ..model.moe import MoE, static_experts
+from ..model.moe import RoutedExperts, static_experts
 from ..model.transformer import ModelOutput
-from ..numerics.prepack import PackedLinear, PackedMLP
-from ..numerics.quantize import QuantLinear
+from ..numerics.kernels import converted, swap_matmuls
 from .kv_cache import KVCache
 
 
@@ -59,11 +58,11 @@ def unavailable_reason(model) -> str | None:
         return "torch.compile is not supported by this Python / PyTorch build"
     if model.embed.weight.device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         return "torch.compile's CPU backend needs a C++ compiler (g++ or clang++): install one, e.g. `apt install g++`"
-    converted = [name for name, m in model.named_modules() if isinstance(m, (PackedLinear, PackedMLP, QuantLinear))
-                 or isinstance(m, MoE) and m.expert_fn not in (None, static_experts)]
-    if converted:
-        return (f"compiled decoding takes a plain model, and {converted[0]} was converted (prepacked or "
-                f"quantized): load a plain checkpoint with frugallm.load_for_inference(path, prepack=False)")
+    done = [name for name in converted(model) if not isinstance(model.get_submodule(name), (GemvLinear, StaticExperts))]
+    if done:
+        return (f"compiled decoding takes a plain model, and {done[0]} was converted "
+                f"({type(model.get_submodule(done[0])).kernel}): load a plain checkpoint with "
+                f"frugallm.load_for_inference(path, prepack=False)")
     return None
 
 
@@ -71,13 +70,43 @@ class GemvLinear(nn.Linear):
     """nn.Linear whose one-row calls, while torch.compile traces them, are written as a multiply
     and a sum that inductor emits as one fused fp32-accumulating reduction: a bandwidth-bound
     GEMV with no library call. Eager calls (and traced calls on several rows) are nn.Linear's.
-    `CompiledDecode` gives this class to a model's linears (same parameters, same state dict)."""
+    `CompiledDecode` swaps it in for a model's linears (same parameters, same state dict)."""
+
+    kernel = "compiled-gemv"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "GemvLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias  # the same Parameter objects
+        new.train(linear.training)
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and self.bias is None:
             acc = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 accumulation
             return (x[..., None, :] * self.weight).sum(-1, dtype=acc).to(x.dtype)  # (..., out)
         return super().forward(x)
+
+
+class StaticExperts(RoutedExperts):
+    """RoutedExperts with static-shape dispatch while traced (model/moe.py static_experts: gathered
+    GEMVs at batch 1, every expert densely for a batch); eager calls (prefill) keep the grouped path."""
+
+    kernel = "compiled-static-experts"
+
+    @classmethod
+    def from_experts(cls, experts: RoutedExperts) -> "StaticExperts":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.impl = experts.impl
+        new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3  # the same Parameter objects
+        new.train(experts.training)
+        return new
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return static_experts(x, weights, idx, self.w1, self.w2, self.w3)
 
 
 class CompiledDecode:
@@ -93,11 +122,13 @@ class CompiledDecode:
         if reason:
             raise RuntimeError(f"cannot compile the decode step: {reason}")
         self.model = model
-        for m in model.modules():
-            if isinstance(m, MoE):
-                m.expert_fn = static_experts  # eager calls (prefill, the first draft window) keep the grouped path
-            if type(m) is nn.Linear and m is not model.head:
-                m.__class__ = GemvLinear  # eager calls unchanged
+
+        def make(name, m, reads_weight):  # eager calls (prefill, the first draft window) are unchanged
+            if type(m) is nn.Linear and m is not model.head:  # the head stays on oneDNN (see above)
+                return GemvLinear.from_linear(m)
+            return StaticExperts.from_experts(m) if type(m) is RoutedExperts else None
+
+        swap_matmuls(model, make)  # numerics/kernels.py: the one mechanism
         # Set around every call, not passed as torch.compile(options=): dynamo reads `freezing` too,
         # while tracing (to keep the weights as constants instead of graph inputs), and options
         # only reach inductor; without it the step ran ~1.6x slower. Costs ~16 us a call.
@@ -181,9 +212,9 @@ def _own_code(method):
 
 
 def compile_decode(model, cpp_wrapper: bool = True, warmup: bool = False, speculative: bool = False) -> CompiledDecode:
-    """The model's decode step, compiled (see the module docstring); the model's MoEs get
-    static-shape expert dispatch and its linears become `GemvLinear` for traced calls; eager
-    calls behave as before.
+    """The model's decode step, compiled (see the module docstring); the model's routed experts
+    become `StaticExperts` and its linears `GemvLinear` (numerics/kernels.py swap_matmuls), for
+    traced calls; eager calls behave as before.
     warmup: compile batch 1's decode step now (and, with `speculative`, its D+1-token verify step)
     rather than on the first request."""
     decoder = CompiledDecode(model, cpp_wrapper=cpp_wrapper)

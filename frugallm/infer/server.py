@@ -325,18 +325,20 @@ def _event(obj: dict) -> str:
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, slots: int = 16, speculative: bool = False, threads: int | None = None,
-          log_level: str = "info", compile: bool = False) -> None:
+          log_level: str = "info", compile: bool = False, dtype="auto") -> None:
     """Load RUN (a frugallm run or a Hugging Face DeepSeek dir) and serve it until interrupted.
-    compile: compile the decode step (infer/compiled.py) before listening."""
+    compile: compile the decode step (infer/compiled.py) before listening. dtype: "auto" (the
+    host profile's inference choice, host.py) or a dtype name."""
     import torch
     import uvicorn
 
-    from .. import load_for_inference, load_tokenizer
+    from .. import inference_dtype, load_for_inference, load_tokenizer
     from .compiled import compile_decode
 
     if threads:
         torch.set_num_threads(threads)
-    model, tokenizer = load_for_inference(run, prepack=not compile), load_tokenizer(run)
+    print(f"frugallm: {inference_dtype(dtype).reason}", flush=True)
+    model, tokenizer = load_for_inference(run, dtype, prepack=not compile), load_tokenizer(run)
     name = model_name or Path(run).resolve().name
     if speculative and model.config.n_mtp == 0:
         raise ValueError(f"--speculative drafts with MTP modules, and {run} has none (n_mtp=0)")

@@ -25,6 +25,10 @@ from .rope import apply_rope, softmax_scale
 
 
 class MLA(nn.Module):
+    # the absorbed path reads wkv_b's weight matrix itself (W^UK, W^UV per head), not through its
+    # forward: a kernel twin of wkv_b must keep `.weight` cheap (numerics/kernels.py)
+    reads_weight = ("wkv_b",)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.dn, self.dr, self.dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim

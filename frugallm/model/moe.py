@@ -86,34 +86,58 @@ class Gate(nn.Module):
         return weights * cfg.route_scale, idx, scores
 
 
+class RoutedExperts(nn.Module):
+    """The E fine-grained routed experts, stacked in nn.Linear layout (out, in): w1 / w3 (E, I, d),
+    w2 (E, d, I). x (N, d), routing weights (N, K) and expert ids (N, K) -> sum_k w_k E_k(x) (N, d).
+
+    A module of its own, like nn.Linear, for the same reason: it is where a matmul runs, so a
+    numerics or compile converter swaps it for a twin (numerics/kernels.py), as it swaps Linears."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, impl: str = "grouped"):
+        super().__init__()
+        self.impl = impl  # grouped (sorted tokens, one grouped GEMM) or loop (reference)
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        experts = grouped_experts if self.impl == "grouped" else loop_experts
+        if torch.compiler.is_compiling() and _compute_dtype(x) != torch.bfloat16:
+            experts = loop_experts  # torch.compile's _grouped_mm (its meta kernel) takes bf16 only
+        return experts(x, weights, idx, self.w1, self.w2, self.w3)
+
+    def extra_repr(self) -> str:
+        E, I, d = self.w1.shape
+        return f"experts={E}, dim={d}, inter_dim={I}, impl={self.impl}"
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        E, d, I = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        # experts before the gate: named_parameters() keeps the order that init_weights draws in
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, cfg.moe_impl)
         self.gate = Gate(cfg)
-        # Stacked expert weights in nn.Linear layout (out, in): w1/w3 (E, I, d), w2 (E, d, I).
-        self.w1 = nn.Parameter(torch.empty(E, I, d))
-        self.w2 = nn.Parameter(torch.empty(E, d, I))
-        self.w3 = nn.Parameter(torch.empty(E, I, d))
-        self.shared_experts = MLP(d, cfg.n_shared_experts * I) if cfg.n_shared_experts else None
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         # tokens routed to each expert since the last bias update; int64, so model.to(bf16) leaves it exact
-        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long), persistent=False)
-        # A slot for a numerics converter (numerics/fp8.py: convert_to_fp8): a function with the
-        # signature of loop_experts that replaces `moe_impl`. The stacked experts are not
-        # nn.Linear, so this is how precision reaches them from outside; None = moe_impl.
-        self.expert_fn = None
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.long),
+                             persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # checkpoints written before the experts were a module of their own name them `ffn.w1`
+        # (and `ffn.w1_scale_inv`); today's name is `ffn.experts.w1`
+        for key in [k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]]:
+            new = prefix + upgrade_expert_name(key[len(prefix):])
+            if new != key:
+                state_dict[new] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, S, d) -> (y (B, S, d), sequence-wise balance loss or None)."""
         B, S, d = x.shape
         flat = x.reshape(-1, d)
         weights, idx, scores = self.gate(flat)
-        experts = grouped_experts if self.cfg.moe_impl == "grouped" else loop_experts
-        if torch.compiler.is_compiling() and _compute_dtype(flat) != torch.bfloat16:
-            experts = loop_experts  # torch.compile's _grouped_mm (its meta kernel) takes bf16 only
-        experts = self.expert_fn or experts
-        y = experts(flat, weights, idx, self.w1, self.w2, self.w3).view(B, S, d)
+        y = self.experts(flat, weights, idx).view(B, S, d)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         balance = None
@@ -124,6 +148,17 @@ class MoE(nn.Module):
             if self.cfg.balance_loss_alpha > 0:
                 balance = sequence_balance_loss(scores.view(B, S, -1), idx.view(B, S, -1), self.cfg)
         return y, balance
+
+
+def upgrade_expert_name(name: str) -> str:
+    """A state-dict or parameter name from before the routed experts were a module of their own
+    ('layers.1.ffn.w1', 'w2_scale_inv' relative to its MoE) -> today's ('layers.1.ffn.experts.w1');
+    any other name is returned as it is. Only routed experts were ever bare w1 / w2 / w3 (MLP's are
+    nn.Linear: 'w1.weight')."""
+    head, _, last = name.rpartition(".")
+    if last.split("_scale_inv")[0] in ("w1", "w2", "w3") and not head.endswith("experts"):
+        return f"{head}.experts.{last}" if head else f"experts.{last}"
+    return name
 
 
 def _expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
@@ -214,7 +249,7 @@ def dense_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
 
 
 def static_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
-    """An `expert_fn` for compiled decode steps (infer/compiled.py): under torch.compile, no
+    """The experts of compiled decode steps (infer/compiled.py StaticExperts): under torch.compile, no
     data-dependent shapes (no sort, no per-expert split): gathered with fewer pairs than experts
     (batch-1 decode), dense otherwise. Eager calls (prefill) keep the grouped path."""
     if not torch.compiler.is_compiling():

@@ -29,13 +29,12 @@ converter applied from outside the model (DESIGN.md principle 8).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import MoE
+from ..model.moe import RoutedExperts
+from .kernels import swap_matmuls
 
 BLOCK = 128
 E4M3 = torch.float8_e4m3fn
@@ -224,6 +223,7 @@ class Fp8Linear(nn.Linear):
     """nn.Linear whose forward runs in FP8. Same parameters, same names, same state_dict: the
     master weight stays high precision, so checkpoints are plain and load into a plain model."""
 
+    kernel = "fp8"
     scale_fmt: str | None = None
 
     @classmethod
@@ -284,24 +284,39 @@ def _skipped(name: str, skip) -> bool:
     return any(f".{p}." in f".{name}." for p in skip)
 
 
+class Fp8Experts(RoutedExperts):
+    """RoutedExperts whose forward runs `fp8_experts`. Same parameters (the high-precision masters),
+    same names, same state dict, as Fp8Linear is to nn.Linear."""
+
+    kernel = "fp8"
+    scale_fmt: str | None = None
+
+    @classmethod
+    def from_experts(cls, experts: RoutedExperts, scale_fmt: str | None = None) -> "Fp8Experts":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.impl, new.scale_fmt = experts.impl, scale_fmt
+        new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3  # the same Parameter objects
+        new.train(experts.training)
+        return new
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return fp8_experts(x, weights, idx, self.w1, self.w2, self.w3, self.scale_fmt)
+
+
 def convert_to_fp8(model: nn.Module, skip=DEFAULT_SKIP, experts: bool = True,
                    scale_fmt: str | None = None) -> list[str]:
-    """Swap every nn.Linear not matched by `skip` for an Fp8Linear, in place (same parameter
-    objects, so an optimizer built before still holds them), and run the routed experts of
-    every MoE through `fp8_experts` when `experts`. Returns the converted names.
+    """Swap every nn.Linear not matched by `skip` for an Fp8Linear, and with `experts` every
+    RoutedExperts (named '<moe>.experts') for an Fp8Experts, in place (numerics/kernels.py
+    swap_matmuls). The twins hold the same parameter objects, so an optimizer built before still
+    holds them. Returns the converted names."""
+    def make(name, m, reads_weight):  # Fp8Linear keeps its master weight: reading it is free
+        if _skipped(name, skip):
+            return None
+        if type(m) is nn.Linear:
+            return Fp8Linear.from_linear(m, scale_fmt)
+        if type(m) is RoutedExperts and experts:
+            return Fp8Experts.from_experts(m, scale_fmt)
+        return None
 
-    Routed experts are stacked parameters, not nn.Linear, so they are reached through the MoE's
-    `expert_fn` slot (model/moe.py): the model never imports numerics/, the converter plugs the
-    FP8 function in from outside, exactly as it swaps the Linears.
-    """
-    converted = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and not _skipped(full, skip):
-                setattr(module, child_name, Fp8Linear.from_linear(child, scale_fmt))
-                converted.append(full)
-        if experts and isinstance(module, MoE) and not _skipped(name, skip):
-            module.expert_fn = functools.partial(fp8_experts, scale_fmt=scale_fmt)
-            converted.append(f"{name}.experts")
-    return converted
+    return swap_matmuls(model, make)

@@ -16,12 +16,12 @@ Fusions that need no new numerics: SwiGLU's w1 and w3 read the same input, so th
 one [w1; w3] (2I, d) matrix: one GEMM instead of two, per dense FFN, shared expert and routed
 expert. Everything else (norms, RoPE, attention, routing) is the model's own code.
 
-`prepack(model)` swaps modules in place, from outside the model (model/ never imports this):
-    PackedLinear  nn.Linear stand-in (not wkv_b: MLA's absorbed path reads wkv_b.weight)
-    PackedMLP     model/moe.py's MLP with [w1; w3] fused
-    PackedMoE     a MoE whose routed experts are per-expert packed [w1; w3] and w2, run through
-                  MoE's `expert_fn` slot; only the experts that received tokens run
-It is an inference-only, CPU-only, bf16-only layout: packed weights are not parameters (no grads,
+`prepack(model)` swaps modules in place, from outside the model (numerics/kernels.py swap_matmuls):
+    PackedLinear   nn.Linear twin (not wkv_b: MLA's absorbed path reads wkv_b.weight)
+    PackedMLP      model/moe.py's MLP with [w1; w3] fused
+    PackedExperts  RoutedExperts as per-expert packed [w1; w3] and w2; only experts with tokens run
+It is an inference-only, CPU-only, bf16-only layout, used only where the host profile says oneDNN
+packs bf16 weights (AVX-512-BF16 / AMX / AVX-NE-CONVERT hosts; host.py): packed weights are not parameters (no grads,
 no optimizer), `model.to(...)` leaves them alone, and state_dict() writes the plain weights back, so
 a packed model saves like the original. Call it last, after any dtype cast; on a model that is not
 bf16 on CPU, or where oneDNN is missing, it changes nothing (`unavailable_reason` says why).
@@ -33,17 +33,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import MLP, MoE, per_expert
-from .quantize import adopt_moe
+from ..model.moe import MLP, RoutedExperts, per_expert
+from .kernels import swap_matmuls
 
 DTYPE = torch.bfloat16
 
 
 def unavailable_reason(model: nn.Module) -> str | None:
     """Why `prepack` would leave this model as it is, or None when it applies."""
+    from ..host import host_profile
+
     p = next(model.parameters(), None)
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
-        return "this torch build has no oneDNN (mkldnn) linear kernels"
+    host = host_profile()
+    if not host.bf16_prepack:
+        return f"this host's oneDNN does not prepack bf16 weights ({host.cpu_model}, ISA {host.capability}, " \
+               f"profile {host.source})"
     if p is None or p.device.type != "cpu" or p.dtype != DTYPE:
         return f"prepacking is for bf16 weights on CPU; this model is {p.dtype if p is not None else 'empty'} " \
                f"on {p.device if p is not None else '-'} (cast it with .to(torch.bfloat16) first)"
@@ -71,6 +75,8 @@ def _swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tenso
 
 
 class PackedLinear(nn.Module):
+    kernel = "prepacked-bf16"
+
     def __init__(self, lin: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
@@ -96,6 +102,8 @@ class PackedLinear(nn.Module):
 class PackedMLP(nn.Module):
     """SwiGLU w2(silu(w1 x) * w3 x) with w1 and w3 packed as one matrix."""
 
+    kernel = "prepacked-bf16"
+
     def __init__(self, mlp: MLP):
         super().__init__()
         self.inter_dim = mlp.w1.out_features
@@ -109,26 +117,19 @@ class PackedMLP(nn.Module):
         destination.update({prefix + "w1.weight": w1, prefix + "w2.weight": self.w2.to_dense(), prefix + "w3.weight": w3})
 
 
-class PackedMoE(MoE):
-    """A MoE whose stacked routed experts (E, I, d) / (E, d, I) are replaced by E packed [w1; w3]
-    and E packed w2. Gate, shared experts, bias and counters are the original's own objects."""
+class PackedExperts(nn.Module):
+    """RoutedExperts (E, I, d) / (E, d, I) as E packed [w1; w3] and E packed w2."""
 
-    WEIGHTS = ("w1", "w2", "w3")
+    kernel = "prepacked-bf16"
 
-    def __init__(self, moe: MoE):
-        adopt_moe(self, moe, drop=self.WEIGHTS)
-        self.inter_dim = moe.w1.shape[1]
-        self.w13s = [pack(torch.cat([a, b])) for a, b in zip(moe.w1, moe.w3)]
-        self.w2s = [pack(w) for w in moe.w2]
+    def __init__(self, experts: RoutedExperts):
+        super().__init__()
+        self.inter_dim = experts.w1.shape[1]
+        self.w13s = [pack(torch.cat([a, b])) for a, b in zip(experts.w1, experts.w3)]
+        self.w2s = [pack(w) for w in experts.w2]
 
-    @property
-    def expert_fn(self):  # read by MoE.forward; a property, so there is no module <-> function cycle
-        return self.packed_experts
-
-    w1 = w2 = w3 = None  # MoE.forward passes these to expert_fn, which does not read them
-
-    def packed_experts(self, x, weights, idx, *_) -> torch.Tensor:
-        """loop_experts' signature: one fused SwiGLU per expert that got tokens (model/moe.py per_expert)."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """RoutedExperts' signature: one fused SwiGLU per expert that got tokens (model/moe.py per_expert)."""
         N, K = idx.shape
         if N == 1:  # decode at batch 1: the K experts in pair order, no sort / gather / scatter
             out = torch.cat([_swiglu(x, self.w13s[e], self.w2s[e]) for e in idx[0].tolist()])  # (K, d)
@@ -136,33 +137,19 @@ class PackedMoE(MoE):
         return per_expert(x, weights, idx, len(self.w2s), lambda e, rows: _swiglu(rows, self.w13s[e], self.w2s[e]))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # the gate's bias etc.
         w13 = torch.stack([p.to_dense() for p in self.w13s])
         w1, w3 = w13.split(self.inter_dim, dim=1)
         destination.update({prefix + "w1": w1, prefix + "w2": torch.stack([p.to_dense() for p in self.w2s]),
                             prefix + "w3": w3})
 
 
-def prepack(model: nn.Module, skip: tuple[str, ...] = ("wkv_b",)) -> list[str]:
-    """Swap every nn.Linear, MLP and MoE of a bf16 CPU model for its prepacked twin, in place.
-    `skip` names modules (last dotted component) whose weight is read directly. Returns the names
+def prepack(model: nn.Module) -> list[str]:
+    """Swap every nn.Linear, MLP and RoutedExperts of a bf16 CPU model for its prepacked twin, in
+    place (numerics/kernels.py swap_matmuls); a Linear whose weight the model reads directly
+    (MLA's wkv_b) stays plain, as rebuilding a packed weight costs a copy. Returns the names
     swapped; [] (and nothing changed) when `unavailable_reason(model)` says it does not apply."""
     if unavailable_reason(model):
         return []
-    done: list[str] = []
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        for child_name, child in list(module.named_children()):
-            full = prefix + child_name
-            new = None if child_name in skip else PackedLinear(child) if type(child) is nn.Linear \
-                else PackedMLP(child) if type(child) is MLP else PackedMoE(child) if type(child) is MoE else None
-            if new is None:
-                visit(child, full + ".")
-            else:  # a swapped module's own children (MoE's gate and shared experts) are visited too
-                setattr(module, child_name, new)
-                done.append(full)
-                visit(new, full + ".")
-
+    twins = {nn.Linear: PackedLinear, MLP: PackedMLP, RoutedExperts: PackedExperts}
     with torch.no_grad():
-        visit(model, "")
-    return done
+        return swap_matmuls(model, lambda name, m, reads_weight: None if reads_weight else twins[type(m)](m))

@@ -16,7 +16,8 @@ the same table as plain weights.
 
 Modules (swapped in from outside; model/ never imports this file):
     QuantLinear  nn.Linear stand-in; `.weight` dequantizes on access (MLA's absorbed path reads it)
-    QuantMoE     a MoE whose w1/w2/w3 are codes; its routed experts run through MoE.expert_fn
+    QuantExperts RoutedExperts twin whose w1/w2/w3 are codes
+(both swapped in by numerics/kernels.py swap_matmuls)
 Kernels, each with a reference twin (dequantize, then F.linear) that tests compare it with:
     int8: torch._weight_int8pack_mm for bf16/fp16 activations at up to INT8PACK_MAX_ROWS rows
           and K % 16 == 0 (it crashes or is wrong otherwise, measured on torch 2.13 CPU); else the
@@ -46,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import MoE, loop_experts, per_expert
+from ..model.moe import RoutedExperts, loop_experts, per_expert
 from .fp8 import BLOCK, DEFAULT_SKIP, E4M3, _skipped, weight_dequant, weight_quant
+from .kernels import swap_matmuls
 
 FORMATS = ("int8", "fp8")
 SUFFIX = "_scale_inv"
@@ -103,7 +105,10 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tens
     """x (..., K), q (N, K) int8, s (N,) fp32 -> (..., N) in x.dtype."""
     N, K = q.shape
     x2 = x.reshape(-1, K)
-    if x.dtype in (torch.bfloat16, torch.float16) and x2.shape[0] <= INT8PACK_MAX_ROWS and K % 16 == 0:
+    # int8pack's AVX-512 kernel segfaults on codes that are not 64-byte aligned (seen with tensors
+    # read from safetensors, which aligns to 8): such codes take the cast path
+    if x.dtype in (torch.bfloat16, torch.float16) and x2.shape[0] <= INT8PACK_MAX_ROWS and K % 16 == 0 \
+            and q.data_ptr() % 64 == 0:
         y = torch._weight_int8pack_mm(x2.contiguous(), q, s.to(x.dtype))  # scales in x's dtype, as it requires
     else:  # |q| <= 127 is exact in bf16/fp32, and a per-output-channel scale commutes with the GEMM
         y = F.linear(x2, q.to(x.dtype)) * s.to(x.dtype)
@@ -185,6 +190,8 @@ class QuantLinear(nn.Module):
     access (MLA's absorbed decode path reads wkv_b.weight, as DeepSeek's reference does).
     """
 
+    kernel = "weight-only-quantized"
+
     def __init__(self, in_features: int, out_features: int, fmt: str, bias: torch.Tensor | None = None,
                  device=None, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -233,50 +240,42 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
 
 
-def adopt_moe(new: MoE, moe: MoE, drop: tuple[str, ...]) -> None:
-    """Initialise `new` (a MoE subclass, instead of MoE.__init__) with moe's own config, gate, shared
-    experts, buffers and parameters, except the parameters named in `drop` (the routed experts,
-    which the subclass holds in its own format)."""
-    nn.Module.__init__(new)
-    new.__dict__.update({k: v for k, v in vars(moe).items() if not k.startswith("_") and k != "expert_fn"})
-    for name, child in moe.named_children():
-        new.add_module(name, child)
-    for name, buf in moe.named_buffers(recurse=False):
-        new.register_buffer(name, buf, persistent=name not in moe._non_persistent_buffers_set)
-    for name, p in moe.named_parameters(recurse=False):
-        if name not in drop:
-            new.register_parameter(name, p)
+class QuantExperts(nn.Module):
+    """RoutedExperts twin whose stacked w1/w2/w3 are codes (buffers, same names) with
+    w1_scale_inv etc. beside them; only the experts that got tokens run."""
 
-
-class QuantMoE(MoE):
-    """A MoE whose stacked routed experts w1/w2/w3 are codes (buffers, same names) with
-    w1_scale_inv etc. beside them. It adopts the original's gate, shared experts and counters,
-    and runs its experts through MoE's `expert_fn` slot (the model never imports numerics/)."""
-
+    kernel = "weight-only-quantized"
     WEIGHTS = ("w1", "w2", "w3")
 
-    def __init__(self, moe: MoE, fmt: str):
-        adopt_moe(self, moe, drop=self.WEIGHTS)
-        self.fmt, self.compute_dtype = fmt, moe.w1.dtype
+    def __init__(self, shapes: dict[str, torch.Size], fmt: str, device=None, compute_dtype=torch.float32):
+        super().__init__()
+        self.fmt, self.compute_dtype = fmt, compute_dtype
         for name in self.WEIGHTS:
-            w = getattr(moe, name)
-            q, s = _empty_like_quantized(w.shape, fmt, w.device) if w.is_meta else quantize(w, fmt)
+            q, s = _empty_like_quantized(shapes[name], fmt, device)
             self.register_buffer(name, q)
             self.register_buffer(name + SUFFIX, s)
 
-    @property
-    def expert_fn(self):  # read by MoE.forward; a property, so there is no module <-> function cycle
-        return self.quantized_experts
+    @classmethod
+    def from_experts(cls, experts: nn.Module, fmt: str) -> "QuantExperts":
+        ws = {n: getattr(experts, n) for n in cls.WEIGHTS}
+        new = cls({n: w.shape for n, w in ws.items()}, fmt, "meta", experts.w1.dtype)
+        if not experts.w1.is_meta:  # else the meta placeholders stay, for load_state_dict(assign=True)
+            for n, w in ws.items():
+                q, s = quantize(w, fmt)
+                setattr(new, n, q)
+                setattr(new, n + SUFFIX, s)
+        return new
 
-    def quantized_experts(self, x, weights, idx, w1, w2, w3) -> torch.Tensor:
-        """loop_experts' signature: only the experts that got tokens run (model/moe.py per_expert),
-        each with three quantized GEMMs on its contiguous rows (decode: K experts, M = 1)."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """RoutedExperts' signature: per expert with tokens (model/moe.py per_expert), three
+        quantized GEMMs on its contiguous rows (decode: K experts, M = 1)."""
         linear = LINEAR[self.fmt]
+        w1, w2, w3 = self.w1, self.w2, self.w3
         s1, s2, s3 = (_scale_as(self, n + SUFFIX, x.dtype if self.fmt == "int8" else torch.float32) for n in self.WEIGHTS)
         return per_expert(x, weights, idx, w1.shape[0], lambda e, rows: linear(
             F.silu(linear(rows, w1[e], s1[e])) * linear(rows, w3[e], s3[e]), w2[e], s2[e]))
 
-    def reference_experts(self, x, weights, idx) -> torch.Tensor:
+    def reference(self, x, weights, idx) -> torch.Tensor:
         """The twin: dequantize all experts into x's dtype, then model/moe.py's loop_experts."""
         w1, w2, w3 = (dequantize(getattr(self, n), getattr(self, n + SUFFIX), x.dtype) for n in self.WEIGHTS)
         return loop_experts(x, weights, idx, w1, w2, w3)
@@ -288,19 +287,17 @@ class QuantMoE(MoE):
 # --- the converter -----------------------------------------------------------------------------
 
 def _swap(model: nn.Module, fmt: str, want) -> list[str]:
-    """Replace each nn.Linear `name` with want(name + '.weight') and each MoE `name` with
-    want(name + '.experts') by its quantized twin, in place. Returns the converted names."""
-    done = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and want(full + ".weight"):
-                setattr(module, child_name, QuantLinear.from_linear(child, fmt))
-                done.append(full)
-            elif type(child) is MoE and want(full + ".experts"):
-                setattr(module, child_name, QuantMoE(child, fmt))
-                done.append(full + ".experts")
-    return done
+    """Replace each nn.Linear `name` with want(name + '.weight') and each RoutedExperts `name`
+    (e.g. 'layers.1.ffn.experts') with want(name) by its quantized twin, in place
+    (numerics/kernels.py swap_matmuls). Returns the converted names."""
+    def make(name, m, reads_weight):  # QuantLinear's .weight dequantizes on access: wkv_b is fine
+        if type(m) is nn.Linear and want(name + ".weight"):
+            return QuantLinear.from_linear(m, fmt)
+        if type(m) is RoutedExperts and want(name):
+            return QuantExperts.from_experts(m, fmt)
+        return None
+
+    return swap_matmuls(model, make)
 
 
 def quantize_model(model: nn.Module, to: str, skip=DEFAULT_SKIP) -> list[str]:
@@ -353,19 +350,21 @@ def from_quantized_state_dict(cfg, state: dict[str, torch.Tensor]):
         def want(name):
             if not name.endswith(".experts"):
                 return name in scaled
-            have = [f"{name[:-8]}.{w}" in scaled for w in QuantMoE.WEIGHTS]
+            have = [f"{name}.{w}" in scaled for w in QuantExperts.WEIGHTS]
             if any(have) and not all(have):
-                raise ValueError(f"{name[:-8]}: w1/w2/w3 must be quantized together, found scales for {have}")
+                raise ValueError(f"{name}: w1/w2/w3 must be quantized together, found scales for {have}")
             return all(have)
 
         done = _swap(model, fmt, want)
         if len(done) != len({k.rsplit(".", 1)[0] for k in scaled}):
             raise ValueError(f"scales for weights that are not nn.Linear or MoE experts: {sorted(scaled)[:3]}...")
+    # own, 64-byte aligned copies of codes a file left misaligned (int8_linear's fast kernel needs them)
+    state = {k: v.clone() if v.data_ptr() % 64 else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.reset_buffers()
     dtype = model.embed.weight.dtype
     for m in model.modules():
-        if isinstance(m, (QuantLinear, QuantMoE)):
+        if isinstance(m, (QuantLinear, QuantExperts)):
             m.compute_dtype = dtype
     return model.eval()
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import ModelConfig, TrainConfig
+from ..model.moe import upgrade_expert_name
 
 PREFIX = "step_"
 
@@ -69,12 +70,15 @@ def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tup
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
     params = dict(model.named_parameters())
     names = {id(p): n for n, p in params.items()}
-    current = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
-    if current != [group["params"] for group in meta["param_groups"]]:
+    current = [sorted(names[id(p)] for p in group["params"]) for group in optimizer.param_groups]
+    # by name, in any order (older checkpoints list the routed experts under older names and first)
+    if current != [sorted(map(upgrade_expert_name, group["params"])) for group in meta["param_groups"]]:
         raise CorruptCheckpoint("the checkpoint's optimizer parameter groups do not match this model")
     for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
         group.update({k: v for k, v in saved.items() if k != "params"})
-    for name, step in meta["steps"].items():
+    tensors = {upgrade_expert_name(k.rsplit(".", 1)[0]) + "." + k.rsplit(".", 1)[1]: v for k, v in tensors.items()}
+    for saved_name, step in meta["steps"].items():
+        name = upgrade_expert_name(saved_name)
         p = params[name]
         state = {"step": torch.tensor(step, dtype=torch.float32)}
         for key in ("exp_avg", "exp_avg_sq"):  # in the optimizer's moment dtype (adamw.py), else p's

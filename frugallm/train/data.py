@@ -91,13 +91,18 @@ def iter_documents(source: str, text_field: str = "text",
     if source.startswith("hf:"):
         yield from _hf_documents(source, text_field)
         return
-    for path in resolve_files(source):
+    files = resolve_files(source)
+    # ids relative to the files' common folder: the train / val split (is_val hashes the id) is then
+    # the same wherever the corpus sits, on every machine (the built-in corpus included)
+    root = Path(os.path.commonpath(files)) if len(files) > 1 else files[0].parent
+    for path in files:
+        doc = path.relative_to(root).as_posix()
         if path.suffix != ".jsonl":
-            yield str(path), replacements.decode(path.read_bytes())
+            yield doc, replacements.decode(path.read_bytes())
             continue
         for n, line in enumerate(replacements.decode(path.read_bytes()).splitlines()):
             if line.strip():
-                yield f"{path}:{n}", _jsonl_text(json.loads(line), text_field, path, n)
+                yield f"{doc}:{n}", _jsonl_text(json.loads(line), text_field, path, n)
 
 
 def _jsonl_text(obj: dict, text_field: str, path: Path, n: int) -> str:
@@ -120,8 +125,11 @@ def _hf_documents(source: str, text_field: str) -> Iterator[tuple[str, str]]:
         yield f"{name}:{i}", str(row[text_field])
 
 
+SPLIT_VERSION = 2  # 2: documents are split by their path relative to the corpus (1: absolute path)
+
+
 def fingerprint(source: str) -> str:
-    h = hashlib.sha256(source.encode())
+    h = hashlib.sha256(f"{SPLIT_VERSION}|{source}".encode())
     if not source.startswith("hf:"):
         for p in resolve_files(source):
             st = p.stat()

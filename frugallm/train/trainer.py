@@ -6,6 +6,18 @@ One optimizer step = `grad_accum` micro-batches. Per step, in order:
   AdamW step; the aux-loss-free bias update from the whole step's expert load; logging;
   eval; checkpoint. Nothing random happens after initialisation and the data position is a
   pure function of the step, so a resumed run repeats the uninterrupted one bit for bit (fp32).
+
+Precision `auto` is resolved once, by host.py's measured bf16/fp32 GEMM ratio (bf16 is ~100x
+slower than fp32 on CPUs without native bf16), and the run records the dtype it chose, so a
+resume repeats it on any host.
+
+A time budget (`time_budget="8m"`) turns `steps` into a cap. The first few steps, inside the LR
+warmup so nothing so far depends on the total, are timed (fewer where timing them all would
+overrun the budget); then the run plans the most steps whose training, evals and checkpoints fit
+in what is left of the budget (counted from the call, set-up included), sets `steps` to the plan
+and rewrites train_config.json, so the LR schedule decays to its floor exactly at the last planned
+step. From then on it is a step-counted run: a resume uses the saved plan and never plans again
+(a resume from before the plan point plans anew).
 """
 
 from __future__ import annotations
@@ -23,12 +35,18 @@ from typing import Callable
 
 import torch
 
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig, TrainConfig, duration_seconds
+from ..host import choose_dtype
 from ..model.count import count_params
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from . import checkpoint, data
 from .optim import ExpertBiasUpdate, build_optimizer, lr_at
+
+
+# The time budget's clock. Only the budget reads it (tests replace it to plan deterministically).
+_clock = time.perf_counter
+SAVE_BYTES_PER_S = 100e6  # checkpoint cost estimate: write, fsync and sha256 read-back, a slow laptop disk
 
 
 class NonFiniteLoss(RuntimeError):
@@ -111,6 +129,32 @@ def evaluate(model: Transformer, batches: data.Batches, n_batches: int, autocast
     return total / n
 
 
+def measured_steps(warmup_steps: int) -> int:
+    """The step after which a time-budgeted run plans its total: a few steps, inside the warmup
+    (when it is at least 3 steps long), where the LR does not depend on the total."""
+    return max(3, min(10, warmup_steps // 3))
+
+
+def plan_steps(cap: int, done: int, remaining_s: float, step_s: float, eval_s: float, save_s: float,
+               eval_period: int, save_every: int) -> tuple[int, float]:
+    """The most total steps n in [done, cap] whose cost after step `done` fits in remaining_s:
+    n - done steps, the evals (every `eval_period`) and checkpoints (every `save_every`) they pass,
+    and the final eval and checkpoint at n. Returns (n, its eval + checkpoint seconds)."""
+    def overhead(n: int) -> float:
+        evals = n // eval_period - done // eval_period + (n % eval_period != 0)
+        saves = n // save_every - done // save_every + (n % save_every != 0)
+        return evals * eval_s + saves * save_s
+
+    lo, hi = done, cap  # the cost only grows with n: bisect for the last n that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if (mid - done) * step_s + overhead(mid) <= remaining_s:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo, overhead(lo) if lo > done else 0.0
+
+
 class _Progress:
     """A tqdm bar on a terminal; plain lines every `log_every` steps otherwise (CI, pipes)."""
 
@@ -121,6 +165,11 @@ class _Progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def set_total(self, total: int) -> None:  # a time budget's plan
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
 
     def update(self, step: int, total: int, metrics: dict) -> None:
         text = f"loss {metrics['loss']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s"
@@ -144,6 +193,7 @@ def _print(line: str) -> None:
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
           log: Callable[[str], None] = _print) -> RunResult:
     """Train into `run_dir` (created), or continue the run there with resume=True."""
+    t0 = _clock()  # a time budget covers the whole call, set-up included
     run_dir = Path(run_dir)
     t_setup = time.perf_counter()
     ckpt = None
@@ -153,14 +203,22 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
             raise FileNotFoundError(f"--resume: {run_dir} holds no valid checkpoint")
         saved_train = TrainConfig.from_json(ckpt / "train_config.json")
         model_cfg = ModelConfig.from_json(ckpt / "config.json")
-        # a resumed run keeps everything that shapes the computation; only its length and cadence may change
-        train_cfg = dataclasses.replace(saved_train, **{
-            k: getattr(train_cfg, k) for k in ("steps", "save_every", "eval_every", "log_every",
-                                               "keep_last", "skip_nonfinite", "sample_tokens", "threads")})
+        # a resumed run keeps everything that shapes the computation (its precision included); only its
+        # length and cadence may change. The length changes only when the caller gives steps and no time
+        # budget (the CLI's --steps): a caller with a budget resumes to the run's own end, a budgeted
+        # run's saved plan included, and never plans again.
+        keep = ("save_every", "eval_every", "log_every", "keep_last", "skip_nonfinite", "sample_tokens", "threads")
+        changes = {k: getattr(train_cfg, k) for k in keep}
+        if not train_cfg.time_budget:
+            changes |= {"steps": train_cfg.steps, "time_budget": ""}
+        train_cfg = dataclasses.replace(saved_train, **changes)
     elif checkpoint.checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(train_cfg.threads or torch.get_num_threads())
+    choice = choose_dtype("train", train_cfg.precision)  # a resumed run's is already resolved: honoured
+    log(choice.reason)
+    train_cfg = dataclasses.replace(train_cfg, precision=choice.name)  # recorded: a resume repeats it
     model_cfg.to_json(run_dir / "config.json")
     train_cfg.to_json(run_dir / "train_config.json")
 
@@ -192,12 +250,23 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
         _truncate_metrics(run_dir / "metrics.jsonl", start)
         log(f"resumed from {ckpt} at step {start}")
     forward = torch.compile(model) if train_cfg.compile else model
-    dtype = torch.bfloat16 if train_cfg.precision == "bf16" else torch.float32
+    dtype = choice.dtype
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == torch.bfloat16 else contextlib.nullcontext
     flops_per_token = train_flops_per_token(model_cfg, train_cfg.seq_len)
     peak = matmul_peak(dtype)
     step_tokens = micro * train_cfg.seq_len * train_cfg.grad_accum
-    log(f"model: {count_params(model_cfg)['total']:,} parameters | {train_cfg.steps} steps x {step_tokens:,} tokens "
+    budget = duration_seconds(train_cfg.time_budget)
+    plan_at = measured_steps(train_cfg.warmup_steps)
+    planning = budget is not None and start < plan_at < train_cfg.steps
+    # time the steps before the plan, but not this call's first (one-off costs: allocation, compiling)
+    first_timed = start + 1 if plan_at - start >= 2 else start
+    timed_s, timed_n = 0.0, 0
+    length = f"{train_cfg.steps} steps"
+    if planning:
+        length = f"up to {length} (time budget {train_cfg.time_budget}, planned after step {plan_at})"
+    elif budget is not None and train_cfg.steps > plan_at:
+        length += f" (planned for time budget {train_cfg.time_budget})"
+    log(f"model: {count_params(model_cfg)['total']:,} parameters | {length} x {step_tokens:,} tokens "
         f"| {train_cfg.precision}{' + fp8' if train_cfg.fp8 else ''}{' compiled' if train_cfg.compile else ''} "
         f"| unigram baseline {unigram:.3f} "
         f"| set-up {time.perf_counter() - t_setup:.0f}s")
@@ -221,6 +290,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     try:
         model.train()
         for step in range(start, train_cfg.steps):
+            t_step = _clock() if planning and step >= first_timed else None
             lr = lr_at(step, train_cfg.steps, train_cfg.lr, train_cfg.warmup_steps, train_cfg.min_lr_ratio,
                        train_cfg.schedule, train_cfg.decay_fraction)
             for group in optimizer.param_groups:
@@ -260,13 +330,34 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
             max_vio = balance.step()
             tokens += step_tokens
             done = step + 1
+            if t_step is not None:
+                t_now = _clock()
+                timed_s, timed_n = timed_s + t_now - t_step, timed_n + 1
+                step_s, spent = timed_s / timed_n, t_now - t0
+            # plan after the measured steps, or sooner where measuring them all would overrun the budget
+            if t_step is not None and (done >= plan_at or spent + (plan_at - done) * step_s > budget):
+                planning = False
+                n_eval = min(train_cfg.eval_batches, val_batches.windows // val_batches.batch_size)
+                state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + sum(
+                    t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+                    if isinstance(t, torch.Tensor))
+                # an eval is n_eval forward passes of a micro-batch, ~1/3 of a micro-batch's forward + backward
+                planned, overhead = plan_steps(
+                    train_cfg.steps, done, budget - spent, step_s,
+                    n_eval * step_s / (3 * train_cfg.grad_accum), state_bytes / SAVE_BYTES_PER_S,
+                    math.lcm(train_cfg.log_every, train_cfg.eval_every), train_cfg.save_every)
+                log(f"time budget {train_cfg.time_budget}: {step_s:.2f} s/step measured over {timed_n} steps, "
+                    f"{spent:.0f}s spent -> {planned} of {train_cfg.steps} steps (eval+save ~{overhead:.0f}s)")
+                train_cfg = dataclasses.replace(train_cfg, steps=planned)
+                train_cfg.to_json(run_dir / "train_config.json")  # and every checkpoint from now on
+                progress.set_total(planned)
 
             if done % train_cfg.log_every == 0 or done == train_cfg.steps:
                 now = time.perf_counter()
                 tps = (tokens - tok_last) / max(now - t_last, 1e-9)
                 t_last, tok_last = now, tokens
                 metrics = {"step": done, "tokens": tokens, **sums, "lr": lr, "grad_norm": grad_norm.item(),
-                           "tokens_per_s": tps, "mfu": tps * flops_per_token / peak,
+                           "tokens_per_s": tps, "mfu": tps * flops_per_token / peak, "precision": choice.name,
                            "mtp_lambda": mtp_lambda, "max_violation": max_vio,
                            "max_violation_mean": sum(max_vio) / len(max_vio) if max_vio else 0.0}
                 if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
@@ -285,6 +376,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                 last_ckpt = save(done)
             if interrupted:
                 log(f"interrupted: saved {last_ckpt}; continue with --resume")
+                break
+            if done >= train_cfg.steps:  # a time budget's plan ends before the range's cap
                 break
     finally:
         progress.close()

@@ -1,0 +1,89 @@
+"""How a matmul runs on this host: one mechanism, and one place that chooses.
+
+Every matmul of the model sits in one of three module types (MATMUL_TYPES): nn.Linear, the SwiGLU
+MLP (dense FFN, shared experts; its w1 and w3 read the same input, so a kernel may fuse them) and
+RoutedExperts (model/moe.py: the stacked routed experts). A kernel or precision is a *twin* of such
+a module: the same forward signature, the same state-dict names, a class attribute `kernel` that
+names it. `swap_matmuls(model, make)` is the one mechanism that puts twins in, from outside the
+model (model/ never imports numerics/):
+
+    numerics/fp8.py       Fp8Linear, Fp8Experts                fine-grained FP8 training
+    numerics/quantize.py  QuantLinear, QuantExperts            weight-only int8 / fp8 codes
+    numerics/prepack.py   PackedLinear, PackedMLP, PackedExperts  oneDNN-packed bf16 weights
+    infer/compiled.py     GemvLinear, StaticExperts            traced decode steps (torch.compile)
+
+A module whose weight the model reads directly (MLA's absorbed decode path reads
+`wkv_b.weight`, declared by the model in `MLA.reads_weight`) is offered to `make` with
+reads_weight=True, so a twin whose weight is costly to rebuild (a packed one) leaves it plain.
+
+`apply_inference_kernels` is where the host decides, for a model about to generate: bf16 weights
+are prepacked only where the host profile (host.py) says oneDNN packs bf16; fp32 weights stay
+plain (MKL's fp32 GEMM/GEMV reads an (N, K) weight as it is: no per-call reorder to save).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from ..model.moe import MLP, RoutedExperts
+
+MATMUL_TYPES = (nn.Linear, MLP, RoutedExperts)
+
+# make(name, module, reads_weight) -> a twin, or None to leave the module (and look inside it)
+Make = Callable[[str, nn.Module, bool], "nn.Module | None"]
+
+
+def swap_matmuls(model: nn.Module, make: Make) -> list[str]:
+    """Offer every plain matmul module (exactly one of MATMUL_TYPES: twins are not offered again)
+    to `make`, and put the twin it returns in its place. Returns the swapped names. A module left
+    as it is has its children offered in turn (an MLP's three Linears)."""
+    done: list[str] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        reads = getattr(type(module), "reads_weight", ())
+        for name, child in list(module.named_children()):
+            full = prefix + name
+            new = make(full, child, name in reads) if type(child) in MATMUL_TYPES else None
+            if new is None:
+                visit(child, full + ".")
+            else:
+                setattr(module, name, new)
+                done.append(full)
+                visit(new, full + ".")  # a twin's own plain children (none today) are offered too
+
+    visit(model, "")
+    return done
+
+
+def kernels_in_use(model: nn.Module) -> dict[str, int]:
+    """{kernel name: modules} over the model's matmul modules, e.g. {'prepacked-bf16': 30, 'plain': 4}."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        kind = getattr(type(m), "kernel", None) or ("plain" if type(m) in (nn.Linear, RoutedExperts) else None)
+        if kind:
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def converted(model: nn.Module) -> list[str]:
+    """Names of the modules already swapped for a twin."""
+    return [name for name, m in model.named_modules() if getattr(type(m), "kernel", None)]
+
+
+def apply_inference_kernels(model: nn.Module, prepack: bool = True) -> str:
+    """The kernels for eager generation on this host, applied in place; returns one line that
+    says what was chosen and why. A quantized model keeps its codes' kernels."""
+    from ..host import host_profile
+    from .prepack import prepack as _prepack, unavailable_reason
+
+    if converted(model):
+        return f"kernels: {kernels_in_use(model)} (already converted)"
+    if not prepack:
+        return "kernels: plain (prepacking not asked for)"
+    reason = unavailable_reason(model)
+    if reason:
+        return f"kernels: plain ({reason})"
+    host = host_profile()
+    return f"kernels: {len(_prepack(model))} modules prepacked for oneDNN (bf16 packing supported on {host.cpu_model})"
