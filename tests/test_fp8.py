@@ -397,7 +397,9 @@ def test_trainer_fp8_bf16_moments_resume_and_plain_checkpoint(tmp_path, corpus):
     run = lambda out, steps, **kw: train(model_cfg, dataclasses.replace(train_cfg, steps=steps), tmp_path / out,  # noqa: E731
                                          log=lines.append, **kw)
     full = run("full", 4)
-    assert any("bf16 + fp8" in line for line in lines)
+    from frugallm.host import choose_dtype
+
+    assert any(f"{choose_dtype('train').name} + fp8" in line for line in lines)  # auto: the host's dtype
     run("cut", 2)
     run("cut", 4, resume=True)
 
@@ -413,3 +415,24 @@ def test_trainer_fp8_bf16_moments_resume_and_plain_checkpoint(tmp_path, corpus):
     assert all(t.dtype == torch.float32 for t in load_file(ckpt / "model.safetensors").values())
     model = frugallm.load(full.run_dir)  # a plain model: FP8 is a training-time converter only
     assert not any(isinstance(m, Fp8Linear) for m in model.modules())
+
+
+def test_emulation_dtype_follows_the_host_and_bf16_stays_close(cfg, monkeypatch):
+    """convert_to_fp8's CPU emulation multiplies in the host's training dtype (auto), and the bf16
+    emulation is within bf16 rounding of the fp32 one (both on the same FP8 codes)."""
+    from frugallm.model.transformer import Transformer
+    from frugallm.numerics.fp8 import Fp8Experts, Fp8Linear, convert_to_fp8, fp8_linear
+
+    for host, want in (("no-bf16", torch.float32), ("bf16", torch.bfloat16)):
+        monkeypatch.setenv("FRUGALLM_HOST", host)
+        model = Transformer(cfg)
+        convert_to_fp8(model)
+        twins = [m for m in model.modules() if isinstance(m, (Fp8Linear, Fp8Experts))]
+        assert twins and all(m.gemm_dtype == want for m in twins)
+    x = torch.randn(64, 256, requires_grad=True)
+    w = torch.randn(192, 256, requires_grad=True)
+    ref = fp8_linear(x, w)
+    out = fp8_linear(x, w, gemm_dtype=torch.bfloat16)
+    assert out.dtype == torch.float32 and ((out - ref).norm() / ref.norm()).item() < 1e-2
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()

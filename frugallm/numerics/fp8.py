@@ -140,13 +140,15 @@ _FAST = {"enabled": True}  # switched off for the process after the first failur
 
 
 def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
-             b_blocks: bool) -> torch.Tensor:
+             b_blocks: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """C (m, n) fp32 = dequant(A) . dequant(B)^T. a_q (m, k) e4m3 with a_s (m, ceil(k/128));
     b_q (n, k) e4m3 with b_s (ceil(n/128), ceil(k/128)) if b_blocks else (n, ceil(k/128)).
 
-    Reference path (any device): dequantise each group, then one fp32 matmul. That is the
-    reference kernel's sum over k-blocks of dot(a_blk, b_blk) * a_s * b_s, up to the fp32
-    rounding of q * s and of the summation order.
+    Reference path (any device): dequantise each group into `dtype`, then one matmul. In fp32 that
+    is the reference kernel's sum over k-blocks of dot(a_blk, b_blk) * a_s * b_s, up to the fp32
+    rounding of q * s and of the summation order. In bf16 (the host's choice where bf16 GEMMs are
+    clearly faster, host.py) q * s is rounded to 8 significant bits (e4m3 codes carry 4) and the
+    product comes back as bf16, accumulated in fp32 inside the GEMM: what the CUDA path emits too.
     """
     if _fast_path_ok(a_q, b_q):
         try:
@@ -156,9 +158,9 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
 
             _FAST["enabled"] = False
             warnings.warn(f"FP8 block-scaled GEMM unavailable ({e}); using the dequantise + matmul emulation")
-    a = act_dequant(a_q, a_s)
-    b = weight_dequant(b_q, b_s) if b_blocks else act_dequant(b_q, b_s)
-    return a @ b.T
+    a = act_dequant(a_q, a_s, dtype=dtype)
+    b = weight_dequant(b_q, b_s, dtype=dtype) if b_blocks else act_dequant(b_q, b_s, dtype=dtype)
+    return (a @ b.T).float()
 
 
 def _scaled_mm_blockwise(a_q, a_s, b_q, b_s, b_blocks):
@@ -176,47 +178,48 @@ class _Fp8LinearFn(torch.autograd.Function):
     """y = x W^T (+ b) with all three GEMMs in FP8; saves x as FP8 codes + 1x128 scales only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, out_dtype, scale_fmt):
+    def forward(ctx, x, weight, bias, out_dtype, scale_fmt, gemm_dtype):
         with torch.autocast(x.device.type, enabled=False):  # the dtypes here are explicit
             x2 = x.reshape(-1, x.shape[-1])  # (M, K): leading batch dims flattened
             qx, sx = act_quant(x2, scale_fmt=scale_fmt)
             qw, sw = weight_quant(weight, scale_fmt=scale_fmt)
-            y = fp8_gemm(qx, sx, qw, sw, b_blocks=True)  # (M, N) fp32
+            y = fp8_gemm(qx, sx, qw, sw, b_blocks=True, dtype=gemm_dtype)  # (M, N) fp32
             if bias is not None:
                 y = y + bias.float()
         ctx.save_for_backward(qx, sx, weight)  # x as 1 byte + 4/128 bytes per element
-        ctx.meta = (x.shape, x.dtype, bias is not None, scale_fmt)
+        ctx.meta = (x.shape, x.dtype, bias is not None, scale_fmt, gemm_dtype)
         return y.to(out_dtype).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         qx, sx, weight = ctx.saved_tensors
-        x_shape, x_dtype, has_bias, scale_fmt = ctx.meta
+        x_shape, x_dtype, has_bias, scale_fmt, gemm_dtype = ctx.meta
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1]).float()  # (M, N)
             dx = dw = db = None
             if ctx.needs_input_grad[0]:  # Dgrad: dY 1x128 along N; W^T in the same 128x128 blocks
                 qw, sw = weight_quant(weight, scale_fmt=scale_fmt)  # recomputed: nothing saved for W
                 qd, sd = act_quant(dy2, scale_fmt=scale_fmt)
-                dx = fp8_gemm(qd, sd, qw.t(), sw.t(), b_blocks=True).to(x_dtype).view(x_shape)
+                dx = fp8_gemm(qd, sd, qw.t(), sw.t(), b_blocks=True, dtype=gemm_dtype).to(x_dtype).view(x_shape)
             if ctx.needs_input_grad[1]:  # Wgrad: both operands tiled along the tokens
                 qdt, sdt = act_quant(dy2.t(), scale_fmt=scale_fmt)  # dY^T (N, M)
                 # X comes back from its saved 1x128 codes and is re-tiled 128x1 (along tokens):
                 # a second rounding, the price of caching X in FP8 (V3 does the same).
                 qxt, sxt = act_quant(act_dequant(qx, sx).t(), scale_fmt=scale_fmt)  # X^T (K, M)
-                dw = fp8_gemm(qdt, sdt, qxt, sxt, b_blocks=False).to(weight.dtype)
+                dw = fp8_gemm(qdt, sdt, qxt, sxt, b_blocks=False, dtype=gemm_dtype).to(weight.dtype)
             if has_bias and ctx.needs_input_grad[2]:
                 db = dy2.sum(0).to(weight.dtype)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               scale_fmt: str | None = None) -> torch.Tensor:
+               scale_fmt: str | None = None, gemm_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """F.linear with FP8 GEMMs. Under autocast the output has the autocast dtype (as F.linear's
-    would); otherwise x's dtype. Weight and bias stay in their own (master) precision."""
+    would); otherwise x's dtype. Weight and bias stay in their own (master) precision. gemm_dtype:
+    what the CPU emulation dequantises to and multiplies in (fp8_gemm)."""
     device = x.device.type
     out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return _Fp8LinearFn.apply(x, weight, bias, out_dtype, scale_fmt)
+    return _Fp8LinearFn.apply(x, weight, bias, out_dtype, scale_fmt, gemm_dtype)
 
 
 class Fp8Linear(nn.Linear):
@@ -225,23 +228,26 @@ class Fp8Linear(nn.Linear):
 
     kernel = "fp8"
     scale_fmt: str | None = None
+    gemm_dtype: torch.dtype = torch.float32
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scale_fmt: str | None = None) -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, scale_fmt: str | None = None,
+                    gemm_dtype: torch.dtype = torch.float32) -> "Fp8Linear":
         with torch.device("meta"):  # no allocation: the original parameters are adopted below
             new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        new.weight, new.bias, new.scale_fmt = linear.weight, linear.bias, scale_fmt
+        new.weight, new.bias, new.scale_fmt, new.gemm_dtype = linear.weight, linear.bias, scale_fmt, gemm_dtype
         new.train(linear.training)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.bias, self.scale_fmt)
+        return fp8_linear(x, self.weight, self.bias, self.scale_fmt, self.gemm_dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fp8=e4m3, scale_fmt={self.scale_fmt}"
 
 
-def fp8_experts(x, weights, idx, w1, w2, w3, scale_fmt: str | None = None) -> torch.Tensor:
+def fp8_experts(x, weights, idx, w1, w2, w3, scale_fmt: str | None = None,
+                gemm_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Routed experts in FP8, with the signature of model/moe.py's loop_experts / grouped_experts:
     x (N, d), weights / idx (N, K), stacked w1, w3 (E, I, d) and w2 (E, d, I). Tokens are sorted
     by expert as in the grouped path, then each expert runs three Fp8 GEMMs on its contiguous rows,
@@ -255,10 +261,11 @@ def fp8_experts(x, weights, idx, w1, w2, w3, scale_fmt: str | None = None) -> to
     outs = []
     for e, (chunk, w_e) in enumerate(zip(xs.split(sizes), w.split(sizes))):
         if chunk.shape[0]:
-            h = F.silu(fp8_linear(chunk, w1[e], None, scale_fmt)) * fp8_linear(chunk, w3[e], None, scale_fmt)
+            h = F.silu(fp8_linear(chunk, w1[e], None, scale_fmt, gemm_dtype)) * fp8_linear(chunk, w3[e], None,
+                                                                                         scale_fmt, gemm_dtype)
             # the routing weight scales the (n, I) hidden, not the (n, d) output: the same sum, and
             # autograd keeps the narrower tensor for the weight's gradient (as grouped_experts)
-            outs.append(fp8_linear(h * w_e.to(h.dtype), w2[e], None, scale_fmt))
+            outs.append(fp8_linear(h * w_e.to(h.dtype), w2[e], None, scale_fmt, gemm_dtype))
     if not outs:  # no tokens at all
         return torch.zeros_like(x)
     out = torch.cat(outs)  # (N*K, d), in expert order
@@ -290,33 +297,39 @@ class Fp8Experts(RoutedExperts):
 
     kernel = "fp8"
     scale_fmt: str | None = None
+    gemm_dtype: torch.dtype = torch.float32
 
     @classmethod
-    def from_experts(cls, experts: RoutedExperts, scale_fmt: str | None = None) -> "Fp8Experts":
+    def from_experts(cls, experts: RoutedExperts, scale_fmt: str | None = None,
+                     gemm_dtype: torch.dtype = torch.float32) -> "Fp8Experts":
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.impl, new.scale_fmt = experts.impl, scale_fmt
+        new.impl, new.scale_fmt, new.gemm_dtype = experts.impl, scale_fmt, gemm_dtype
         new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3  # the same Parameter objects
         new.train(experts.training)
         return new
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return fp8_experts(x, weights, idx, self.w1, self.w2, self.w3, self.scale_fmt)
+        return fp8_experts(x, weights, idx, self.w1, self.w2, self.w3, self.scale_fmt, self.gemm_dtype)
 
 
 def convert_to_fp8(model: nn.Module, skip=DEFAULT_SKIP, experts: bool = True,
-                   scale_fmt: str | None = None) -> list[str]:
+                   scale_fmt: str | None = None, gemm_dtype="auto") -> list[str]:
     """Swap every nn.Linear not matched by `skip` for an Fp8Linear, and with `experts` every
     RoutedExperts (named '<moe>.experts') for an Fp8Experts, in place (numerics/kernels.py
     swap_matmuls). The twins hold the same parameter objects, so an optimizer built before still
-    holds them. Returns the converted names."""
+    holds them. gemm_dtype: what the CPU emulation dequantises to, "auto" = the host's training
+    choice (host.py), or a dtype. Returns the converted names."""
+    from ..host import choose_dtype
+
+    gemm_dtype = choose_dtype("train", gemm_dtype).dtype
     def make(name, m, reads_weight):  # Fp8Linear keeps its master weight: reading it is free
         if _skipped(name, skip):
             return None
         if type(m) is nn.Linear:
-            return Fp8Linear.from_linear(m, scale_fmt)
+            return Fp8Linear.from_linear(m, scale_fmt, gemm_dtype)
         if type(m) is RoutedExperts and experts:
-            return Fp8Experts.from_experts(m, scale_fmt)
+            return Fp8Experts.from_experts(m, scale_fmt, gemm_dtype)
         return None
 
     return swap_matmuls(model, make)

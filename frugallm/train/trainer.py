@@ -239,7 +239,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     if train_cfg.fp8:  # applied from outside the model, before compile; parameters stay fp32 masters
         from ..numerics.fp8 import convert_to_fp8
 
-        convert_to_fp8(model)
+        convert_to_fp8(model, gemm_dtype=choice.dtype)  # the emulation multiplies in the run's dtype
     optimizer = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, (train_cfg.beta1, train_cfg.beta2),
                                 train_cfg.adam_eps, train_cfg.optim_state_dtype)
     balance = ExpertBiasUpdate(model, train_cfg.bias_gamma, train_cfg.bias_freeze_tokens or None)
