@@ -81,7 +81,7 @@ def load_for_inference(path, dtype="auto", prepack: bool = True):
     compile (infer/compiled.py: compile_decode), which packs its weights itself. The result is for
     inference only: prepacked weights are not trainable parameters. `inference_dtype(dtype)` gives
     the choice with its reason, for printing."""
-    from .numerics.prepack import prepack as _prepack
+    from .numerics.kernels import apply_inference_kernels
     from .numerics.quantize import weight_bytes
 
     choice = inference_dtype(dtype)
@@ -92,8 +92,7 @@ def load_for_inference(path, dtype="auto", prepack: bool = True):
         if weight_bytes(model)["quantized_params"]:
             return model.to(choice.dtype)  # codes stay; they dequantize to this dtype (numerics/quantize.py)
         model.to(choice.dtype)
-    if prepack:
-        _prepack(model)
+    apply_inference_kernels(model, prepack)  # numerics/kernels.py: where the host decides
     return model
 
 

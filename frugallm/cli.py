@@ -161,9 +161,12 @@ def _load_for_inference(args: argparse.Namespace):
     """The model for generate / chat, in the dtype --dtype asks for (auto: the host profile's
     choice), after one line on stderr that says what was chosen and why."""
     from . import inference_dtype, load_for_inference
+    from .numerics.kernels import kernels_in_use
 
     print(f"frugallm: {inference_dtype(args.dtype).reason}", file=sys.stderr)
-    return load_for_inference(args.run, args.dtype, prepack=not args.compile)
+    model = load_for_inference(args.run, args.dtype, prepack=not args.compile)
+    print(f"frugallm: matmul kernels: {kernels_in_use(model)}", file=sys.stderr)
+    return model
 
 
 def _compile(model, args: argparse.Namespace):

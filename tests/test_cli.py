@@ -43,6 +43,8 @@ def test_generate_and_quantize_commands(tiny_run, tmp_path, capsys, monkeypatch,
     assert captured.out.startswith("the cat") and "tokens/s" in captured.err and "acceptance" in captured.err
     if host != "this-host":
         assert f"inference dtype auto -> {'fp32' if host == 'no-bf16' else 'bf16'}" in captured.err
+    if host == "no-bf16":  # fp32: plain weights (MKL reads them as they are), nothing prepacked
+        assert "matmul kernels: plain x" in captured.err and "prepacked" not in captured.err
     for fmt in ("int8", "fp8"):
         assert main(["quantize", str(tiny_run), "--to", fmt, "--out", str(tmp_path / fmt)]) == 0
         assert "bytes/param" in capsys.readouterr().out

@@ -333,12 +333,14 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: s
     import uvicorn
 
     from .. import inference_dtype, load_for_inference, load_tokenizer
+    from ..numerics.kernels import kernels_in_use
     from .compiled import compile_decode
 
     if threads:
         torch.set_num_threads(threads)
     print(f"frugallm: {inference_dtype(dtype).reason}", flush=True)
     model, tokenizer = load_for_inference(run, dtype, prepack=not compile), load_tokenizer(run)
+    print(f"frugallm: matmul kernels: {kernels_in_use(model)}", flush=True)
     name = model_name or Path(run).resolve().name
     if speculative and model.config.n_mtp == 0:
         raise ValueError(f"--speculative drafts with MTP modules, and {run} has none (n_mtp=0)")

@@ -57,14 +57,14 @@ def swap_matmuls(model: nn.Module, make: Make) -> list[str]:
     return done
 
 
-def kernels_in_use(model: nn.Module) -> dict[str, int]:
-    """{kernel name: modules} over the model's matmul modules, e.g. {'prepacked-bf16': 30, 'plain': 4}."""
+def kernels_in_use(model: nn.Module) -> str:
+    """The model's matmul modules by kernel, e.g. 'prepacked-bf16 x30, plain x4' (for the CLI's line)."""
     counts: dict[str, int] = {}
     for m in model.modules():
         kind = getattr(type(m), "kernel", None) or ("plain" if type(m) in (nn.Linear, RoutedExperts) else None)
         if kind:
             counts[kind] = counts.get(kind, 0) + 1
-    return counts
+    return ", ".join(f"{kind} x{n}" for kind, n in counts.items())
 
 
 def converted(model: nn.Module) -> list[str]:
@@ -72,18 +72,11 @@ def converted(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if getattr(type(m), "kernel", None)]
 
 
-def apply_inference_kernels(model: nn.Module, prepack: bool = True) -> str:
-    """The kernels for eager generation on this host, applied in place; returns one line that
-    says what was chosen and why. A quantized model keeps its codes' kernels."""
-    from ..host import host_profile
-    from .prepack import prepack as _prepack, unavailable_reason
+def apply_inference_kernels(model: nn.Module, prepack: bool = True) -> list[str]:
+    """The kernels for eager generation on this host, applied in place: a plain bf16 model's
+    matmuls are prepacked for oneDNN where the host profile says it packs bf16 (prepack.py's
+    `unavailable_reason` asks it); fp32 and already converted (quantized) models stay as they
+    are. Returns the names swapped."""
+    from .prepack import prepack as _prepack
 
-    if converted(model):
-        return f"kernels: {kernels_in_use(model)} (already converted)"
-    if not prepack:
-        return "kernels: plain (prepacking not asked for)"
-    reason = unavailable_reason(model)
-    if reason:
-        return f"kernels: plain ({reason})"
-    host = host_profile()
-    return f"kernels: {len(_prepack(model))} modules prepacked for oneDNN (bf16 packing supported on {host.cpu_model})"
+    return _prepack(model) if prepack and not converted(model) else []
