@@ -87,7 +87,7 @@ def test_measured_profile_is_cached_per_machine(tmp_path, monkeypatch):
     host._profile.cache_clear()
 
 
-def test_real_measurement_is_quick_and_sane():
+def test_real_measurement_runs_and_is_sane():
     p = host.measure()
     assert p.capability == torch.backends.cpu.get_cpu_capability() and p.torch_version == torch.__version__
     assert all(v > 0 for v in (*p.gemm_gflops.values(), *p.gemv_gflops.values()))

@@ -175,3 +175,20 @@ def test_compiled_model_equals_eager_in_fp32():
     eager = model(ids, targets=ids).loss
     compiled = torch.compile(model)(ids, targets=ids).loss
     assert torch.allclose(compiled, eager, rtol=1e-5)
+
+
+def test_checkpoints_from_before_routed_experts_was_a_module_still_load(cfg):
+    """Old state dicts named the routed experts `ffn.w1` (and their optimizer state likewise)."""
+    from frugallm.model.moe import upgrade_expert_name
+    from frugallm.model.transformer import Transformer
+
+    assert upgrade_expert_name("layers.1.ffn.w1") == "layers.1.ffn.experts.w1"
+    assert upgrade_expert_name("mtp.0.block.ffn.w2_scale_inv") == "mtp.0.block.ffn.experts.w2_scale_inv"
+    for name in ("layers.0.ffn.w1.weight", "layers.1.ffn.experts.w3", "layers.1.ffn.shared_experts.w1.weight"):
+        assert upgrade_expert_name(name) == name
+    model = Transformer(cfg)
+    old = {k.replace("ffn.experts.", "ffn."): v for k, v in model.state_dict().items()}
+    assert "layers.1.ffn.w1" in old
+    fresh = Transformer(cfg)
+    fresh.load_state_dict(old)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))

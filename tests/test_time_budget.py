@@ -1,7 +1,7 @@
 """Training precision `auto` (resolved once from the host profile, recorded in the run) and the time
 budget (steps planned from measured throughput; the LR schedule ends at the plan; resume repeats it).
 
-The budget's clock is replaced by a counter (trainer._clock), so every plan here is deterministic."""
+The budget's clock is replaced by a counter (budget._clock), so every plan here is deterministic."""
 
 import itertools
 import json
@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from frugallm.cli import main
 from frugallm.config import TrainConfig, apply_overrides, duration_seconds, get_preset
-from frugallm.train import checkpoint, trainer
-from frugallm.train.trainer import RunResult, plan_steps
+from frugallm.train import budget, checkpoint, trainer
+from frugallm.train.budget import plan_steps
+from frugallm.train.trainer import RunResult
 
 SMALL = ["dim=64", "n_layers=2", "n_heads=2", "q_lora_rank=0", "kv_lora_rank=32", "qk_nope_head_dim=16",
          "qk_rope_head_dim=8", "v_head_dim=16", "n_routed_experts=8", "n_expert_groups=2", "n_limited_groups=1",
@@ -115,7 +116,7 @@ def test_plan_steps():
 
 def _counter_clock(monkeypatch):
     """Every read of the budget's clock advances it by one second: a timed step takes 1 s exactly."""
-    monkeypatch.setattr(trainer, "_clock", itertools.count().__next__)
+    monkeypatch.setattr(budget, "_clock", itertools.count().__next__)
 
 
 def test_budgeted_run_plans_its_steps_and_resumes_bit_identically(tmp_path, corpus, monkeypatch):
@@ -165,7 +166,7 @@ def test_budgeted_run_plans_its_steps_and_resumes_bit_identically(tmp_path, corp
 
 def test_slow_steps_plan_before_the_measuring_overruns_the_budget(tmp_path, corpus, monkeypatch):
     model_cfg, train_cfg = _configs(corpus, "steps=60", "time_budget=25s", "precision=fp32")
-    monkeypatch.setattr(trainer, "_clock", itertools.count(0, 10).__next__)  # a step takes 10 s
+    monkeypatch.setattr(budget, "_clock", itertools.count(0, 10).__next__)  # a step takes 10 s
     logs = []
     trainer.train(model_cfg, train_cfg, tmp_path / "run", log=logs.append)
     # after step 2 (the first timed one), 20 s are spent and step 3 would end past 25 s: plan now

@@ -11,13 +11,7 @@ Precision `auto` is resolved once, by host.py's measured bf16/fp32 GEMM ratio (b
 slower than fp32 on CPUs without native bf16), and the run records the dtype it chose, so a
 resume repeats it on any host.
 
-A time budget (`time_budget="8m"`) turns `steps` into a cap. The first few steps, inside the LR
-warmup so nothing so far depends on the total, are timed (fewer where timing them all would
-overrun the budget); then the run plans the most steps whose training, evals and checkpoints fit
-in what is left of the budget (counted from the call, set-up included), sets `steps` to the plan
-and rewrites train_config.json, so the LR schedule decays to its floor exactly at the last planned
-step. From then on it is a step-counted run: a resume uses the saved plan and never plans again
-(a resume from before the plan point plans anew).
+A time budget (`time_budget="8m"`, train/budget.py) plans `steps` from the first steps' measured time.
 """
 
 from __future__ import annotations
@@ -40,13 +34,8 @@ from ..host import choose_dtype
 from ..model.count import count_params
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-from . import checkpoint, data
+from . import budget, checkpoint, data
 from .optim import ExpertBiasUpdate, build_optimizer, lr_at
-
-
-# The time budget's clock. Only the budget reads it (tests replace it to plan deterministically).
-_clock = time.perf_counter
-SAVE_BYTES_PER_S = 100e6  # checkpoint cost estimate: write, fsync and sha256 read-back, a slow laptop disk
 
 
 class NonFiniteLoss(RuntimeError):
@@ -129,32 +118,6 @@ def evaluate(model: Transformer, batches: data.Batches, n_batches: int, autocast
     return total / n
 
 
-def measured_steps(warmup_steps: int) -> int:
-    """The step after which a time-budgeted run plans its total: a few steps, inside the warmup
-    (when it is at least 3 steps long), where the LR does not depend on the total."""
-    return max(3, min(10, warmup_steps // 3))
-
-
-def plan_steps(cap: int, done: int, remaining_s: float, step_s: float, eval_s: float, save_s: float,
-               eval_period: int, save_every: int) -> tuple[int, float]:
-    """The most total steps n in [done, cap] whose cost after step `done` fits in remaining_s:
-    n - done steps, the evals (every `eval_period`) and checkpoints (every `save_every`) they pass,
-    and the final eval and checkpoint at n. Returns (n, its eval + checkpoint seconds)."""
-    def overhead(n: int) -> float:
-        evals = n // eval_period - done // eval_period + (n % eval_period != 0)
-        saves = n // save_every - done // save_every + (n % save_every != 0)
-        return evals * eval_s + saves * save_s
-
-    lo, hi = done, cap  # the cost only grows with n: bisect for the last n that fits
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if (mid - done) * step_s + overhead(mid) <= remaining_s:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo, overhead(lo) if lo > done else 0.0
-
-
 class _Progress:
     """A tqdm bar on a terminal; plain lines every `log_every` steps otherwise (CI, pipes)."""
 
@@ -193,7 +156,7 @@ def _print(line: str) -> None:
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
           log: Callable[[str], None] = _print) -> RunResult:
     """Train into `run_dir` (created), or continue the run there with resume=True."""
-    t0 = _clock()  # a time budget covers the whole call, set-up included
+    t0 = budget.now()  # a time budget covers the whole call, set-up included
     run_dir = Path(run_dir)
     t_setup = time.perf_counter()
     ckpt = None
@@ -255,16 +218,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     flops_per_token = train_flops_per_token(model_cfg, train_cfg.seq_len)
     peak = matmul_peak(dtype)
     step_tokens = micro * train_cfg.seq_len * train_cfg.grad_accum
-    budget = duration_seconds(train_cfg.time_budget)
-    plan_at = measured_steps(train_cfg.warmup_steps)
-    planning = budget is not None and start < plan_at < train_cfg.steps
-    # time the steps before the plan, but not this call's first (one-off costs: allocation, compiling)
-    first_timed = start + 1 if plan_at - start >= 2 else start
-    timed_s, timed_n = 0.0, 0
+    plan = budget.TimeBudget(duration_seconds(train_cfg.time_budget), start, train_cfg.steps, train_cfg.warmup_steps, t0)
     length = f"{train_cfg.steps} steps"
-    if planning:
-        length = f"up to {length} (time budget {train_cfg.time_budget}, planned after step {plan_at})"
-    elif budget is not None and train_cfg.steps > plan_at:
+    if plan.active:
+        length = f"up to {length} (time budget {train_cfg.time_budget}, planned after step {plan.plan_at})"
+    elif plan.seconds is not None and train_cfg.steps > plan.plan_at:
         length += f" (planned for time budget {train_cfg.time_budget})"
     log(f"model: {count_params(model_cfg)['total']:,} parameters | {length} x {step_tokens:,} tokens "
         f"| {train_cfg.precision}{' + fp8' if train_cfg.fp8 else ''}{' compiled' if train_cfg.compile else ''} "
@@ -290,7 +248,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     try:
         model.train()
         for step in range(start, train_cfg.steps):
-            t_step = _clock() if planning and step >= first_timed else None
+            plan.step_begins(step)
             lr = lr_at(step, train_cfg.steps, train_cfg.lr, train_cfg.warmup_steps, train_cfg.min_lr_ratio,
                        train_cfg.schedule, train_cfg.decay_fraction)
             for group in optimizer.param_groups:
@@ -330,24 +288,15 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
             max_vio = balance.step()
             tokens += step_tokens
             done = step + 1
-            if t_step is not None:
-                t_now = _clock()
-                timed_s, timed_n = timed_s + t_now - t_step, timed_n + 1
-                step_s, spent = timed_s / timed_n, t_now - t0
-            # plan after the measured steps, or sooner where measuring them all would overrun the budget
-            if t_step is not None and (done >= plan_at or spent + (plan_at - done) * step_s > budget):
-                planning = False
+            if plan.plan_due(done):
                 n_eval = min(train_cfg.eval_batches, val_batches.windows // val_batches.batch_size)
                 state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()) + sum(
                     t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
                     if isinstance(t, torch.Tensor))
                 # an eval is n_eval forward passes of a micro-batch, ~1/3 of a micro-batch's forward + backward
-                planned, overhead = plan_steps(
-                    train_cfg.steps, done, budget - spent, step_s,
-                    n_eval * step_s / (3 * train_cfg.grad_accum), state_bytes / SAVE_BYTES_PER_S,
-                    math.lcm(train_cfg.log_every, train_cfg.eval_every), train_cfg.save_every)
-                log(f"time budget {train_cfg.time_budget}: {step_s:.2f} s/step measured over {timed_n} steps, "
-                    f"{spent:.0f}s spent -> {planned} of {train_cfg.steps} steps (eval+save ~{overhead:.0f}s)")
+                planned, how = plan.plan(train_cfg.steps, done, n_eval / (3 * train_cfg.grad_accum), state_bytes,
+                                         math.lcm(train_cfg.log_every, train_cfg.eval_every), train_cfg.save_every)
+                log(f"time budget {train_cfg.time_budget}: {how}")
                 train_cfg = dataclasses.replace(train_cfg, steps=planned)
                 train_cfg.to_json(run_dir / "train_config.json")  # and every checkpoint from now on
                 progress.set_total(planned)
