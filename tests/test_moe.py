@@ -169,12 +169,25 @@ def test_bias_gets_no_gradient_and_is_not_an_optimizer_parameter():
 
 
 def test_compiled_model_equals_eager_in_fp32():
-    """torch.compile's _grouped_mm takes bf16 only: in fp32 the compiled MoE uses the loop twin."""
+    """The grouped experts compile in fp32 (frugallm::grouped_mm is opaque to torch.compile, whose
+    own _grouped_mm meta kernel takes bf16 only), forward and backward, in one graph."""
+    import torch._dynamo
+
     model = Transformer(tiny_config()).train()
     ids = torch.randint(0, 97, (2, 16))
     eager = model(ids, targets=ids).loss
-    compiled = torch.compile(model)(ids, targets=ids).loss
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids, targets=ids)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(model, fullgraph=True)(ids, targets=ids).loss
+    compiled.backward()
     assert torch.allclose(compiled, eager, rtol=1e-5)
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-6), n
 
 
 def test_checkpoints_from_before_routed_experts_was_a_module_still_load(cfg):

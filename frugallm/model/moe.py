@@ -102,8 +102,6 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         experts = grouped_experts if self.impl == "grouped" else loop_experts
-        if torch.compiler.is_compiling() and _compute_dtype(x) != torch.bfloat16:
-            experts = loop_experts  # torch.compile's _grouped_mm (its meta kernel) takes bf16 only
         return experts(x, weights, idx, self.w1, self.w2, self.w3)
 
     def extra_repr(self) -> str:
@@ -180,6 +178,45 @@ def loop_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
     return y
 
 
+@torch.library.custom_op("frugallm::grouped_mm", mutates_args=())
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm behind an op of our own, so torch.compile treats it as one opaque call in
+    every dtype (its own meta kernel takes bf16 only, and without it a compiled fp32 MoE broke into
+    per-expert graphs). offs (E,) int32: the end row of each group.
+    a (M, K) @ b (E, K, N) -> (M, N), rows offs[e-1]:offs[e] times b[e] (the forward, grad of a);
+    a (K, M) @ b (M, N) -> (E, K, N), group e summing columns/rows offs[e-1]:offs[e] (grad of b)."""
+    return torch._grouped_mm(_gemm_layout(a), _gemm_layout(b), offs=offs)
+
+
+def _gemm_layout(t: torch.Tensor) -> torch.Tensor:
+    # _grouped_mm takes row- or column-major operands only; a broadcast gradient (stride 0, e.g.
+    # from .sum()) is neither
+    return t if 1 in t.stride()[-2:] and 0 not in t.stride() else t.contiguous()
+
+
+@grouped_mm.register_fake
+def _grouped_mm_shape(a, b, offs):
+    if b.dim() == 3:
+        return a.new_empty(a.shape[0], b.shape[2])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
+
+
+def _grouped_mm_backward(ctx, grad):
+    a, b = ctx.saved_tensors  # forward is always the (M, K) @ (E, K, N) case
+    grad_a = grouped_mm(grad, b.transpose(1, 2), ctx.offs) if ctx.needs_input_grad[0] else None
+    grad_b = grouped_mm(a.t(), grad, ctx.offs) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+def _grouped_mm_save(ctx, inputs, output):
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b)
+    ctx.offs = offs
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_save)
+
+
 def grouped_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
     """Fast path: sort the N*K (token, expert) pairs by expert, so each expert's rows are
     contiguous, then one grouped GEMM per weight (torch._grouped_mm) instead of E small ones.
@@ -202,9 +239,8 @@ def grouped_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
     w = weights.flatten().index_select(0, order).to(x.dtype)[:, None]
     counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
-    h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
-        xs, w3.transpose(1, 2), offs=offs)
-    out = torch._grouped_mm(h * w, w2.transpose(1, 2), offs=offs)
+    h = F.silu(grouped_mm(xs, w1.transpose(1, 2), offs)) * grouped_mm(xs, w3.transpose(1, 2), offs)
+    out = grouped_mm(h * w, w2.transpose(1, 2), offs)
     return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1)
 
 
