@@ -45,12 +45,10 @@ def load(path, dtype=None, quantized=None):
     """
     from pathlib import Path
 
-    from .train.checkpoint import latest
+    from .train.checkpoint import locate
 
     path = Path(path)
-    ckpt = latest(path) if (path / "checkpoints").exists() else None
-    if ckpt is None and (path / "manifest.json").exists() and (path / "model.safetensors").exists():
-        ckpt = path  # a checkpoint directory itself
+    ckpt = locate(path)  # a run's newest verified checkpoint, or a checkpoint / quantized export itself
     if ckpt is not None and (ckpt / "quantization.json").exists():
         from .numerics.quantized_checkpoint import load_quantized
 

@@ -52,14 +52,25 @@ def _train(args: argparse.Namespace) -> int:
     from .config import ModelConfig, TrainConfig, apply_overrides, get_preset
     from .train.trainer import train
 
-    model_cfg = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
-    train_cfg = TrainConfig.from_json(args.train_config) if args.train_config else TrainConfig()
+    saved = None
+    if args.resume:  # a resume starts from the run's own settings: only what is given counts as a change
+        from .train.checkpoint import latest
+
+        saved = latest(args.out)
+        if saved is None:
+            raise FileNotFoundError(f"--resume: {args.out} holds no valid checkpoint; drop --resume to start a "
+                                    "new run there, or pass the run's directory with --out")
+    model_cfg = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset) if args.preset \
+        else ModelConfig.from_json(saved / "config.json") if saved else get_preset(DEFAULT_PRESET)
+    train_cfg = TrainConfig.from_json(args.train_config) if args.train_config else \
+        TrainConfig.from_json(saved / "train_config.json") if saved else TrainConfig()
     # the length: --time (steps a cap), or --steps alone (no budget), or neither: DEFAULT_TIME, capped at
-    # TrainConfig.steps; a --train-config file or --set steps=/time_budget= says it instead
+    # TrainConfig.steps; a --train-config file or --set steps=/time_budget= says it instead (and a
+    # resumed run keeps its own)
     time_budget = args.time
     if time_budget is None and args.steps is not None:
         time_budget = ""
-    elif time_budget is None and not args.train_config and not any(
+    elif time_budget is None and not saved and not args.train_config and not any(
             p.startswith(("steps=", "time_budget=")) for p in args.set or []):
         time_budget = DEFAULT_TIME
     flags = {"data": args.data, "steps": args.steps, "time_budget": time_budget, "save_every": args.save_every}
@@ -140,7 +151,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
           slots=args.slots, speculative=args.speculative, threads=args.threads, compile=args.compile,
-          dtype=args.dtype)
+          dtype=args.dtype, max_cache_tokens=args.max_cache_tokens, max_queue=args.max_queue,
+          request_timeout=args.request_timeout, default_max_tokens=args.default_max_tokens,
+          insecure_no_api_key=args.insecure_no_api_key)
     return 0
 
 
@@ -221,6 +234,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 DEFAULT_TIME = "8m"  # `frugallm train` with neither --steps nor --time: the main job fits in 10 minutes
+DEFAULT_PRESET = "tiny"  # `frugallm train` with neither --preset nor --config
 DTYPE_CHOICES = ["auto", "fp32", "bf16", "float32", "bfloat16", "float64"]
 DTYPE_HELP = ("compute dtype (default auto: bf16 only where this host measures it clearly faster than fp32, "
               "see `frugallm info --host`); an explicit dtype dequantizes a quantized checkpoint")
@@ -230,8 +244,23 @@ COMPILE_HELP = ("compile the decode step with torch.compile (1.9-2.6x faster dec
                 "compiling first, needs a C++ compiler; a quantized checkpoint cannot be compiled)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
+# a missing optional dependency -> the extra that installs it
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "transformers": "hf", "datasets": "data", "jinja2": "hf"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frugallm", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="count parameters, build the model and run one forward pass")
     src = info.add_mutually_exclusive_group()
@@ -245,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a model (default: the tiny preset on the built-in corpus)")
     src = tr.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="tiny")
+    src.add_argument("--preset", help=f"a named model (default {DEFAULT_PRESET}; with --resume, the run's own)")
     src.add_argument("--config", help="a ModelConfig JSON file")
     tr.add_argument("--train-config", help="a TrainConfig JSON file")
     tr.add_argument("--data", help="text files, a folder, a glob, JSONL, or hf:NAME (default: the Python stdlib)")
@@ -262,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="validation loss and perplexity of a run")
     ev.add_argument("run")
     ev.add_argument("--data", help="evaluate on this data's val split instead of the run's")
-    ev.add_argument("--batches", type=int, default=16)
+    ev.add_argument("--batches", type=_positive_int, default=16, help="val batches to average (default 16)")
     ev.set_defaults(func=_eval)
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
@@ -288,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     sv.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     sv.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
+    sv.add_argument("--max-cache-tokens", type=int, help="KV-cache budget of all requests together, in tokens; "
+                    "each reserves prompt + max_tokens (default: half the free memory, at most slots contexts)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429")
+    sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request, queueing included; "
+                    "past it: 503, or an error event mid-stream (default 600)")
+    sv.add_argument("--default-max-tokens", type=int, default=1024, help="chat max_tokens when a request gives none")
+    sv.add_argument("--insecure-no-api-key", action="store_true",
+                    help="allow a non-loopback --host without --api-key (anyone who reaches it can use it)")
     sv.set_defaults(func=_serve)
 
     ch = sub.add_parser("chat", help="an interactive chat in the terminal (/reset, /system TEXT, /exit)")
@@ -329,10 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Errors a user can cause print one line that names the problem and its fix,
+    and exit 2 (`--debug` shows the traceback instead)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except ModuleNotFoundError as e:
+        if args.debug or e.name is None or e.name.split(".")[0] not in EXTRAS:
+            raise
+        extra = EXTRAS[e.name.split(".")[0]]
+        print(f"frugallm: error: `frugallm {args.command}` needs {e.name}, which is not installed; "
+              f"install it with: pip install 'frugallm[{extra}]'", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, OSError, RuntimeError) as e:
+        if args.debug:
+            raise
         print(f"frugallm: error: {e}", file=sys.stderr)
         return 2
 

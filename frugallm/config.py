@@ -81,7 +81,9 @@ class ModelConfig:
     hc_alpha_init: float = 0.01  # initial scale of the dynamic part (HC's s_alpha, s_beta; mHC's alpha)
 
     def __post_init__(self) -> None:
-        errors = []
+        errors = check_types(self)
+        if errors:  # comparisons below would fail on a wrong type with a TypeError
+            raise ValueError("invalid ModelConfig: " + "; ".join(errors))
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 errors.append(f"{name}={getattr(self, name)!r} must be one of {choices}")
@@ -146,15 +148,54 @@ class ModelConfig:
         return cls(**d)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from .io import write_file  # atomic and fsynced: a crash never leaves a torn config
+
+        write_file(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return read_config(cls, path)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         check_keys(type(self), changes)
         return dataclasses.replace(self, **changes)
+
+
+def read_config(cls: type, path: str | Path) -> Any:
+    """A config from its JSON file; every problem (missing, unreadable, not JSON, not an object, a bad
+    key or value) is a ValueError that names the file."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read {cls.__name__} file {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cls.__name__} file {path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__} file {path} must hold a JSON object of fields, got {type(d).__name__}")
+    try:
+        return cls.from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+_TYPES = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,)}
+_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "None": "null"}
+
+
+def check_types(cfg: Any) -> list[str]:
+    """One message per field whose value is not of its declared type (int, float, str, bool, or
+    `X | None`); ints are accepted for floats and stored as floats, bools are never ints."""
+    errors = []
+    for f in dataclasses.fields(cfg):
+        value, names = getattr(cfg, f.name), [t.strip() for t in str(f.type).split("|")]
+        if value is None and "None" in names:
+            continue
+        allowed = tuple(t for n in names for t in _TYPES.get(n, (object,)))
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            errors.append(f"{f.name}={value!r} must be " + " or ".join(_WORDS.get(n, n) for n in names))
+        elif "float" in names and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, float(value))
+    return errors
 
 
 def check_keys(cls: type, d: dict[str, Any]) -> None:
@@ -270,7 +311,9 @@ class TrainConfig:
     sample_prompt: str = "def "
 
     def __post_init__(self) -> None:
-        errors = []
+        errors = check_types(self)
+        if errors:
+            raise ValueError("invalid TrainConfig: " + "; ".join(errors))
         if self.schedule not in ("cosine", "wsd"):
             errors.append(f"schedule={self.schedule!r} must be 'cosine' or 'wsd'")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -281,7 +324,8 @@ class TrainConfig:
             errors.append(str(e))
         if self.optim_state_dtype not in ("fp32", "bf16"):
             errors.append(f"optim_state_dtype={self.optim_state_dtype!r} must be 'fp32' or 'bf16'")
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every", "keep_last"):
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every", "eval_every",
+                     "save_every", "keep_last"):
             if getattr(self, name) <= 0:
                 errors.append(f"{name}={getattr(self, name)} must be > 0")
         if not 0 < self.val_fraction < 1:
@@ -303,7 +347,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return read_config(cls, path)
 
 
 def duration_seconds(text: str) -> float | None:

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_directory
+from . import io
 from .config import ModelConfig, yarn_mscale
 from .model.transformer import Transformer
 from .numerics.fp8 import E4M3, weight_dequant
@@ -186,7 +186,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 # --- weights ------------------------------------------------------------------------------
 
 class _Checkpoint:
-    """Lazy view over the *.safetensors of a directory (single file or sharded index)."""
+    """Lazy view over the *.safetensors of a directory (single file or sharded index). A context
+    manager: leaving it closes the files (tensors already read stay valid: they are copies)."""
 
     def __init__(self, path: Path):
         index = path / "model.safetensors.index.json"
@@ -201,6 +202,17 @@ class _Checkpoint:
         for h in self.handles:
             for k in h.keys():
                 self.where[k] = h
+
+    def __enter__(self) -> "_Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.__exit__(None, None, None)  # safe_open's only way to unmap and close its file
+        self.handles, self.where = [], {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
@@ -237,6 +249,8 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
             quantized: bool | None = None) -> Transformer:
     """Load a HF DeepSeek-V3/V2 directory (config.json + *.safetensors, sharded or FP8) with MTP.
 
+    A directory frugallm wrote (to_hf) carries a manifest.json, checked first (frugallm/io.py);
+    those written by others have none and are read as they are.
     dtype: parameter dtype (default float32); the gate bias always stays float32.
     quantized (see keep_quantized): for a DeepSeek FP8 directory (config.json declares
     quantization_config), keep each FP8 weight as e4m3 codes + block scales in the model
@@ -248,6 +262,8 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face DeepSeek-V2/V3 model directory")
+    if io.read_manifest(path) is not None:
+        io.verify(path)
     hf_config = json.loads((path / "config.json").read_text())
     cfg = config_from_hf(hf_config)
     qc = hf_config.get("quantization_config")
@@ -258,42 +274,43 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
                          f"pass quantized=False to dequantize it")
     if not keep:
         dtype = dtype or torch.float32
-    ckpt = _Checkpoint(path)
-    present = sum(f"model.layers.{cfg.n_layers + k}.eh_proj.weight" in ckpt for k in range(cfg.n_mtp))
-    if present < cfg.n_mtp:  # e.g. saved by transformers, which drops the MTP layers
-        warnings.warn(f"config.json declares num_nextn_predict_layers={cfg.n_mtp} but {path} holds "
-                      f"{present} MTP layer(s); loading with n_mtp={present}")
-        cfg = cfg.replace(n_mtp=present)
-    with torch.device("meta"):
-        skeleton = Transformer(cfg)  # names and shapes only
-    used, state = set(), {}
-    for name, ref in skeleton.state_dict().items():
-        key = hf_key(name, cfg.n_layers)
-        keys = [key.format(e=e) for e in range(ref.shape[0])] if "{e}" in key else [key]
-        missing = [k for k in keys if k not in ckpt]
-        if missing:
-            raise KeyError(f"checkpoint {path} lacks {missing[0]} (for frugallm {name})"
-                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        used.update(keys)
-        stack = torch.stack if "{e}" in key else lambda ts: ts[0]
-        if keep and all(ckpt.is_fp8(k) for k in keys):  # codes and scales as stored
-            t = state[name] = stack([ckpt.raw(k) for k in keys])
-            state[name + SCALE] = stack([ckpt.scale(k) for k in keys]).float()
-        else:
-            t = stack([ckpt.get(k) for k in keys])
-            state[name] = t.float() if name.endswith("gate.bias") else t if dtype is None else t.to(dtype)
-        if t.shape != ref.shape:
-            raise ValueError(f"{key}: shape {tuple(t.shape)} in the checkpoint, frugallm expects {tuple(ref.shape)}")
-    for k in range(cfg.n_mtp):  # MTP's physical copies of the embedding and head
-        for hf_suffix, ours in MTP_COPIES.items():
-            key = f"model.layers.{cfg.n_layers + k}.{hf_suffix}"
-            if key in ckpt:
-                used.add(key)
-                if not torch.equal(ckpt.get(key).float(), ckpt.get(TOP_KEYS[ours]).float()):
-                    warnings.warn(f"{key} differs from the main {ours}; frugallm shares the main one")
-    unused = [k for k in ckpt.where if k not in used and not k.endswith("_scale_inv")]
-    if unused:
-        raise ValueError(f"checkpoint {path} has {len(unused)} tensor(s) frugallm does not map, e.g. {unused[:3]}")
+    with _Checkpoint(path) as ckpt:
+        present = sum(f"model.layers.{cfg.n_layers + k}.eh_proj.weight" in ckpt for k in range(cfg.n_mtp))
+        if present < cfg.n_mtp:  # e.g. saved by transformers, which drops the MTP layers
+            warnings.warn(f"config.json declares num_nextn_predict_layers={cfg.n_mtp} but {path} holds "
+                          f"{present} MTP layer(s); loading with n_mtp={present}")
+            cfg = cfg.replace(n_mtp=present)
+        with torch.device("meta"):
+            skeleton = Transformer(cfg)  # names and shapes only
+        used, state = set(), {}
+        for name, ref in skeleton.state_dict().items():
+            key = hf_key(name, cfg.n_layers)
+            keys = [key.format(e=e) for e in range(ref.shape[0])] if "{e}" in key else [key]
+            missing = [k for k in keys if k not in ckpt]
+            if missing:
+                raise KeyError(f"checkpoint {path} lacks {missing[0]} (for frugallm {name})"
+                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+            used.update(keys)
+            stack = torch.stack if "{e}" in key else lambda ts: ts[0]
+            if keep and all(ckpt.is_fp8(k) for k in keys):  # codes and scales as stored
+                t = state[name] = stack([ckpt.raw(k) for k in keys])
+                state[name + SCALE] = stack([ckpt.scale(k) for k in keys]).float()
+            else:
+                t = stack([ckpt.get(k) for k in keys])
+                state[name] = t.float() if name.endswith("gate.bias") else t if dtype is None else t.to(dtype)
+            if t.shape != ref.shape:
+                raise ValueError(f"{key}: shape {tuple(t.shape)} in the checkpoint, "
+                                 f"frugallm expects {tuple(ref.shape)}")
+        for k in range(cfg.n_mtp):  # MTP's physical copies of the embedding and head
+            for hf_suffix, ours in MTP_COPIES.items():
+                key = f"model.layers.{cfg.n_layers + k}.{hf_suffix}"
+                if key in ckpt:
+                    used.add(key)
+                    if not torch.equal(ckpt.get(key).float(), ckpt.get(TOP_KEYS[ours]).float()):
+                        warnings.warn(f"{key} differs from the main {ours}; frugallm shares the main one")
+        unused = [k for k in ckpt.where if k not in used and not k.endswith("_scale_inv")]
+        if unused:
+            raise ValueError(f"checkpoint {path} has {len(unused)} tensor(s) frugallm does not map, e.g. {unused[:3]}")
     if keep:
         from .numerics.quantize import from_quantized_state_dict
 
@@ -303,14 +320,16 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
 
 def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
-          files: tuple[str | os.PathLike, ...] = ()) -> Path:
+          files: tuple[str | os.PathLike, ...] = (), *, kind: str = "hf", sources=(),
+          suggest: str | None = None) -> Path:
     """Write `model` as a HF DeepSeek directory that transformers.AutoModelForCausalLM loads.
 
     Refuses configurations the format cannot represent. A model quantized to fp8 by
     numerics/quantize.py is written in DeepSeek's FP8 layout (e4m3 weight + fp32
     weight_scale_inv, and quantization_config in config.json); int8 has no HF DeepSeek layout
-    and is refused. `files` (e.g. tokenizer.json) are copied in. Written atomically: a temp dir
-    is filled, then renamed over `path`.
+    and is refused. `files` (e.g. tokenizer.json) are copied in. Written through frugallm/io.py:
+    atomically, with a manifest of `kind` ("quantized" from quantize_checkpoint), and never over
+    `sources` (the model's origin) or a directory that is not an earlier output of that kind.
     """
     cfg = model.config
     dtype = dtype or next(model.parameters()).dtype
@@ -338,7 +357,7 @@ def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None
                 if TOP_KEYS[ours] + suffix in tensors:
                     tensors[f"model.layers.{cfg.n_layers + k}.{hf_suffix}{suffix}"] = tensors[TOP_KEYS[ours] + suffix].clone()
     path = Path(path)
-    with atomic_directory(path) as tmp:
+    with io.write_directory(path, kind, sources=sources, suggest=suggest) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for f in files:

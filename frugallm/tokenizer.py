@@ -2,8 +2,14 @@
 
 Byte-level means every UTF-8 byte has a token, so any text encodes and decodes losslessly.
 Special tokens: <|bos|> <|eos|> <|pad|> and the chat roles <|system|> <|user|> <|assistant|>.
-A Hugging Face checkpoint's own tokenizer.json loads as is; its bos/eos come from
-tokenizer_config.json when present.
+A Hugging Face checkpoint's own tokenizer.json loads as is; its bos/eos and its Jinja chat template
+come from tokenizer_config.json when present.
+
+Text is always text. `encode` never turns a special token's literal text ("<|system|>" typed by a
+user, or found in a training document) into its control id: it becomes ordinary byte tokens. Control
+tokens enter a sequence only by id: the frugallm chat template appends role ids, and a Hugging Face
+template is rendered with a placeholder for each message's content, so only the template's own text
+is read for special tokens and each content is encoded as plain text in its place.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,17 +26,27 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
+ROLES = ("system", "user", "assistant")
+# Bumped when the same tokenizer.json starts encoding some text differently (2: special tokens'
+# literal text became plain text), so data caches keyed on `hash()` are rebuilt.
+ENCODING_VERSION = 2
 
 
 class Tokenizer:
-    """A thin wrapper: encode/decode, special-token ids, a content hash, save/load."""
+    """A thin wrapper: encode/decode, special-token ids, chat prompts, a content hash, save/load."""
 
-    def __init__(self, tok: _HFTokenizer, bos: str | None = "<|bos|>", eos: str | None = "<|eos|>"):
+    def __init__(self, tok: _HFTokenizer, bos: str | None = "<|bos|>", eos: str | None = "<|eos|>",
+                 chat_template: str | None = None):
         self.tok = tok
+        tok.encode_special_tokens = True  # content is text: "<|eos|>" in it is 7 characters, not a token
+        # the template's own text (HF templates only) is the one place special tokens are read from text
+        self._template_tok = _HFTokenizer.from_str(tok.to_str())
+        self._template_tok.encode_special_tokens = False
         self.bos_id = tok.token_to_id(bos) if bos else None
         self.eos_id = tok.token_to_id(eos) if eos else None
         self.pad_id = tok.token_to_id("<|pad|>")
         self.bos_token, self.eos_token = bos, eos
+        self.chat_template = chat_template
 
     @property
     def vocab_size(self) -> int:
@@ -51,26 +69,71 @@ class Tokenizer:
         return self.tok.to_str()
 
     def hash(self) -> str:
-        """sha256 of the serialised tokenizer: data caches are keyed on it."""
-        return hashlib.sha256(self.to_str().encode()).hexdigest()[:16]
+        """sha256 of the serialised tokenizer and how it encodes: data caches are keyed on it."""
+        return hashlib.sha256(f"{ENCODING_VERSION}|{self.to_str()}".encode()).hexdigest()[:16]
 
     def save(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / "tokenizer.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_str())
-        os.replace(tmp, path)
-        return path
+        from .io import write_file
 
-    def chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """frugallm's chat template: <|role|>content<|eos|> per message, then <|assistant|>."""
-        parts = []
+        return write_file(Path(directory) / "tokenizer.json", self.to_str())
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The token ids of a chat prompt, bos included: the checkpoint's own Jinja template when it
+        has one, else frugallm's, [bos] + (<|role|> content <|eos|>)* + <|assistant|>.
+
+        messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. Contents are
+        encoded as plain text, so no message can forge a turn or any other control token."""
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise ValueError(f"chat message {i} must be a dict with a string 'content', got {m!r:.80}")
+            if m.get("role") not in ROLES:
+                raise ValueError(f"chat message {i}: role {m.get('role')!r} must be system, user or assistant")
+        if self.chat_template is not None:
+            return self._encode_with_template(messages, add_generation_prompt)
+        roles = {r: self.tok.token_to_id(f"<|{r}|>") for r in ROLES}
+        if None in roles.values() or self.eos_id is None:
+            raise ValueError("this tokenizer has neither a chat template (tokenizer_config.json 'chat_template') "
+                             "nor frugallm's role tokens <|system|> <|user|> <|assistant|> <|eos|>; "
+                             "use a plain-text prompt (frugallm generate, /v1/completions) instead")
+        ids = [] if self.bos_id is None else [self.bos_id]
         for m in messages:
-            if m.get("role") not in ("system", "user", "assistant"):
-                raise ValueError(f"chat message role {m.get('role')!r} must be system, user or assistant")
-            parts.append(f"<|{m['role']}|>{m['content']}<|eos|>")
-        if add_generation_prompt:
-            parts.append("<|assistant|>")
-        return "".join(parts)
+            ids += [roles[m["role"]], *self.encode(m["content"]), self.eos_id]
+        return ids + [roles["assistant"]] if add_generation_prompt else ids
+
+    def _encode_with_template(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        # Render with a random placeholder per content, then encode the template's text with special
+        # tokens recognised and each placeholder's content as plain text. The placeholder holds no
+        # character a template would escape or strip, and is unguessable, so content cannot fake one.
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        nonce = secrets.token_hex(8)
+        marks = {f"FRUGALLMCONTENT{nonce}N{i}E": m["content"] for i, m in enumerate(messages)}
+        placeheld = [{**m, "content": mark} for m, mark in zip(messages, marks)]
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            text = env.from_string(self.chat_template).render(
+                messages=placeheld, add_generation_prompt=add_generation_prompt, raise_exception=raise_exception,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TemplateError as e:
+            raise ValueError(f"the checkpoint's chat template refused these messages: {e}") from None
+        pattern = re.compile("|".join(map(re.escape, marks)))
+        if nonce in pattern.sub("", text) or not all(mark in text for mark in marks):
+            # a template that slices, cases or drops a content: what it would do to the real text is
+            # unknown here, and rendering the real text would read control tokens in it
+            raise ValueError("the checkpoint's chat template altered or dropped a message's content, so frugallm "
+                             "cannot keep that content plain text; use a plain-text prompt (/v1/completions)")
+        ids: list[int] = []
+        pos = 0
+        for found in pattern.finditer(text):
+            ids += self._template_tok.encode(text[pos:found.start()], add_special_tokens=False).ids
+            ids += self.encode(marks[found.group()])
+            pos = found.end()
+        return ids + self._template_tok.encode(text[pos:], add_special_tokens=False).ids
 
 
 class TextStream:
@@ -135,12 +198,12 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not file.exists():
         raise FileNotFoundError(f"no tokenizer.json at {path}; train one with `frugallm tokenizer train`")
     tok = _HFTokenizer.from_file(str(file))
-    if tok.token_to_id("<|bos|>") is not None:
-        return Tokenizer(tok)
-    bos = eos = None
     cfg = file.parent / "tokenizer_config.json"
-    if cfg.exists():  # a Hugging Face checkpoint names its own specials
-        meta = json.loads(cfg.read_text())
-        pick = lambda v: v.get("content") if isinstance(v, dict) else v
-        bos, eos = pick(meta.get("bos_token")), pick(meta.get("eos_token"))
-    return Tokenizer(tok, bos=bos, eos=eos)
+    meta = json.loads(cfg.read_text()) if cfg.exists() else {}  # a Hugging Face checkpoint's own specials
+    template = meta.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if tok.token_to_id("<|bos|>") is not None:
+        return Tokenizer(tok, chat_template=template)
+    pick = lambda v: v.get("content") if isinstance(v, dict) else v
+    return Tokenizer(tok, bos=pick(meta.get("bos_token")), eos=pick(meta.get("eos_token")), chat_template=template)

@@ -1,8 +1,9 @@
 """`frugallm chat RUN`: an interactive REPL over the chat template, streaming each reply as it comes.
 
 The whole conversation (an optional system prompt, then user/assistant turns) is re-encoded every
-turn as [bos] + tokenizer.chat(messages). When it would not leave room for a reply in the model's
-context, the oldest turns are dropped (and the user is told). Input and output are injectable, so
+turn as tokenizer.encode_chat(messages): contents as plain text, so typed control tokens stay text.
+When it would not leave room for a reply in the model's context, the oldest turns are dropped (and
+the user is told). Input and output are injectable, so
 tests drive it with a list of lines and a StringIO.
 
 Commands: /reset clears the history, /system TEXT sets the system prompt, /exit or /quit leaves,
@@ -31,8 +32,7 @@ class Conversation:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
 
     def encode(self) -> list[int]:
-        bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
-        return bos + self.tokenizer.encode(self.tokenizer.chat(self.messages()))
+        return self.tokenizer.encode_chat(self.messages())
 
     def fit(self, reserve: int) -> tuple[list[int], int]:
         """Drop the oldest user/assistant pairs until the prompt leaves `reserve` tokens for the reply.

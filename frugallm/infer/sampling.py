@@ -10,7 +10,9 @@ def probs(logits: torch.Tensor, temperature: float, top_k: int | None = None, to
 
     temperature must be > 0 (greedy decoding has no distribution; `sample` handles it apart).
     """
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted so the max is 0 before dividing: a tiny temperature sends the rest to -inf, never inf - inf = NaN
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

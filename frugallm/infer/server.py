@@ -5,171 +5,167 @@ Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, and 
 a non-streamed reply carries `usage`; a stream carries it on its last chunk (the one with `finish_reason`),
 and, when `stream_options.include_usage` is true, also in OpenAI's extra final chunk with empty `choices`.
 
-Sampling: temperature (default 1), top_p, top_k (an extension, as in vLLM), seed, stop (up to 4 strings),
-max_tokens (chat: the rest of the context by default; completions: 16), n=1 only. Errors are OpenAI-shaped,
-{"error": {"message", "type", "param", "code"}}: 400 for malformed JSON, wrong types, a missing field,
-max_tokens <= 0 or past the context, a prompt longer than the context, unsupported options (n > 1, logprobs,
-tools, ...); 401 for a missing or wrong API key; 404 for an unknown model or route.
-A client that disconnects is cancelled at once (see engine.py); requests beyond the slots wait in order.
+Sampling: temperature (default 1; below 1e-6 greedy), top_p, top_k (an extension, as in vLLM), seed, stop (up
+to 4 strings of up to 256 characters), max_tokens (chat: default_max_tokens; completions: 16; either cut to fit),
+n=1 only. Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: 400 for malformed JSON, wrong
+types, a missing field, max_tokens <= 0, prompt + max_tokens past the context or the cache budget (the message
+names the limit), unsupported options (n > 1, logprobs, tools, ...); 401 for a missing or wrong API key; 404 for
+an unknown model or route; 413 for a body over 1 MiB + 32 bytes per context token. Every response carries an
+X-Request-Id header.
+
+Limits, each a `serve` argument (CLI: --max-cache-tokens, --max-queue, --request-timeout, --default-max-tokens),
+so that load or a hostile client degrades service instead of taking the host down:
+- max_cache_tokens: the KV-cache budget of all requests together, in tokens. A request reserves len(prompt) +
+  max_tokens of it while it runs and waits in the queue until that fits; one that never can gets a 400 naming
+  the limit. Default: half the memory available once the model is loaded, over `bytes_per_token` (engine.py),
+  at most `slots` full contexts.
+- max_queue (64): requests waiting for a slot or for budget; one more gets 429 with `Retry-After: 1`.
+- request_timeout (600 s): from arrival to the last token, queueing included. Past it the request is cancelled
+  and its budget freed; before its first token it gets 503 (code "timeout", `Retry-After`). A stream sends its
+  headers only with its first token, so a request that waited too long gets that 503 too; a stream that runs
+  out of time later gets an error event (code "timeout") and `data: [DONE]`.
+- default_max_tokens (1024): chat's max_tokens when the request gives none.
+- prefill_chunk (256): prompts are prefilled through the cache in chunks (engine.py), so attention scores are
+  (1, H, 256, T), not (1, H, T, T).
+A client that disconnects is cancelled at once, queued or running, and its budget freed (see engine.py).
+
+Memory: resident memory stays under `memory_budget` = the process's RSS with the model loaded + the cache
+budget (max_cache_tokens * bytes_per_token) + the prefill transient of one chunk against the longest cache
++ 512 MiB for requests in flight and allocator slack. `serve` prints it; /health reports it with the RSS.
+
+Security: the API key is checked on every route, /docs, /redoc, /openapi.json and /health included (a load
+balancer's probe sends the key too). `serve` refuses a non-loopback host without a key (`InsecureServe`)
+unless `insecure_no_api_key` is set. An internal error answers 500 "internal error, see the server log
+(request id ...)"; its detail goes to the log (logger "frugallm.server"), never to the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
+import logging
 import secrets
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, Job
+from .engine import Engine, Job, QueueFull, bytes_per_token, default_cache_tokens, memory_budget, rss
+from .protocol import (APIError, ChatRequest, CompletionRequest, Sampling, add_request_schemas, body_schema, internal,
+                       parse, reply)
+
+log = logging.getLogger("frugallm.server")
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+class InsecureServe(ValueError):
+    """Serving beyond this host without an API key, and without saying so on purpose."""
 
 
-# --- request bodies (strict: "5" is not a number, true is not an int; unknown fields are ignored)
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+class _Guard:
+    """ASGI middleware in front of every route, /docs and /openapi.json included (FastAPI's dependencies
+    skip those): gives the request an id, checks the API key, and turns whatever escapes the handlers into
+    a generic 500 with the detail in the log."""
 
+    def __init__(self, app, server: "Server"):
+        self.app, self.server = app, server
 
-class StreamOptions(_Strict):
-    include_usage: bool | None = None
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = scope.setdefault("state", {})["rid"] = uuid.uuid4().hex
+        started = False
 
+        async def send_with_id(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
 
-class _Sampling(_Strict):
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=1)
-    n: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator.manual_seed takes
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict | None = None
-
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-
-class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    tools: list | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-
-
-def _param(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-async def _parse(request: Request, schema: type[_Strict]) -> _Strict:
-    try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"The request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"The request body must be a JSON object, not {type(body).__name__}")
-    try:
-        return schema.model_validate(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        # keep list indices and field names; drop pydantic's union-branch tags ("str", "list[int]")
-        loc = tuple(p for p in err["loc"] if isinstance(p, int) or p in _FIELDS)
-        name = _param(loc) or None
-        raise APIError(400, f"Invalid value for '{name}': {err['msg']}" if err["type"] != "missing"
-                       else f"Missing required parameter: '{name}'", param=name,
-                       code="missing_required_parameter" if err["type"] == "missing" else "invalid_type") from None
-
-
-_FIELDS = {name for schema in (StreamOptions, TextPart, Message, ChatRequest, CompletionRequest)
-           for name in schema.model_fields}
+        key = self.server.api_key
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if key is not None and not secrets.compare_digest(given, f"Bearer {key}".encode()):
+            return await reply(APIError(401, "Incorrect or missing API key: send the header 'Authorization: "
+                                         "Bearer KEY'.", code="invalid_api_key"))(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request %s failed", rid)
+            if started:  # too late for a status: the connection just closes
+                raise
+            await reply(internal(rid))(scope, receive, send_with_id)
 
 
 class Server:
-    """The app's state: model, tokenizer, engine, name, key; `app` is the FastAPI application."""
+    """The app's state: model, tokenizer, engine, name, key and limits; `app` is the FastAPI application."""
 
     def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, slots: int = 16,
-                 speculative: bool = False, decoder=None):
-        self.model, self.tokenizer, self.model_name, self.api_key = model, tokenizer, model_name, api_key
+                 speculative: bool = False, decoder=None, max_cache_tokens: int | None = None, max_queue: int = 64,
+                 request_timeout: float = 600.0, default_max_tokens: int = 1024, prefill_chunk: int = 256,
+                 memory_budget: int | None = None):
+        self.model, self.tokenizer, self.model_name, self.api_key = model, tokenizer, model_name, api_key or None
         self.context = model.config.max_seq_len
+        self.max_cache_tokens = max_cache_tokens or slots * self.context
+        if request_timeout <= 0 or default_max_tokens < 1:
+            raise ValueError(f"request_timeout={request_timeout} must be > 0, default_max_tokens={default_max_tokens} "
+                             f">= 1")
+        self.request_timeout, self.default_max_tokens = request_timeout, default_max_tokens
+        self.max_body = (1 << 20) + 32 * self.context
+        self.memory_budget = memory_budget
         self.created = int(time.time())
         self.engine: Engine | None = None
-        self.app = self._build_app(slots, speculative, decoder)
+        self.app = self._build_app(dict(slots=slots, speculative=speculative, decoder=decoder, max_queue=max_queue,
+                                        max_cache_tokens=self.max_cache_tokens, prefill_chunk=prefill_chunk))
 
-    def _build_app(self, slots: int, speculative: bool, decoder) -> FastAPI:
+    def _build_app(self, engine_args: dict) -> FastAPI:
         @contextlib.asynccontextmanager
         async def lifespan(app):
-            self.engine = Engine(self.model, self.tokenizer, slots, speculative, decoder)
+            self.engine = Engine(self.model, self.tokenizer, **engine_args)
             yield
             self.engine.close()
 
-        app = FastAPI(title="frugallm", lifespan=lifespan, dependencies=[Depends(self._authorize)])
-        app.add_exception_handler(APIError, lambda req, e: JSONResponse(e.body(), status_code=e.status))
-        app.add_exception_handler(StarletteHTTPException, lambda req, e: JSONResponse(
-            APIError(e.status_code, str(e.detail), code=None).body(), status_code=e.status_code))
-        app.add_exception_handler(RequestValidationError, lambda req, e: JSONResponse(
-            APIError(400, str(e.errors()[0]["msg"]) if e.errors() else "invalid request").body(), status_code=400))
-        app.add_exception_handler(Exception, lambda req, e: JSONResponse(
-            APIError(500, f"{type(e).__name__}: {e}", type="server_error").body(), status_code=500))
+        app = FastAPI(title="frugallm", lifespan=lifespan)
+        app.add_middleware(_Guard, server=self)
+        app.add_exception_handler(APIError, lambda req, e: reply(e))
+        app.add_exception_handler(StarletteHTTPException, lambda req, e: reply(
+            APIError(e.status_code, str(e.detail), headers=e.headers)))
+        app.add_exception_handler(RequestValidationError, lambda req, e: reply(
+            APIError(400, str(e.errors()[0]["msg"]) if e.errors() else "invalid request")))
         app.get("/health")(self.health)
         app.get("/v1/models")(self.list_models)
         app.get("/v1/models/{model:path}")(self.get_model)
-        app.post("/v1/chat/completions")(self.chat_completions)
-        app.post("/v1/completions")(self.completions)
+        app.post("/v1/chat/completions", openapi_extra=body_schema("ChatRequest"))(self.chat_completions)
+        app.post("/v1/completions", openapi_extra=body_schema("CompletionRequest"))(self.completions)
+        app.openapi = lambda: self._openapi(app)
         return app
 
-    async def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'.",
-                           code="invalid_api_key")
+    def _openapi(self, app: FastAPI) -> dict:
+        """FastAPI's schema, plus the request bodies that `parse` checks by hand (for clients and fuzzers)."""
+        if app.openapi_schema is None:
+            spec = add_request_schemas(get_openapi(title=app.title, version=app.version, routes=app.routes),
+                                       self.model_name)
+            spec["components"]["securitySchemes"] = {"key": {"type": "http", "scheme": "bearer"}}
+            spec["security"] = [{"key": []}] if self.api_key else []
+            app.openapi_schema = spec
+        return app.openapi_schema
 
     # --- endpoints
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "frugallm"}
 
     async def health(self) -> dict:
-        """Liveness and load: requests generating now ("active") and waiting for a slot ("queued")."""
-        return {"status": "ok", "model": self.model_name, **self.engine.load()}
+        """Liveness, load (requests generating now, "active", and waiting, "queued"; cache tokens reserved of
+        the budget) and memory (resident now, and the budget it should stay under)."""
+        return {"status": "ok", "model": self.model_name, **self.engine.load(),
+                "request_timeout_s": self.request_timeout, "rss_bytes": rss("VmRSS"),
+                "memory_budget_bytes": self.memory_budget}
 
     async def list_models(self) -> dict:
         return {"object": "list", "data": [self._model_card()]}
@@ -179,7 +175,7 @@ class Server:
         return self._model_card()
 
     async def chat_completions(self, request: Request):
-        req = await _parse(request, ChatRequest)
+        req = await parse(request, ChatRequest, self.max_body)
         self._check_model(req.model)
         if req.tools:
             raise APIError(400, "tools are not supported", param="tools")
@@ -187,13 +183,16 @@ class Server:
         for m in req.messages:
             content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        prompt = self._bos() + self.tokenizer.encode(self.tokenizer.chat(messages))
+        try:
+            prompt = self.tokenizer.encode_chat(messages)  # contents as plain text: no forged turns
+        except ValueError as e:  # no chat template for this vocabulary, or the template refused
+            raise APIError(400, str(e), param="messages") from None
         max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
-        job = self._job(req, prompt, max_tokens, "messages", default=None)
+        job = self._job(req, prompt, max_tokens, "messages", default=self.default_max_tokens)
         return await self._respond(request, req, job, chat=True)
 
     async def completions(self, request: Request):
-        req = await _parse(request, CompletionRequest)
+        req = await parse(request, CompletionRequest, self.max_body)
         self._check_model(req.model)
         for name in ("echo", "suffix"):
             if getattr(req, name):
@@ -222,64 +221,106 @@ class Server:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
                            param="model", code="model_not_found")
 
-    def _job(self, req: _Sampling, prompt: list[int], max_tokens: int | None, prompt_param: str,
-             default: int | None) -> Job:
-        """Check the request against the context and what is supported; a Job, or an APIError."""
-        room = self.context - len(prompt)
+    def _job(self, req: Sampling, prompt: list[int], max_tokens: int | None, prompt_param: str,
+             default: int) -> Job:
+        """Check the request against the context, the cache budget and what is supported; a Job, or an APIError."""
+        room, budget = self.context - len(prompt), self.max_cache_tokens
         if room <= 0:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens, but the prompt is "
                            f"{len(prompt)} tokens.", param=prompt_param, code="context_length_exceeded")
-        if max_tokens is None:  # default: `default` tokens, or the rest of the context
-            max_tokens = room if default is None else min(default, room)
+        over_budget = (f"This server's KV-cache budget (--max-cache-tokens) is {budget} tokens for all requests "
+                       f"together, and a request reserves its prompt plus max_tokens: ")
+        if len(prompt) >= budget:
+            raise APIError(400, over_budget + f"the prompt alone is {len(prompt)} tokens.", param=prompt_param,
+                           code="cache_budget_exceeded")
+        if max_tokens is None:  # `default` tokens, or what fits
+            max_tokens = min(default, room, budget - len(prompt))
         if max_tokens <= 0:
             raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         if max_tokens > room:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens: the prompt's "
                            f"{len(prompt)} tokens plus max_tokens={max_tokens} exceed it (at most {room}).",
                            param="max_tokens", code="context_length_exceeded")
+        if len(prompt) + max_tokens > budget:
+            raise APIError(400, over_budget + f"the prompt's {len(prompt)} tokens plus max_tokens={max_tokens} "
+                           f"exceed it (at most {budget - len(prompt)}).", param="max_tokens",
+                           code="cache_budget_exceeded")
         if req.n not in (None, 1):
             raise APIError(400, f"only n=1 is supported, got n={req.n}", param="n")
         for name in ("logprobs", "presence_penalty", "frequency_penalty", "logit_bias"):
             if getattr(req, name):
                 raise APIError(400, f"'{name}' is not supported", param=name)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4:
-            raise APIError(400, f"at most 4 stop sequences, got {len(stop)}", param="stop")
-        return Job(prompt, max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        if len(stop) > 4 or any(len(x) > 256 for x in stop):  # each step scans them (engine.py `_emit`)
+            raise APIError(400, f"at most 4 stop sequences of at most 256 characters, got {len(stop)} of up to "
+                           f"{max(map(len, stop))}", param="stop")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        # below ~1e-36 logits / temperature overflows fp32 (NaN probabilities); from 1e-6 down it is argmax anyway
+        return Job(prompt, max_tokens, temperature=temperature if temperature >= 1e-6 else 0.0,
                    top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=[s for s in stop if s])
 
-    async def _events(self, job: Job):
-        """The job's events from the engine; cancels the job if the consumer goes away."""
-        self.engine.submit(job)
+    def _events(self, job: Job):
+        """Submit the job (429 when the queue is full) and give its events from the engine until "done",
+        "error", "cancelled" or ("timeout",); the job is cancelled when they stop early, whatever the reason."""
         try:
-            while True:
-                event = await job.queue.get()
-                yield event
-                if event[0] != "text":
-                    return
-        finally:
-            self.engine.cancel(job)  # a no-op once it has finished; frees the slot at once if not
+            self.engine.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"The server is busy: {e} (--max-queue). Retry later.", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        deadline = time.monotonic() + self.request_timeout
 
-    async def _respond(self, request: Request, req: _Sampling, job: Job, chat: bool):
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.model_name}
-        if req.stream:
-            usage_chunk = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(job, head, chat, usage_chunk), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        async def stream():
+            try:
+                while True:
+                    try:
+                        event = await asyncio.wait_for(job.queue.get(), deadline - time.monotonic())
+                    except asyncio.TimeoutError:
+                        event = ("timeout",)
+                    yield event
+                    if event[0] != "text":
+                        return
+            finally:
+                self.engine.cancel(job)  # a no-op once it has finished; frees its slot and budget at once if not
+
+        return stream()
+
+    def _fail(self, event: tuple, rid: str) -> APIError:
+        if event[0] == "timeout":
+            return APIError(503, f"The request did not finish within this server's timeout of {self.request_timeout:g}"
+                            f" s (--request-timeout); retry later or ask for fewer tokens.", type="server_error",
+                            code="timeout", headers={"Retry-After": "1"})
+        if event[0] == "cancelled":
+            return APIError(400, "the client disconnected")  # nobody reads it
+        return internal(rid)  # the engine logged the detail
+
+    async def _respond(self, request: Request, req: Sampling, job: Job, chat: bool):
+        job.rid = request.state.rid
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.rid}", "object": "chat.completion" if chat
+                else "text_completion", "created": int(time.time()), "model": self.model_name}
+        events = self._events(job)
         watch = asyncio.create_task(self._watch_disconnect(request, job))
         try:
+            if req.stream:  # headers go with the first token, so a request that waited too long still gets 503
+                first = await anext(events)
+                if first[0] not in ("text", "done"):
+                    raise self._fail(first, job.rid)
+                usage_chunk = bool(req.stream_options and req.stream_options.include_usage)
+                return StreamingResponse(self._sse(first, events, head, chat, usage_chunk, job.rid),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             text, finish, usage = [], None, None
-            async for event in self._events(job):
+            async for event in events:
                 if event[0] == "text":
                     text.append(event[1])
                 elif event[0] == "done":
                     finish, usage = event[1], event[2]
                 else:
-                    raise APIError(500, event[1], type="server_error")
+                    raise self._fail(event, job.rid)
+        except BaseException:
+            await events.aclose()
+            raise
         finally:
-            watch.cancel()
+            watch.cancel()  # a stream's disconnects are seen by its writes from here on
         text = "".join(text)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                    "logprobs": None, "finish_reason": finish} if chat else
@@ -287,13 +328,13 @@ class Server:
         return {**head, "choices": [choice], "usage": usage}
 
     async def _watch_disconnect(self, request: Request, job: Job) -> None:
-        """For a non-streamed request: cancel the job when the client hangs up before the answer."""
+        """Until the answer (or a stream's first token): cancel the job when the client hangs up."""
         while (await request.receive())["type"] != "http.disconnect":
             pass
         self.engine.cancel(job)
-        job.queue.put_nowait(("error", "the client disconnected"))
+        job.queue.put_nowait(("cancelled",))
 
-    async def _sse(self, job: Job, head: dict, chat: bool, usage_chunk: bool):
+    async def _sse(self, first: tuple, events, head: dict, chat: bool, usage_chunk: bool, rid: str):
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
         def chunk(delta: str | None, finish=None, usage=None, role=False) -> str:
@@ -304,31 +345,50 @@ class Server:
                 choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
             return _event({**head, "choices": [choice], "usage": usage})
 
-        if chat:
-            yield chunk(None, role=True)
-        async for event in self._events(job):
-            if event[0] == "text":
+        try:
+            if chat:
+                yield chunk(None, role=True)
+            event = first
+            while event[0] == "text":
                 yield chunk(event[1])
-            elif event[0] == "done":
+                event = await anext(events)
+            if event[0] == "done":
                 yield chunk(None, finish=event[1], usage=event[2])
                 if usage_chunk:
                     yield _event({**head, "choices": [], "usage": event[2]})
-            else:
-                err = APIError(500, event[1], type="server_error")
-                yield _event(err.body())
-        yield "data: [DONE]\n\n"
+            else:  # a timeout or an internal error mid-stream: an error event instead of the last chunk
+                yield _event(self._fail(event, rid).body())
+            yield "data: [DONE]\n\n"
+        finally:
+            await events.aclose()
 
 
 def _event(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+def check_exposure(host: str, api_key: str | None, insecure_no_api_key: bool = False) -> None:
+    """InsecureServe when `host` is reachable from other machines and nothing guards it."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name, or "" (every interface)
+        loopback = False
+    if not (api_key or insecure_no_api_key or loopback):
+        raise InsecureServe(f"refusing to serve on {host!r} without an API key: anyone who can reach it could use "
+                            f"the model. Pass --api-key KEY (clients send 'Authorization: Bearer KEY'), bind to "
+                            f"127.0.0.1, or pass --insecure-no-api-key to serve it openly on purpose.")
+
+
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, slots: int = 16, speculative: bool = False, threads: int | None = None,
-          log_level: str = "info", compile: bool = False, dtype="auto") -> None:
+          log_level: str = "info", compile: bool = False, dtype="auto", max_cache_tokens: int | None = None,
+          max_queue: int = 64, request_timeout: float = 600.0, default_max_tokens: int = 1024,
+          prefill_chunk: int = 256, insecure_no_api_key: bool = False) -> None:
     """Load RUN (a frugallm run or a Hugging Face DeepSeek dir) and serve it until interrupted.
     compile: compile the decode step (infer/compiled.py) before listening. dtype: "auto" (the
-    host profile's inference choice, host.py) or a dtype name."""
+    host profile's inference choice, host.py) or a dtype name. The limits are in the module docstring;
+    a non-loopback `host` needs `api_key` or `insecure_no_api_key` (else InsecureServe, before loading)."""
+    check_exposure(host, api_key, insecure_no_api_key)
     import torch
     import uvicorn
 
@@ -347,7 +407,16 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: s
     if compile:
         print("frugallm: compiling the decode step ...", flush=True)
     decoder = compile_decode(model, warmup=True, speculative=speculative) if compile else None
-    server = Server(model, tokenizer, name, api_key=api_key, slots=slots, speculative=speculative, decoder=decoder)
+    max_cache_tokens = max_cache_tokens or default_cache_tokens(model, slots, speculative)
+    budget = memory_budget(model, max_cache_tokens, prefill_chunk, speculative)
+    server = Server(model, tokenizer, name, api_key=api_key, slots=slots, speculative=speculative, decoder=decoder,
+                    max_cache_tokens=max_cache_tokens, max_queue=max_queue, request_timeout=request_timeout,
+                    default_max_tokens=default_max_tokens, prefill_chunk=prefill_chunk, memory_budget=budget)
+    per = bytes_per_token(model.config, model.embed.weight.dtype, speculative)
     print(f"frugallm: serving '{name}' ({model.config.max_seq_len}-token context, {slots} slots) "
-          f"on http://{host}:{port}/v1{' with an API key' if api_key else ''}", flush=True)
+          f"on http://{host}:{port}/v1{' with an API key' if api_key else ' WITHOUT an API key'}", flush=True)
+    print(f"frugallm: limits: cache budget {max_cache_tokens} tokens ({max_cache_tokens * per / 2**30:.2f} GiB), "
+          f"queue {max_queue}, timeout {request_timeout:g} s; memory budget {budget / 2**30:.2f} GiB "
+          f"(resident now {(rss() or 0) / 2**30:.2f} GiB)", flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(server.app, host=host, port=port, log_level=log_level)

@@ -11,9 +11,10 @@ layout="frugallm" (the default for int8; any model): a frugallm checkpoint direc
     config.json        ModelConfig, as in train/checkpoint.py
     quantization.json  {"format": "int8" | "fp8", "layout": "frugallm", "scale_suffix": "_scale_inv", ...}
     model.safetensors  the quantized model's state dict
-    tokenizer files, and manifest.json (sha256 of every file, written last)
+    tokenizer files, and manifest.json (frugallm/io.py: kind "quantized", sha256 of every file, last)
 Both load with frugallm.load(dir): codes kept when no dtype is asked for, else dequantized
-(convert.keep_quantized). Writes are atomic: a temp dir is filled, then renamed into place.
+(convert.keep_quantized). Both are written through frugallm/io.py, as kind "quantized": atomic, and
+never over the source or a directory that is not an earlier quantized export.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_directory
+from .. import io
 from .fp8 import DEFAULT_SKIP
 from .quantize import FORMATS, SUFFIX, dequantize_state_dict, from_quantized_state_dict, quantize_model
 
@@ -55,6 +56,9 @@ def quantize_checkpoint(src, to: str, out, *, layout: str | None = None, skip=DE
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     if layout == "deepseek" and to != "fp8":
         raise ValueError("the DeepSeek (Hugging Face) layout holds FP8 only; use layout='frugallm' for int8")
+    # refuse a bad --out (the run itself, `.`, ...) before the minutes of loading and quantizing
+    guard = dict(sources=[src], suggest=f"{Path(src)}-{to}" if Path(src).name else None)
+    io.check_output(out, "quantized", **guard)
     model = load(src, dtype=torch.float32, quantized=False)
     if layout == "deepseek":
         try:
@@ -67,14 +71,12 @@ def quantize_checkpoint(src, to: str, out, *, layout: str | None = None, skip=DE
     if not files:
         warnings.warn(f"{src} holds no tokenizer files; {out} will have none")
     if layout == "deepseek":
-        return to_hf(model, out, dtype=dtype, files=files)
+        return to_hf(model, out, dtype=dtype, files=files, kind="quantized", **guard)
 
     from safetensors.torch import save_file
 
-    from ..train.checkpoint import _sha256
-
     out = Path(out)
-    with atomic_directory(out) as tmp:
+    with io.write_directory(out, "quantized", **guard) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
         model.config.to_json(tmp / "config.json")
@@ -84,8 +86,6 @@ def quantize_checkpoint(src, to: str, out, *, layout: str | None = None, skip=DE
              "skip": list(skip), "dtype": str(dtype).removeprefix("torch.")}, indent=2) + "\n")
         for f in files:
             shutil.copyfile(f, tmp / f.name)
-        names = sorted(p.name for p in tmp.iterdir())
-        (tmp / "manifest.json").write_text(json.dumps({n: _sha256(tmp / n) for n in names}, indent=2))
     return out
 
 
@@ -111,6 +111,7 @@ def load_quantized(ckpt, dtype: torch.dtype | None = None, quantized: bool | Non
     from ..convert import keep_quantized
     from ..model.transformer import Transformer
 
+    io.verify(ckpt, "quantized")
     meta = json.loads((ckpt / "quantization.json").read_text())
     if meta.get("format") not in FORMATS or meta.get("scale_suffix") != SUFFIX:
         raise ValueError(f"{ckpt}/quantization.json: {meta} is not a layout this frugallm reads "

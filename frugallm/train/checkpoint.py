@@ -6,19 +6,16 @@ A checkpoint is a directory `checkpoints/step_000100/` holding
   optimizer.safetensors + .json     AdamW moments per parameter name; hyper-parameters and steps as JSON
   trainer.json + rng.safetensors    step, token counters, data position, the torch RNG state
   tokenizer.json
-  manifest.json                     sha256 of every file above; written LAST
-It is written into a temp dir, every file fsync'ed, then renamed into place, so a crash mid-save
-leaves the previous checkpoint untouched. A directory without a manifest, or whose hashes do not
-match, is rejected with a clear message and the previous one is used.
+  manifest.json                     kind "checkpoint", size and sha256 of every file above; written LAST
+It is written through frugallm/io.py (a temp dir, every file fsync'ed, then swapped into place), so a
+crash mid-save leaves the previous checkpoint untouched. A directory without a manifest, or whose
+files do not match it, is rejected with a clear message and the previous one is used.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,30 +23,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import io
 from ..config import ModelConfig, TrainConfig
 from ..model.moe import upgrade_expert_name
 
 PREFIX = "step_"
-
-
-class CorruptCheckpoint(RuntimeError):
-    pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+CorruptCheckpoint = io.CorruptOutput  # the name callers catch
 
 
 def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -90,11 +69,9 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: 
 def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
          tokenizer_json: str, model_cfg: ModelConfig, train_cfg: TrainConfig, keep_last: int) -> Path:
     """Atomically write checkpoint `step`, then delete all but the newest `keep_last`."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
+    final = Path(run_dir) / "checkpoints" / f"{PREFIX}{step:07d}"
+    # re-saving a step after a resume swaps the new copy in; there is never a moment without one
+    with io.write_directory(final, "checkpoint") as tmp:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, tmp / "model.safetensors")
         opt_tensors, opt_meta = optimizer_tensors(model, optimizer)
@@ -105,22 +82,6 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
         (tmp / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2))
         (tmp / "train_config.json").write_text(json.dumps(train_cfg.to_dict(), indent=2))
         (tmp / "tokenizer.json").write_text(tokenizer_json)
-        files = sorted(p.name for p in tmp.iterdir())
-        for name in files:
-            _fsync(tmp / name)
-        (tmp / "manifest.json").write_text(json.dumps({name: _sha256(tmp / name) for name in files}, indent=2))
-        _fsync(tmp / "manifest.json")
-        if final.exists():  # re-saving a step after a resume: swap, never a moment without one
-            old = root / f".old-{final.name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -132,14 +93,8 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def verify(path: Path) -> None:
-    manifest = path / "manifest.json"
-    if not manifest.exists():
-        raise CorruptCheckpoint(f"{path} has no manifest.json (a save that did not finish)")
-    for name, digest in json.loads(manifest.read_text()).items():
-        if not (path / name).exists():
-            raise CorruptCheckpoint(f"{path} lacks {name}")
-        if _sha256(path / name) != digest:
-            raise CorruptCheckpoint(f"{path}/{name} does not match its sha256 in manifest.json (corrupted)")
+    """CorruptCheckpoint unless every file matches the manifest (old {file: sha256} manifests too)."""
+    io.verify(path, "checkpoint")
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -150,6 +105,22 @@ def latest(run_dir: Path) -> Path | None:
             return path
         except CorruptCheckpoint as e:
             warnings.warn(f"skipping checkpoint: {e}")
+    return None
+
+
+def locate(path: Path) -> Path | None:
+    """The frugallm directory `frugallm.load(path)` reads: a run's newest checkpoint that verifies, or
+    `path` itself if frugallm wrote a checkpoint or a frugallm-layout quantized export there; None for
+    anything else (a Hugging Face directory, frugallm's HF exports included)."""
+    path = Path(path)
+    if (path / "checkpoints").exists():
+        return latest(path)
+    kind = io.manifest_kind(path)
+    if kind == "checkpoint":
+        verify(path)
+        return path
+    if kind == "quantized" and (path / "quantization.json").exists():
+        return path  # load_quantized verifies it
     return None
 
 

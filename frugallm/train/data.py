@@ -9,10 +9,12 @@ Sources (`TrainConfig.data`):
   "hf:NAME[:SPLIT]" a Hugging Face `datasets` name or local dataset dir (optional extra, never needed)
 
 Each document is split into train or val by a hash of its id (deterministic, order-free), encoded as
-BOS + tokens + EOS, and the documents are concatenated into one flat uint16/uint32 stream per split:
-`train.bin`, `val.bin`, beside a `manifest.json` (source, tokenizer hash, token and document counts).
-The cache key is the source fingerprint (paths, sizes, mtimes) + tokenizer hash + split fraction, so a
-second run reuses the shards. Batches are windows of seq_len + 1 tokens (packed: one window may span
+BOS + tokens + EOS, and the documents are appended, a bounded batch at a time (memory does not grow
+with the corpus), to one flat uint16/uint32 stream per split on disk: `train.bin`, `val.bin`, beside
+`data.json` (source, tokenizer hash, token and document counts). The directory is written through
+frugallm/io.py (kind "data-cache": atomic, manifest.json verified on every load). The cache key is the
+source fingerprint (paths, sizes, mtimes) + tokenizer hash + split fraction, so a second run reuses the
+shards. Batches are windows of seq_len + 1 tokens (packed: one window may span
 documents); which window a step reads is a pure function of (seed, step), so a resumed run reads
 exactly what the uninterrupted run would have.
 """
@@ -20,6 +22,8 @@ exactly what the uninterrupted run would have.
 from __future__ import annotations
 
 import codecs
+import contextvars
+import functools
 import glob as globlib
 import hashlib
 import json
@@ -32,7 +36,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..atomic import atomic_directory
+from .. import io
 from ..tokenizer import Tokenizer
 
 TEXT_SUFFIXES_SKIPPED = {".jsonl"}
@@ -44,21 +48,32 @@ def cache_root() -> Path:
 
 # --- documents -------------------------------------------------------------------------------
 
+_COUNTING: contextvars.ContextVar["_Replacements"] = contextvars.ContextVar("frugallm_replacements")
+
+
+@functools.cache
+def _replace_and_count() -> str:
+    """The codec error handler's name, registered once per process (codecs keeps handlers forever)."""
+    def handle(err: UnicodeDecodeError):
+        _COUNTING.get().count += err.end - err.start  # into the _Replacements decoding right now
+        return "\ufffd" * (err.end - err.start), err.end
+
+    codecs.register_error("frugallm-replace-and-count", handle)
+    return "frugallm-replace-and-count"
+
+
 class _Replacements:
-    """Counts undecodable bytes: they are replaced by U+FFFD, and the total goes in the manifest."""
+    """Counts undecodable bytes: they are replaced by U+FFFD (one per byte), and the total goes in data.json."""
 
     def __init__(self):
         self.count = 0
-        name = f"frugallm_count_{id(self)}"
-        codecs.register_error(name, self._handle)
-        self.handler = name
-
-    def _handle(self, err: UnicodeDecodeError):
-        self.count += err.end - err.start
-        return "\ufffd" * (err.end - err.start), err.end
 
     def decode(self, raw: bytes) -> str:
-        return raw.decode("utf-8", errors=self.handler)
+        token = _COUNTING.set(self)
+        try:
+            return raw.decode("utf-8", errors=_replace_and_count())
+        finally:
+            _COUNTING.reset(token)
 
 
 def stdlib_files() -> list[Path]:
@@ -100,9 +115,13 @@ def iter_documents(source: str, text_field: str = "text",
         if path.suffix != ".jsonl":
             yield doc, replacements.decode(path.read_bytes())
             continue
-        for n, line in enumerate(replacements.decode(path.read_bytes()).splitlines()):
-            if line.strip():
-                yield f"{doc}:{n}", _jsonl_text(json.loads(line), text_field, path, n)
+        n = 0  # .jsonl is read a line at a time; str.splitlines numbers the lines as for the whole text
+        with open(path, "rb") as f:  # (a b"\n" never sits inside a UTF-8 character, so decoding agrees)
+            for raw in f:
+                for line in replacements.decode(raw).splitlines():
+                    if line.strip():
+                        yield f"{doc}:{n}", _jsonl_text(json.loads(line), text_field, path, n)
+                    n += 1
 
 
 def _jsonl_text(obj: dict, text_field: str, path: Path, n: int) -> str:
@@ -126,6 +145,7 @@ def _hf_documents(source: str, text_field: str) -> Iterator[tuple[str, str]]:
 
 
 SPLIT_VERSION = 2  # 2: documents are split by their path relative to the corpus (1: absolute path)
+CACHE_VERSION = 2  # 2: written through frugallm/io.py, metadata in data.json (1: in manifest.json)
 
 
 def fingerprint(source: str) -> str:
@@ -157,55 +177,58 @@ def prepare(source: str, tokenizer: Tokenizer, val_fraction: float = 0.01, text_
     """Tokenize `source` into cached train/val shards (reused when source and tokenizer are unchanged)."""
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
         raise ValueError("the tokenizer has no bos/eos tokens, which packing needs")
-    key = hashlib.sha256(f"{fingerprint(source)}|{tokenizer.hash()}|{val_fraction}|{text_field}".encode()).hexdigest()[:20]
-    directory = (cache_dir or cache_root() / "data") / key
-    if not (directory / "manifest.json").exists():
+    key = f"{CACHE_VERSION}|{fingerprint(source)}|{tokenizer.hash()}|{val_fraction}|{text_field}"
+    directory = (cache_dir or cache_root() / "data") / hashlib.sha256(key.encode()).hexdigest()[:20]
+    if io.read_manifest(directory) is None:
         _build(directory, source, tokenizer, val_fraction, text_field)
-    manifest = json.loads((directory / "manifest.json").read_text())
+    io.verify(directory, "data-cache")  # a few ms per 10 MB; a flipped bit would train on garbage
+    manifest = json.loads((directory / "data.json").read_text())
     load = lambda name: np.memmap(directory / name, dtype=manifest["dtype"], mode="r")
     return Splits(load("train.bin"), load("val.bin"), manifest, directory)
 
 
 def _build(directory: Path, source: str, tokenizer: Tokenizer, val_fraction: float, text_field: str) -> None:
     replacements = _Replacements()
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    streams: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    docs = {"train": 0, "val": 0}
-    n_bytes = 0
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    tokens, docs, n_bytes = {"train": 0, "val": 0}, {"train": 0, "val": 0}, 0
     batch: list[tuple[str, str]] = []
+    with io.write_directory(directory, "data-cache") as tmp:
+        with open(tmp / "train.bin", "wb") as train, open(tmp / "val.bin", "wb") as val:
+            out = {"train": train, "val": val}
 
-    def flush():
-        for (doc_id, _), ids in zip(batch, tokenizer.encode_batch([t for _, t in batch])):
-            split = "val" if is_val(doc_id, val_fraction) else "train"
-            streams[split].append(np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype))
-            docs[split] += 1
-        batch.clear()
+            def flush():  # encode a batch of documents and append each to its split's file
+                for (doc_id, _), ids in zip(batch, tokenizer.encode_batch([t for _, t in batch])):
+                    split = "val" if is_val(doc_id, val_fraction) else "train"
+                    out[split].write(np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype).tobytes())
+                    tokens[split] += len(ids) + 2
+                    docs[split] += 1
+                batch.clear()
 
-    for doc_id, text in iter_documents(source, text_field, replacements):
-        if text.strip():
-            n_bytes += len(text.encode())
-            batch.append((doc_id, text))
-            if len(batch) >= 256:
-                flush()
-    flush()
-    if docs["train"] + docs["val"] == 0:
-        raise ValueError(f"data {source or 'built-in corpus'!r} holds no text")
-    train = np.concatenate(streams["train"]) if streams["train"] else np.zeros(0, dtype)
-    val = np.concatenate(streams["val"]) if streams["val"] else np.zeros(0, dtype)
-    if len(val) == 0 or len(train) == 0:  # too few documents for a document split: cut the token stream
-        full = np.concatenate([train, val])
-        cut = max(1, int(len(full) * (1 - max(val_fraction, 0.01))))
-        train, val = full[:cut], full[cut:]
-    manifest = {
-        "source": source or f"built-in: Python {sysconfig.get_python_version()} standard library (PSF License)",
-        "tokenizer_hash": tokenizer.hash(), "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name,
-        "documents": docs, "tokens": {"train": int(len(train)), "val": int(len(val))}, "bytes": n_bytes,
-        "replaced_bytes": replacements.count, "val_fraction": val_fraction,
-    }
-    with atomic_directory(directory) as tmp:
-        train.tofile(tmp / "train.bin")
-        val.tofile(tmp / "val.bin")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            for doc_id, text in iter_documents(source, text_field, replacements):
+                if text.strip():
+                    n_bytes += len(text.encode())
+                    batch.append((doc_id, text))
+                    if len(batch) >= 256:
+                        flush()
+            flush()
+        if docs["train"] + docs["val"] == 0:
+            raise ValueError(f"data {source or 'built-in corpus'!r} holds no text")
+        if tokens["val"] == 0 or tokens["train"] == 0:
+            # too few documents for a document split: cut the one token stream, its head to train
+            if tokens["train"] == 0:
+                os.replace(tmp / "val.bin", tmp / "train.bin")
+            full = sum(tokens.values())
+            cut = max(1, int(full * (1 - max(val_fraction, 0.01))))
+            np.memmap(tmp / "train.bin", dtype=dtype, mode="r")[cut:].tofile(tmp / "val.bin")
+            os.truncate(tmp / "train.bin", cut * dtype.itemsize)
+            tokens = {"train": cut, "val": full - cut}
+        manifest = {
+            "source": source or f"built-in: Python {sysconfig.get_python_version()} standard library (PSF License)",
+            "tokenizer_hash": tokenizer.hash(), "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
+            "documents": docs, "tokens": tokens, "bytes": n_bytes,
+            "replaced_bytes": replacements.count, "val_fraction": val_fraction,
+        }
+        (tmp / "data.json").write_text(json.dumps(manifest, indent=2))
 
 
 # --- batches ---------------------------------------------------------------------------------

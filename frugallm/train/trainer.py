@@ -34,6 +34,7 @@ from ..host import choose_dtype
 from ..model.count import count_params
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from ..io import write_file
 from . import budget, checkpoint, data
 from .optim import ExpertBiasUpdate, build_optimizer, lr_at
 
@@ -106,16 +107,26 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def evaluate(model: Transformer, batches: data.Batches, n_batches: int, autocast) -> float:
     """Mean main-head loss over the first `n_batches` val batches (the same ones every time)."""
+    n = eval_batch_count(batches, n_batches)
     was_training = model.training
     model.eval()
     total = 0.0
-    n = min(n_batches, batches.windows // batches.batch_size)
     with torch.no_grad(), autocast():
         for i in range(n):
             x, y = batches.get(i)
             total += model(x, targets=y).lm_loss.item()
     model.train(was_training)
     return total / n
+
+
+def eval_batch_count(batches: data.Batches, n_batches: int) -> int:
+    """How many of `n_batches` val batches exist; a ValueError naming the fix when none does."""
+    n = min(n_batches, batches.windows // batches.batch_size)
+    if n <= 0:
+        raise ValueError(f"cannot evaluate {n_batches} batches: the val split holds {batches.windows} windows of "
+                         f"{batches.seq_len + 1} tokens, fewer than one batch of {batches.batch_size}; use more "
+                         "data, a larger val_fraction, or a smaller seq_len or batch_size")
+    return n
 
 
 class _Progress:
@@ -153,6 +164,30 @@ def _print(line: str) -> None:
     print(line, flush=True)  # progress must reach a pipe or CI log as it happens
 
 
+# what a run directory holds (a run that stopped before its first checkpoint may be started again)
+RUN_FILES = {"config.json", "train_config.json", "tokenizer.json", "metrics.jsonl", "checkpoints"}
+
+
+def _run_file(name: str) -> bool:
+    return name in RUN_FILES or name.endswith(".png") or name.startswith(".")  # plots, interrupted temp files
+
+# what a resumed run may change: its length and its cadence, nothing its numbers depend on
+RESUMABLE = ("steps", "time_budget", "save_every", "eval_every", "log_every", "keep_last", "skip_nonfinite",
+             "sample_tokens", "sample_prompt", "threads")
+
+
+def resume_conflicts(saved_model: ModelConfig, saved_train: TrainConfig, model_cfg: ModelConfig,
+                     train_cfg: TrainConfig) -> list[str]:
+    """'key: run has A, asked B' for every setting the caller asks to change that a resume may not."""
+    out = [f"{f.name}: run has {getattr(saved_model, f.name)!r}, asked {getattr(model_cfg, f.name)!r}"
+           for f in dataclasses.fields(ModelConfig) if getattr(saved_model, f.name) != getattr(model_cfg, f.name)]
+    for f in dataclasses.fields(TrainConfig):
+        have, asked = getattr(saved_train, f.name), getattr(train_cfg, f.name)
+        if f.name not in RESUMABLE and have != asked and not (f.name == "precision" and asked == "auto"):
+            out.append(f"{f.name}: run has {have!r}, asked {asked!r}")
+    return out
+
+
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
           log: Callable[[str], None] = _print) -> RunResult:
     """Train into `run_dir` (created), or continue the run there with resume=True."""
@@ -165,18 +200,29 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
         if ckpt is None:
             raise FileNotFoundError(f"--resume: {run_dir} holds no valid checkpoint")
         saved_train = TrainConfig.from_json(ckpt / "train_config.json")
-        model_cfg = ModelConfig.from_json(ckpt / "config.json")
+        saved_model = ModelConfig.from_json(ckpt / "config.json")
         # a resumed run keeps everything that shapes the computation (its precision included); only its
-        # length and cadence may change. The length changes only when the caller gives steps and no time
-        # budget (the CLI's --steps): a caller with a budget resumes to the run's own end, a budgeted
-        # run's saved plan included, and never plans again.
-        keep = ("save_every", "eval_every", "log_every", "keep_last", "skip_nonfinite", "sample_tokens", "threads")
-        changes = {k: getattr(train_cfg, k) for k in keep}
+        # length and cadence may change, and asking for any other change is refused, not ignored. The
+        # length changes only when the caller gives steps and no time budget (the CLI's --steps): a
+        # caller with a budget resumes to the run's own end, a budgeted run's saved plan included, and
+        # never plans again.
+        conflicts = resume_conflicts(saved_model, saved_train, model_cfg, train_cfg)
+        if conflicts:
+            raise ValueError(f"--resume: {run_dir} was started with other settings, and a resumed run keeps what "
+                             f"shapes its computation: {'; '.join(conflicts)}. Drop those flags to continue the run "
+                             f"as it was, or start a new run with another --out (only {', '.join(RESUMABLE)} "
+                             "may change on resume)")
+        model_cfg = saved_model
+        changes = {k: getattr(train_cfg, k) for k in RESUMABLE if k not in ("steps", "time_budget")}
         if not train_cfg.time_budget:
             changes |= {"steps": train_cfg.steps, "time_budget": ""}
         train_cfg = dataclasses.replace(saved_train, **changes)
     elif checkpoint.checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    elif run_dir.is_dir() and (strangers := sorted(p.name for p in run_dir.iterdir() if not _run_file(p.name))):
+        # a run only writes its own files: never config.json over somebody's project (`--out .`)
+        raise FileExistsError(f"{run_dir} holds files that are not a frugallm run ({', '.join(strangers[:3])}"
+                              f"{', ...' if len(strangers) > 3 else ''}); choose a new or empty --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(train_cfg.threads or torch.get_num_threads())
     choice = choose_dtype("train", train_cfg.precision)  # a resumed run's is already resolved: honoured
@@ -195,6 +241,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     micro = train_cfg.batch_size
     train_batches = data.Batches(splits.train, train_cfg.seq_len, micro, train_cfg.seed)
     val_batches = data.val_batches(splits.val, train_cfg.seq_len, micro)
+    eval_batch_count(val_batches, train_cfg.eval_batches)  # too little val data: say so now, not at the first eval
     unigram = data.unigram_loss(splits.train, splits.val, model_cfg.vocab_size)
 
     torch.manual_seed(train_cfg.seed)
@@ -295,13 +342,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                     if isinstance(t, torch.Tensor))
                 # an eval is n_eval forward passes of a micro-batch, ~1/3 of a micro-batch's forward + backward
                 planned, how = plan.plan(train_cfg.steps, done, n_eval / (3 * train_cfg.grad_accum), state_bytes,
-                                         math.lcm(train_cfg.log_every, train_cfg.eval_every), train_cfg.save_every)
+                                         train_cfg.eval_every, train_cfg.save_every)
                 log(f"time budget {train_cfg.time_budget}: {how}")
                 train_cfg = dataclasses.replace(train_cfg, steps=planned)
                 train_cfg.to_json(run_dir / "train_config.json")  # and every checkpoint from now on
                 progress.set_total(planned)
 
-            if done % train_cfg.log_every == 0 or done == train_cfg.steps:
+            eval_due = done % train_cfg.eval_every == 0 or done == train_cfg.steps
+            if done % train_cfg.log_every == 0 or eval_due:  # an eval step always gets its metrics line
                 now = time.perf_counter()
                 tps = (tokens - tok_last) / max(now - t_last, 1e-9)
                 t_last, tok_last = now, tokens
@@ -309,7 +357,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                            "tokens_per_s": tps, "mfu": tps * flops_per_token / peak, "precision": choice.name,
                            "mtp_lambda": mtp_lambda, "max_violation": max_vio,
                            "max_violation_mean": sum(max_vio) / len(max_vio) if max_vio else 0.0}
-                if done % train_cfg.eval_every == 0 or done == train_cfg.steps:
+                if eval_due:
                     val_loss = evaluate(model, val_batches, train_cfg.eval_batches, autocast)
                     metrics |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
                     if model_cfg.residual != "plain":  # the composite H_res gain over depth (mHC §3.1)
@@ -340,6 +388,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint being resumed, so the log reads as one uninterrupted run."""
     if path.exists():
         lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(l + "\n" for l in lines))
-        tmp.replace(path)
+        write_file(path, "".join(l + "\n" for l in lines))

@@ -1,0 +1,150 @@
+"""The OpenAI wire protocol as this server speaks it: request bodies, their strict parsing, and errors.
+
+Bodies are pydantic models in strict mode ("5" is not a number, true is not an int; unknown fields are
+ignored). `parse` reads a body itself, within a size limit, and turns the first validation error into
+OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with `param` the field's path
+("messages[0].content"). The same models describe the bodies in the app's OpenAPI schema
+(`add_request_schemas`), so clients and fuzzers see what `parse` accepts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# --- request bodies
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class Sampling(_Strict):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator.manual_seed takes
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: bool | int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    tools: list | None = None
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+def _param(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+async def parse(request: Request, schema: type[_Strict], limit: int) -> _Strict:
+    """The request's JSON body as `schema`, or an APIError: 413 past `limit` bytes, 400 naming the bad field."""
+    too_big = APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
+                       code="request_too_large")
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
+        raise too_big
+    raw = bytearray()
+    async for part in request.stream():  # never more than `limit` bytes in memory
+        raw += part
+        if len(raw) > limit:
+            raise too_big
+    try:
+        body = json.loads(raw)
+        json.dumps(body, ensure_ascii=False).encode()  # lone surrogates ("\ud800") decode but are not text
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"The request body is not valid JSON: {e}") from None
+    except (UnicodeError, RecursionError):
+        raise APIError(400, "The request body is not valid JSON text: invalid UTF-8, a lone surrogate, "
+                       "or nested too deep") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"The request body must be a JSON object, not {type(body).__name__}")
+    try:
+        return schema.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        # keep list indices and field names; drop pydantic's union-branch tags ("str", "list[int]")
+        loc = tuple(p for p in err["loc"] if isinstance(p, int) or p in _FIELDS)
+        name = _param(loc) or None
+        raise APIError(400, f"Invalid value for '{name}': {err['msg']}" if err["type"] != "missing"
+                       else f"Missing required parameter: '{name}'", param=name,
+                       code="missing_required_parameter" if err["type"] == "missing" else "invalid_type") from None
+
+
+_FIELDS = {name for schema in (StreamOptions, TextPart, Message, ChatRequest, CompletionRequest)
+           for name in schema.model_fields}
+
+
+def internal(rid: str) -> APIError:
+    """What a client sees of an internal error: the request id to find it in the log, nothing more."""
+    return APIError(500, f"internal error, see the server log (request id {rid})", type="server_error",
+                    code="internal_error")
+
+
+def reply(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+
+def body_schema(schema: str) -> dict:
+    """openapi_extra for a route whose JSON body `_parse` checks by hand."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{schema}"}}}}}
+
+
+def add_request_schemas(spec: dict, model_name: str) -> dict:
+    """Put ChatRequest and CompletionRequest (with `model` the one served) into an OpenAPI spec's components."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ChatRequest, CompletionRequest):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schema["properties"]["model"] = {"type": "string", "enum": [model_name]}
+        schemas[model.__name__] = schema
+    return spec
