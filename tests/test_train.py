@@ -122,6 +122,26 @@ def test_data_manifest_and_cache(tmp_path, corpus):
     assert torch.equal(x, b.get(7)[0]) and torch.equal(x[:, 1:], y[:, :-1])
 
 
+def test_the_split_is_the_same_after_moving_the_corpus(tmp_path, corpus, monkeypatch):
+    """Documents are assigned to train/val by their path relative to the corpus, not the absolute path."""
+    import numpy as np
+
+    from frugallm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(iter([(corpus / "doc0.txt").read_text()]), 300)
+    (corpus / "sub").mkdir()
+    (corpus / "sub" / "deep.txt").write_text("import value for value in self")
+    first = data.prepare(str(corpus), tok, val_fraction=0.3)
+    moved = tmp_path / "elsewhere" / "renamed"
+    moved.parent.mkdir()
+    corpus.rename(moved)
+    monkeypatch.setenv("FRUGALLM_CACHE", str(tmp_path / "fresh-cache"))  # tokenized again, not read from cache
+    again = data.prepare(str(moved), tok, val_fraction=0.3)
+    assert again.directory != first.directory
+    assert np.array_equal(first.train, again.train) and np.array_equal(first.val, again.val)
+    assert first.manifest["documents"] == again.manifest["documents"]
+
+
 def test_jsonl_fields(tmp_path, corpus):
     from frugallm.tokenizer import train_tokenizer
 
