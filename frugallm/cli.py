@@ -48,7 +48,9 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, extra: list[str] = (), model_from=None) -> int:
+    """`frugallm train`, and `frugallm distill` with its flags as `extra` key=value pairs and, for
+    --init-from, the student's ModelConfig as `model_from`."""
     from .config import ModelConfig, TrainConfig, apply_overrides, get_preset
     from .train.trainer import train
 
@@ -61,7 +63,8 @@ def _train(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--resume: {args.out} holds no valid checkpoint; drop --resume to start a "
                                     "new run there, or pass the run's directory with --out")
     model_cfg = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset) if args.preset \
-        else ModelConfig.from_json(saved / "config.json") if saved else get_preset(DEFAULT_PRESET)
+        else model_from if model_from else ModelConfig.from_json(saved / "config.json") if saved \
+        else get_preset(DEFAULT_PRESET)
     train_cfg = TrainConfig.from_json(args.train_config) if args.train_config else \
         TrainConfig.from_json(saved / "train_config.json") if saved else TrainConfig()
     # the length: --time (steps a cap), or --steps alone (no budget), or neither: DEFAULT_TIME, capped at
@@ -74,7 +77,7 @@ def _train(args: argparse.Namespace) -> int:
             p.startswith(("steps=", "time_budget=")) for p in args.set or []):
         time_budget = DEFAULT_TIME
     flags = {"data": args.data, "steps": args.steps, "time_budget": time_budget, "save_every": args.save_every}
-    pairs = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set or [])
+    pairs = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(extra) + list(args.set or [])
     model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, pairs)
     result = train(model_cfg, train_cfg, args.out, resume=args.resume)
     if result.interrupted:
@@ -84,6 +87,40 @@ def _train(args: argparse.Namespace) -> int:
               f"{result.unigram_loss:.3f} (perplexity {math.exp(result.unigram_loss):.1f})")
     if args.sample and train_cfg.sample_tokens > 0:
         _print_sample(args.out, train_cfg.sample_prompt, train_cfg.sample_tokens)
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    """A student trained on a teacher's distribution: an ordinary run whose TrainConfig names the teacher.
+
+    The student's vocabulary is the teacher's tokenizer (token-level KD compares distributions token
+    by token); for a teacher with another tokenizer, sample it (`frugallm distill generate`) and train
+    on the samples (`frugallm train --data FILE.jsonl`)."""
+    if args.distill_command == "generate":
+        return _distill_generate(args)
+    if not args.teacher:
+        raise ValueError("frugallm distill needs --teacher DIR (a frugallm run or Hugging Face DeepSeek directory)")
+    from . import load, load_tokenizer
+
+    student_tokenizer = load_tokenizer(args.init_from or args.teacher)
+    extra = [f"teacher={args.teacher}", f"tokenizer={args.init_from or args.teacher}"]
+    extra += [f"{key}={value}" for key, value in (
+        ("kd_loss", args.loss), ("kd_beta", args.beta), ("kd_temperature", args.temperature),
+        ("kd_weight", args.kd_weight), ("kd_topk", args.topk), ("on_policy", args.on_policy),
+        ("init_from", args.init_from)) if value is not None]
+    model_from = load(args.init_from).config if args.init_from else None
+    if model_from is None and not args.config and not args.resume:
+        extra.append(f"vocab_size={student_tokenizer.vocab_size}")  # a preset student speaks the teacher's tokens
+    return _train(args, extra, model_from)
+
+
+def _distill_generate(args: argparse.Namespace) -> int:
+    from .distill.generate import generate_samples
+
+    stats = generate_samples(args.teacher, args.prompts, args.out, samples_per_prompt=args.samples,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature_sample,
+                             top_p=args.top_p, batch_size=args.batch_size, seed=args.seed)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     return 0
 
 
@@ -115,7 +152,8 @@ def _eval(args: argparse.Namespace) -> int:
     model, tok = load(args.run), load_tokenizer(args.run)
     source = cfg.data if args.data is None else args.data
     splits = data.prepare(source, tok, cfg.val_fraction, cfg.text_field)
-    batches = data.val_batches(splits.val, cfg.seq_len, cfg.batch_size)
+    batches = data.val_batches(splits.val, cfg.seq_len, cfg.batch_size, mask=splits.val_mask)
+    masks = splits.train_mask, splits.val_mask  # SFT records: only target tokens count
     choice = choose_dtype("prefill")  # eval is a prefill: the host's measured choice
     print(f"frugallm: {choice.reason}", file=sys.stderr)
     autocast = (lambda: torch.autocast("cpu", dtype=choice.dtype)) if choice.dtype == torch.bfloat16 \
@@ -123,7 +161,7 @@ def _eval(args: argparse.Namespace) -> int:
     loss = evaluate(model, batches, args.batches, autocast)
     print(f"{args.run} ({ckpt.name}) on {splits.manifest['source']} val: loss {loss:.4f}, "
           f"perplexity {math.exp(loss):.2f}, unigram baseline "
-          f"{data.unigram_loss(splits.train, splits.val, model.config.vocab_size):.4f}")
+          f"{data.unigram_loss(splits.train, splits.val, model.config.vocab_size, *masks):.4f}")
     return 0
 
 
@@ -244,6 +282,20 @@ COMPILE_HELP = ("compile the decode step with torch.compile (1.9-2.6x faster dec
                 "compiling first, needs a C++ compiler; a quantized checkpoint cannot be compiled)")
 
 
+def _run_args(p: argparse.ArgumentParser, out: str) -> None:
+    """The flags of a training run, shared by `train` and `distill`."""
+    p.add_argument("--train-config", help="a TrainConfig JSON file")
+    p.add_argument("--data", help="text files, a folder, a glob, JSONL, or hf:NAME (default: the Python stdlib)")
+    p.add_argument("--out", default=out, help=f"run directory (default {out})")
+    p.add_argument("--steps", type=int, help="the run's length; with --time, the most it may plan (default 500)")
+    p.add_argument("--time", help="a time budget for the whole command, e.g. 90s, 8m, 1h: steps are planned from "
+                                  f"the measured throughput (default {DEFAULT_TIME} unless --steps is given)")
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any ModelConfig or TrainConfig field")
+    p.add_argument("--no-sample", dest="sample", action="store_false", help="do not print a sample at the end")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -276,17 +328,37 @@ def build_parser() -> argparse.ArgumentParser:
     src = tr.add_mutually_exclusive_group()
     src.add_argument("--preset", help=f"a named model (default {DEFAULT_PRESET}; with --resume, the run's own)")
     src.add_argument("--config", help="a ModelConfig JSON file")
-    tr.add_argument("--train-config", help="a TrainConfig JSON file")
-    tr.add_argument("--data", help="text files, a folder, a glob, JSONL, or hf:NAME (default: the Python stdlib)")
-    tr.add_argument("--out", default="runs/tiny", help="run directory (default runs/tiny)")
-    tr.add_argument("--steps", type=int, help="the run's length; with --time, the most it may plan (default 500)")
-    tr.add_argument("--time", help="a time budget for the whole command, e.g. 90s, 8m, 1h: steps are planned from "
-                                   f"the measured throughput (default {DEFAULT_TIME} unless --steps is given)")
-    tr.add_argument("--save-every", type=int)
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
-    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="any ModelConfig or TrainConfig field")
-    tr.add_argument("--no-sample", dest="sample", action="store_false", help="do not print a sample at the end")
+    _run_args(tr, "runs/tiny")
     tr.set_defaults(func=_train)
+
+    di = sub.add_parser("distill", help="train a student on a teacher's next-token distribution (token-level KD, "
+                                        "offline top-k, on-policy); `distill generate` samples a teacher for SFT")
+    di.add_argument("--teacher", help="a frugallm run or Hugging Face DeepSeek directory (the student uses its tokenizer)")
+    src = di.add_mutually_exclusive_group()
+    src.add_argument("--student-preset", dest="preset", help=f"the student's preset (default {DEFAULT_PRESET})")
+    src.add_argument("--student-config", dest="config", help="the student's ModelConfig JSON file")
+    src.add_argument("--init-from", help="start the student from this run or Hugging Face directory")
+    _run_args(di, "runs/distill")
+    di.add_argument("--loss", choices=["fkl", "rkl", "jsd", "tvd"], help="the divergence D (default fkl)")
+    di.add_argument("--beta", type=float, help="jsd's beta: 0 = forward KL, 1 = reverse KL (default 0.5)")
+    di.add_argument("--temperature", type=float, help="tau, softening both distributions (default 1)")
+    di.add_argument("--kd-weight", type=float, help="w in (1-w) CE + w tau^2 D (default 0.5)")
+    di.add_argument("--topk", type=int, help="offline teacher: cache its top-k log-probs once (default 0: online)")
+    di.add_argument("--on-policy", type=float, help="fraction of micro-batches the student samples itself (GKD)")
+    dsub = di.add_subparsers(dest="distill_command")
+    dg = dsub.add_parser("generate", help="sample a teacher on prompts into prompt/completion or messages JSONL "
+                                          "(the R1 recipe: then `frugallm train --data FILE.jsonl`); resumes")
+    dg.add_argument("--teacher", required=True, help="a frugallm run, Hugging Face DeepSeek dir or any "
+                                                     "transformers causal-LM directory")
+    dg.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'messages' per line, or a .txt file")
+    dg.add_argument("--samples", type=_positive_int, default=1, help="samples per prompt (default 1)")
+    dg.add_argument("--out", required=True, help="the JSONL file to write (appended to: a rerun resumes)")
+    dg.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    dg.add_argument("--temperature", dest="temperature_sample", type=float, default=0.7)
+    dg.add_argument("--top-p", type=float, default=0.95)
+    dg.add_argument("--batch-size", type=_positive_int, default=8)
+    dg.add_argument("--seed", type=int, default=0)
+    di.set_defaults(func=_distill)
 
     ev = sub.add_parser("eval", help="validation loss and perplexity of a run")
     ev.add_argument("run")

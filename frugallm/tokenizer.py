@@ -83,6 +83,22 @@ class Tokenizer:
 
         messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]. Contents are
         encoded as plain text, so no message can forge a turn or any other control token."""
+        return self._encode_chat(messages, add_generation_prompt)[0]
+
+    def encode_chat_masked(self, messages: list[dict],
+                           add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """(ids, mask) of a conversation for supervised fine-tuning: `encode_chat`'s ids, and a 0/1 per
+        token, 1 where the token is a target of the loss.
+
+        The targets are each assistant turn's reply: its content's tokens, then the template's tokens
+        after that content up to and including the first control token (a special token of the
+        vocabulary: <|eos|> in frugallm's template, <｜end▁of▁sentence｜> in DeepSeek's, <|im_end|> in
+        ChatML, <|eot_id|> in Llama 3's), which ends the turn and teaches the model to stop. The rest
+        (bos, role markers, the text between turns, system and user contents) is context. A template
+        that writes no control token after an assistant content gives that turn no end target."""
+        return self._encode_chat(messages, add_generation_prompt)
+
+    def _encode_chat(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
                 raise ValueError(f"chat message {i} must be a dict with a string 'content', got {m!r:.80}")
@@ -96,11 +112,17 @@ class Tokenizer:
                              "nor frugallm's role tokens <|system|> <|user|> <|assistant|> <|eos|>; "
                              "use a plain-text prompt (frugallm generate, /v1/completions) instead")
         ids = [] if self.bos_id is None else [self.bos_id]
+        mask = [0] * len(ids)
         for m in messages:
-            ids += [roles[m["role"]], *self.encode(m["content"]), self.eos_id]
-        return ids + [roles["assistant"]] if add_generation_prompt else ids
+            content = self.encode(m["content"])
+            ids += [roles[m["role"]], *content, self.eos_id]
+            target = int(m["role"] == "assistant")  # the reply and its <|eos|>, not the role token
+            mask += [0] + [target] * (len(content) + 1)
+        if add_generation_prompt:
+            ids, mask = ids + [roles["assistant"]], mask + [0]
+        return ids, mask
 
-    def _encode_with_template(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    def _encode_with_template(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
         # Render with a random placeholder per content, then encode the template's text with special
         # tokens recognised and each placeholder's content as plain text. The placeholder holds no
         # character a template would escape or strip, and is unguessable, so content cannot fake one.
@@ -127,13 +149,25 @@ class Tokenizer:
             # unknown here, and rendering the real text would read control tokens in it
             raise ValueError("the checkpoint's chat template altered or dropped a message's content, so frugallm "
                              "cannot keep that content plain text; use a plain-text prompt (/v1/completions)")
+        roles = {mark: m["role"] for mark, m in zip(marks, messages)}
+        controls = {i for i, t in self._template_tok.get_added_tokens_decoder().items() if t.special}
+        controls |= {self.eos_id} - {None}
         ids: list[int] = []
-        pos = 0
-        for found in pattern.finditer(text):
-            ids += self._template_tok.encode(text[pos:found.start()], add_special_tokens=False).ids
-            ids += self.encode(marks[found.group()])
+        mask: list[int] = []
+        pos, after_reply = 0, False
+        for found in [*pattern.finditer(text), None]:
+            template = self._template_tok.encode(text[pos:found.start() if found else len(text)],
+                                                 add_special_tokens=False).ids
+            end = next((k + 1 for k, i in enumerate(template) if i in controls), 0) if after_reply else 0
+            ids += template
+            mask += [1] * end + [0] * (len(template) - end)  # the assistant turn's end: up to its control token
+            if found is None:
+                return ids, mask
+            content = self.encode(marks[found.group()])
+            after_reply = roles[found.group()] == "assistant"
+            ids += content
+            mask += [int(after_reply)] * len(content)
             pos = found.end()
-        return ids + self._template_tok.encode(text[pos:], add_special_tokens=False).ids
 
 
 class TextStream:

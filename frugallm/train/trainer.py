@@ -110,13 +110,15 @@ def evaluate(model: Transformer, batches: data.Batches, n_batches: int, autocast
     n = eval_batch_count(batches, n_batches)
     was_training = model.training
     model.eval()
-    total = 0.0
+    total, count = 0.0, 0
     with torch.no_grad(), autocast():
         for i in range(n):
             x, y = batches.get(i)
-            total += model(x, targets=y).lm_loss.item()
+            targets = int((y != -100).sum())  # a mean over target tokens, not of batch means (SFT masks)
+            total += model(x, targets=y).lm_loss.item() * targets
+            count += targets
     model.train(was_training)
-    return total / n
+    return total / max(count, 1)
 
 
 def eval_batch_count(batches: data.Batches, n_batches: int) -> int:
@@ -239,10 +241,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     log(f"data: {m['source']} | {sum(m['documents'].values()):,} documents, {m['tokens']['train']:,} train / "
         f"{m['tokens']['val']:,} val tokens | cache {splits.directory}")
     micro = train_cfg.batch_size
-    train_batches = data.Batches(splits.train, train_cfg.seq_len, micro, train_cfg.seed)
-    val_batches = data.val_batches(splits.val, train_cfg.seq_len, micro)
+    train_batches = data.Batches(splits.train, train_cfg.seq_len, micro, train_cfg.seed, mask=splits.train_mask)
+    val_batches = data.val_batches(splits.val, train_cfg.seq_len, micro, mask=splits.val_mask)
     eval_batch_count(val_batches, train_cfg.eval_batches)  # too little val data: say so now, not at the first eval
-    unigram = data.unigram_loss(splits.train, splits.val, model_cfg.vocab_size)
+    unigram = data.unigram_loss(splits.train, splits.val, model_cfg.vocab_size, splits.train_mask, splits.val_mask)
 
     torch.manual_seed(train_cfg.seed)
     model = Transformer(model_cfg)
@@ -253,6 +255,16 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     optimizer = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, (train_cfg.beta1, train_cfg.beta2),
                                 train_cfg.adam_eps, train_cfg.optim_state_dtype)
     balance = ExpertBiasUpdate(model, train_cfg.bias_gamma, train_cfg.bias_freeze_tokens or None)
+    distill = None
+    if train_cfg.teacher:  # the student learns from a teacher (frugallm/distill/objective.py)
+        from ..distill.objective import Distillation
+
+        distill = Distillation(train_cfg, tokenizer, model_cfg.vocab_size, splits, log)
+    if train_cfg.init_from and ckpt is None:  # the student starts from existing weights
+        from .. import load as load_model
+
+        model.load_state_dict(load_model(train_cfg.init_from).float().state_dict())
+        log(f"student initialised from {train_cfg.init_from}")
     start, tokens = 0, 0
     if ckpt is not None:
         state = checkpoint.load(ckpt, model, optimizer)
@@ -303,21 +315,37 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
             late = step >= train_cfg.mtp_lambda_late_from * train_cfg.steps
             mtp_lambda = train_cfg.mtp_lambda_late if late else model_cfg.mtp_lambda
             sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+            if distill is not None:
+                sums |= {"ce": 0.0, "kd": 0.0, "agreement": 0.0}
             finite = True
+            micro_batches = []
             for k in range(train_cfg.grad_accum):
-                x, y = train_batches.get(step * train_cfg.grad_accum + k)
+                index = step * train_cfg.grad_accum + k
+                x, y = train_batches.get(index)
+                windows = train_batches.window_ids(index)
+                micro_batches.append(distill.prepare(model, x, y, windows, step, k) if distill else (x, y, windows))
+            # the step's loss is a mean over all its targets, not a mean of micro-batch means: with masked
+            # targets (SFT records, on-policy prompts) the micro-batches hold different counts
+            counts = [int((y != -100).sum()) for _, y, _ in micro_batches]
+            total = sum(counts)
+            for (x, y, windows), count in zip(micro_batches, counts):
+                if count == 0:
+                    continue  # every target masked: nothing to learn here
                 with autocast():
                     out = forward(x, targets=y, mtp_lambda=mtp_lambda)
-                if not torch.isfinite(out.loss):
+                    loss, parts = distill.loss(out, x, y, windows, total) if distill else (out.loss, {})
+                if not torch.isfinite(loss):
                     finite = False
                     break
-                (out.loss / train_cfg.grad_accum).backward()
+                # total / count is exactly grad_accum when every micro-batch is full: the same division as ever
+                (loss.backward() if distill else (loss / (total / count)).backward())
                 for key in sums:
-                    value = getattr(out, key)
-                    sums[key] += (value.item() if value is not None else 0.0) / train_cfg.grad_accum
+                    value = parts[key] if key in parts else getattr(out, key)
+                    value = value.item() if isinstance(value, torch.Tensor) else value or 0.0
+                    sums[key] += value if key in parts else value / (total / count)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip) if finite else None
             if not finite or not torch.isfinite(grad_norm):
-                what = f"loss {out.loss.item()}" if not finite else f"gradient norm {grad_norm.item()}"
+                what = f"loss {loss.item()}" if not finite else f"gradient norm {grad_norm.item()}"
                 optimizer.zero_grad(set_to_none=True)
                 balance.discard()
                 if not train_cfg.skip_nonfinite:
