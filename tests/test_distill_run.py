@@ -5,6 +5,10 @@ agreement; an offline teacher with k = V trains exactly as the online one; gradi
 gives the step of one big batch; on-policy micro-batches are sampled by the student."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -102,3 +106,47 @@ def test_the_r1_recipe_samples_the_teacher_then_trains_on_completions_only(tiny_
     assert main(argv) == 0
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 2 and "val_loss" in lines[-1]
+
+
+def _distill_cmd(tiny_run, out, steps):
+    return [sys.executable, "-m", "frugallm.cli", "distill", "--teacher", str(tiny_run), "--data",
+            str(tiny_run.parent / "corpus"), "--out", str(out), "--steps", str(steps), "--save-every", "3",
+            "--no-sample", "--on-policy", "0.5", "--loss", "jsd", *sets([*STUDENT, "batch_size=2", "grad_accum=2"])]
+
+
+def test_a_distill_run_resumes_exactly_after_sigkill(tiny_run, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run(_distill_cmd(tiny_run, full, 9), check=True, capture_output=True)
+    proc = subprocess.Popen(_distill_cmd(tiny_run, cut, 9), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (cut / "checkpoints" / "step_0000003").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    subprocess.run([*_distill_cmd(tiny_run, cut, 9), "--resume"], check=True, capture_output=True)
+    metrics = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = ("step", "loss", "ce", "kd", "agreement")
+    assert [[m[k] for k in keys] for m in metrics(cut)] == [[m[k] for k in keys] for m in metrics(full)]
+
+
+def test_the_teacher_is_untouched_and_the_offline_cache_is_keyed(tiny_run, tmp_path):
+    from frugallm.distill.offline import build_topk_cache
+    from frugallm.distill.teacher import Teacher
+    from frugallm.train import data
+
+    before = {p: p.read_bytes() for p in sorted(tiny_run.rglob("*")) if p.is_file()}
+    tok = frugallm.load_tokenizer(tiny_run)
+    teacher = Teacher.load(tiny_run, tok)
+    assert not any(p.requires_grad for p in teacher.model.parameters()) and not teacher.model.training
+    weights = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    distill(tiny_run, tmp_path / "student", "--steps", "2", pairs=["batch_size=2"])
+    assert {p: p.read_bytes() for p in sorted(tiny_run.rglob("*")) if p.is_file()} == before
+    assert all(p.grad is None for p in teacher.model.parameters())
+    tokens = data.prepare(str(tiny_run.parent / "corpus"), tok, 0.01).train[:32 * 8 + 1]
+    build = lambda **kw: build_topk_cache(teacher, tokens, root=tmp_path / "topk", data_fingerprint="d", seq_len=32,
+                                          progress=False, **{"k": 4, "temperature": 1.0, **kw})
+    first = build()
+    assert build().directory == first.directory  # the same key: opened, not rebuilt
+    assert len({build(k=8).directory, build(temperature=2.0).directory, first.directory}) == 3
+    assert all(torch.equal(v, teacher.model.state_dict()[k]) for k, v in weights.items())
