@@ -1,4 +1,12 @@
+import contextlib
+import os
 import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -64,3 +72,36 @@ def corpus(tmp_path, monkeypatch):
         idx = torch.randint(0, len(words), (3000,), generator=g).tolist()
         (folder / f"doc{d}.txt").write_text(" ".join(words[i] for i in idx))
     return folder
+
+
+@contextlib.contextmanager
+def serve_process(run, key: str, *options, env: dict | None = None):
+    """A real `frugallm serve RUN --api-key KEY *options` on a free loopback port, one thread; yields
+    (base URL, process) once GET /health answers 200, and stops it afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "frugallm.cli", "serve", str(run), "--port", str(port),
+                             "--api-key", key, *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    try:
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.time() < deadline, "the server did not answer within 60 s"
+            try:
+                health = urllib.request.Request(base + "/health", headers={"Authorization": f"Bearer {key}"})
+                with urllib.request.urlopen(health, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (OSError, urllib.error.HTTPError):
+                time.sleep(0.1)
+        yield base, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -3,7 +3,6 @@
 Also the data cache it writes: streamed to disk, equal to the in-memory tokenization."""
 
 import codecs
-import importlib.util
 import json
 import os
 import shutil

@@ -8,7 +8,6 @@ every server test, so 16 concurrent clients also exercise the queue.
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import serve_process
 
 openai = pytest.importorskip("openai")
 
 KEY = "sk-test-frugallm"
 NAME = "tiny-chat"
 SLOTS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, key: str | None = KEY) -> tuple[int, dict]:
@@ -53,30 +47,9 @@ def _post_raw(url: str, body: bytes) -> tuple[int, dict]:
 @pytest.fixture(scope="module", params=["this-host", "no-bf16"])
 def server(tiny_run, request):
     """The server on this host's own profile, and playing a host without native bf16 (fp32, no prepacking)."""
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if request.param != "this-host":
-        env["FRUGALLM_HOST"] = request.param
-    proc = subprocess.Popen([sys.executable, "-m", "frugallm.cli", "serve", str(tiny_run), "--port", str(port),
-                             "--api-key", KEY, "--model-name", NAME, "--slots", str(SLOTS)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.time() < deadline, "the server did not answer within 60 s"
-        try:
-            if _get(base + "/v1/models")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.1)
-    yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    env = {} if request.param == "this-host" else {"FRUGALLM_HOST": request.param}
+    with serve_process(tiny_run, KEY, "--model-name", NAME, "--slots", str(SLOTS), env=env) as (base, _):
+        yield base
 
 
 @pytest.fixture

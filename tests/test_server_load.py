@@ -9,11 +9,8 @@ beyond loopback without a key is refused. Figures print with `pytest -s`. The lo
 a burst of 96 requests) takes about 3 s here.
 """
 
-import contextlib
 import http.client
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import serve_process
 
 pytest.importorskip("fastapi")
 
@@ -29,38 +27,8 @@ NAME = "tiny-load"
 SLOTS, QUEUE, BUDGET = 4, 64, 2000  # cache budget in tokens: under the 2048-token context, so both limits show
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
 def _serve(run, *options):
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "frugallm.cli", "serve", str(run), "--port", str(port),
-                             "--api-key", KEY, "--model-name", NAME, *options],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    try:
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.time() < deadline, "the server did not answer within 60 s"
-            try:
-                if call(base, "GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        yield base, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return serve_process(run, KEY, "--model-name", NAME, *options)
 
 
 def call(base: str, method: str, path: str, body=None, key: str | None = KEY, timeout: float = 60,
