@@ -124,6 +124,22 @@ def _distill_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parallel_simulate(args: argparse.Namespace) -> int:
+    """Time 1F1B, ZB-V and DualPipeV op lists with an event simulation, beside DeepSeek-V3 Table 2."""
+    import json
+
+    from .parallel.schedule import SCHEDULES, Durations, chrome_trace, format_table, run, summary
+
+    durations = Durations(args.f, args.b, args.w, args.fb)
+    results = [run(name, args.pp, args.chunks, durations)
+               for name in (SCHEDULES if args.schedule == "all" else (args.schedule,))]
+    print(json.dumps([summary(r) for r in results], indent=1) if args.json else format_table(results))
+    if args.trace:
+        chrome_trace(results, args.trace)
+        print(f"wrote {args.trace} (open in chrome://tracing or ui.perfetto.dev; 1 time unit = 1 ms)", file=sys.stderr)
+    return 0
+
+
 def _print_sample(run: str, prompt: str, n_tokens: int) -> None:
     from . import load, load_tokenizer
     from .infer.generate import generate
@@ -424,6 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     ge.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     ge.set_defaults(func=_generate)
+
+    pa = sub.add_parser("parallel", help="pipeline-parallel tools").add_subparsers(dest="parallel_command",
+                                                                                    required=True)
+    ps = pa.add_parser("simulate", help="simulate 1F1B, ZB-V and DualPipeV op orders: makespan, bubble, peak "
+                                        "activations, beside DeepSeek-V3 Table 2")
+    ps.add_argument("--schedule", choices=["all", "1f1b", "zbv", "dualpipev"], default="all")
+    ps.add_argument("--pp", type=int, required=True, help="pipeline ranks (V schedules hold 2 stages per rank)")
+    ps.add_argument("--chunks", type=int, required=True, help="micro-batches per step (dualpipev: >= 2*pp)")
+    ps.add_argument("--f", type=float, default=1.0, help="forward time of one micro-batch on one stage (default 1)")
+    ps.add_argument("--b", type=float, default=1.0, help="input-grad backward time (default 1)")
+    ps.add_argument("--w", type=float, default=1.0, help="weight-grad backward time (default 1; 0 = no split)")
+    ps.add_argument("--fb", type=float, help="time of an overlapped F&B pair (default F+B+W: no overlap gain)")
+    ps.add_argument("--json", action="store_true", help="print the results as JSON")
+    ps.add_argument("--trace", metavar="FILE.json", help="write a Chrome trace of the timelines (one pid per rank)")
+    ps.set_defaults(func=_parallel_simulate)
 
     qu = sub.add_parser("quantize", help="write a weight-only int8 or fp8 copy of a model for CPU inference")
     qu.add_argument("run", help="a frugallm run directory or a Hugging Face DeepSeek directory")
