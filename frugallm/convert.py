@@ -27,6 +27,7 @@ from . import io
 from .config import ModelConfig, yarn_mscale
 from .model.transformer import Transformer
 from .numerics.fp8 import E4M3, weight_dequant
+from .tokenizer import load_tokenizer
 
 TOP_KEYS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
             "head.weight": "lm_head.weight"}
@@ -362,4 +363,8 @@ def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for f in files:
             shutil.copyfile(f, tmp / Path(f).name)
+        if (tmp / "tokenizer.json").exists() and not (tmp / "tokenizer_config.json").exists():
+            # what AutoTokenizer needs beyond tokenizer.json: the special tokens and the chat template
+            config = load_tokenizer(tmp).hf_config(cfg.max_seq_len)
+            (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return path

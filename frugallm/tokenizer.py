@@ -27,6 +27,13 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
 ROLES = ("system", "user", "assistant")
+# frugallm's chat template as Jinja, for exports (`hf_config`): the same ids as encode_chat's own
+# template, so a Hugging Face tokenizer, vLLM or lm-eval reading the export builds the same prompts
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles must be system, user or assistant') }}{% endif %}{% endfor %}"
+    "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|eos|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 # Bumped when the same tokenizer.json starts encoding some text differently (2: special tokens'
 # literal text became plain text), so data caches keyed on `hash()` are rebuilt.
 ENCODING_VERSION = 2
@@ -76,6 +83,19 @@ class Tokenizer:
         from .io import write_file
 
         return write_file(Path(directory) / "tokenizer.json", self.to_str())
+
+    def hf_config(self, model_max_length: int) -> dict:
+        """tokenizer_config.json for a Hugging Face export: the special tokens and the chat template
+        (the checkpoint's own, or frugallm's where the vocabulary has its role tokens), so that
+        AutoTokenizer.from_pretrained and the servers built on it need no hand edits."""
+        template = self.chat_template
+        if template is None and all(self.tok.token_to_id(f"<|{r}|>") is not None for r in ROLES):
+            template = CHAT_TEMPLATE
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+                  "bos_token": self.bos_token, "eos_token": self.eos_token,
+                  "pad_token": "<|pad|>" if self.pad_id is not None else self.eos_token,
+                  "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+        return config | ({"chat_template": template} if template else {})
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The token ids of a chat prompt, bos included: the checkpoint's own Jinja template when it

@@ -183,3 +183,23 @@ def test_rope_frequencies_and_attention_factor_match_transformers(rope):
     ours = config_from_hf(hf_config.to_dict())
     assert torch.allclose(inv_freq(ours), ref_freq, rtol=1e-6)
     assert rope_attn_factor(ours) == pytest.approx(ref_factor, rel=1e-12)
+
+
+def test_an_export_carries_a_tokenizer_that_autotokenizer_loads_as_is(tiny_run, tmp_path):
+    """to_hf writes tokenizer_config.json beside tokenizer.json: the special tokens and frugallm's chat
+    template as Jinja, so AutoTokenizer (and vLLM, lm-eval's hf backend) builds the same prompts."""
+    import frugallm
+    from frugallm.tokenizer import load_tokenizer
+
+    transformers = pytest.importorskip("transformers")
+    out = frugallm.to_hf(frugallm.load(tiny_run), tmp_path / "hf", files=[tiny_run / "tokenizer.json"])
+    ours = load_tokenizer(tiny_run)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+    assert theirs.encode("the cat sat", add_special_tokens=False) == ours.encode("the cat sat")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"},
+                {"role": "assistant", "content": "sat"}, {"role": "user", "content": "on a mat"}]
+    ids = ours.encode_chat(messages)
+    rendered = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert theirs.encode(rendered, add_special_tokens=False) == ids
+    assert load_tokenizer(out).encode_chat(messages) == ids  # the export's template path: the same ids
