@@ -34,6 +34,16 @@ def cfg() -> ModelConfig:
     return tiny_config()
 
 
+def word_corpus(folder, vocabulary: str, docs: int, words_per_doc: int):
+    """A folder of `docs` text files of words drawn (seeded) from `vocabulary`: a corpus a tiny run learns."""
+    folder.mkdir()
+    rng = random.Random(0)
+    words = vocabulary.split()
+    for d in range(docs):
+        (folder / f"d{d}.txt").write_text(" ".join(rng.choice(words) for _ in range(words_per_doc)))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One tiny trained run per session (2 layers, dim 32, a 300-token BPE, 20 steps, 2048 context)."""
@@ -41,12 +51,8 @@ def tiny_run(tmp_path_factory):
     from frugallm.train.trainer import train
 
     root = tmp_path_factory.mktemp("serve")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    words = "the cat sat on a mat and the dog ran to the park with a ball é ü ✓".split()
-    for d in range(8):
-        (corpus / f"d{d}.txt").write_text(" ".join(rng.choice(words) for _ in range(2000)))
+    corpus = word_corpus(root / "corpus", "the cat sat on a mat and the dog ran to the park with a ball é ü ✓",
+                         docs=8, words_per_doc=2000)
     pairs = ["dim=32", "n_layers=2", "n_dense_layers=1", "n_heads=2", "q_lora_rank=0", "kv_lora_rank=16",
              "qk_nope_head_dim=8", "qk_rope_head_dim=8", "v_head_dim=8", "n_routed_experts=4", "n_expert_groups=1",
              "n_limited_groups=1", "n_activated_experts=2", "moe_inter_dim=16", "inter_dim=64", "vocab_size=300",

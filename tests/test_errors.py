@@ -4,10 +4,10 @@ is honoured whatever log_every is, and a resume that asks for changes is refused
 
 import hashlib
 import json
-import random
 import sys
 
 import pytest
+from conftest import word_corpus
 
 from frugallm.cli import main
 
@@ -31,12 +31,8 @@ def tree_hash(path) -> dict:
 def small_run(tmp_path_factory):
     """4 steps, logging every 4, evaluating every 2."""
     root = tmp_path_factory.mktemp("errors")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    words = "the cat sat on a mat and the dog ran to the park".split()
-    for d in range(6):
-        (corpus / f"d{d}.txt").write_text(" ".join(rng.choice(words) for _ in range(1500)))
+    corpus = word_corpus(root / "corpus", "the cat sat on a mat and the dog ran to the park", docs=6,
+                         words_per_doc=1500)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FRUGALLM_CACHE", str(root / "cache"))
         args = ["train", "--out", str(root / "run"), "--data", str(corpus), "--steps", "4", "--no-sample",

@@ -255,7 +255,8 @@ class Server:
             raise APIError(400, f"at most 4 stop sequences of at most 256 characters, got {len(stop)} of up to "
                            f"{max(map(len, stop))}", param="stop")
         temperature = 1.0 if req.temperature is None else req.temperature
-        # below ~1e-36 logits / temperature overflows fp32 (NaN probabilities); from 1e-6 down it is argmax anyway
+        # from 1e-6 down sampling is argmax anyway; decoding those greedily keeps subnormal temperatures
+        # (5e-324 still failed after sampling.probs shifted its logits, tested) off the sampling path
         return Job(prompt, max_tokens, temperature=temperature if temperature >= 1e-6 else 0.0,
                    top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=[s for s in stop if s])
 

@@ -173,6 +173,7 @@ RUN_FILES = {"config.json", "train_config.json", "tokenizer.json", "metrics.json
 def _run_file(name: str) -> bool:
     return name in RUN_FILES or name.endswith(".png") or name.startswith(".")  # plots, interrupted temp files
 
+
 # what a resumed run may change: its length and its cadence, nothing its numbers depend on
 RESUMABLE = ("steps", "time_budget", "save_every", "eval_every", "log_every", "keep_last", "skip_nonfinite",
              "sample_tokens", "sample_prompt", "threads")
@@ -337,8 +338,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                 if not torch.isfinite(loss):
                     finite = False
                     break
-                # total / count is exactly grad_accum when every micro-batch is full: the same division as ever
-                (loss.backward() if distill else (loss / (total / count)).backward())
+                if distill is None:  # a mean over this micro-batch's targets -> its share of the step's mean
+                    loss = loss / (total / count)  # exactly / grad_accum when every micro-batch is full
+                loss.backward()
                 for key in sums:
                     value = parts[key] if key in parts else getattr(out, key)
                     value = value.item() if isinstance(value, torch.Tensor) else value or 0.0
