@@ -204,7 +204,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .infer.server import serve
 
     serve(args.run, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-          slots=args.slots, speculative=args.speculative, threads=args.threads, compile=args.compile,
+          slots=args.slots, policy=args.policy, threads=args.threads, compile=args.compile,
           dtype=args.dtype, max_cache_tokens=args.max_cache_tokens, max_queue=args.max_queue,
           request_timeout=args.request_timeout, default_max_tokens=args.default_max_tokens,
           insecure_no_api_key=args.insecure_no_api_key)
@@ -323,7 +323,7 @@ def _positive_int(text: str) -> int:
 
 
 # a missing optional dependency -> the extra that installs it
-EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "transformers": "hf", "datasets": "data", "jinja2": "hf"}
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "transformers": "hf", "datasets": "data", "jinja2": "hf"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
     sv.add_argument("--model-name", help="the model id clients ask for (default: the run directory's name)")
     sv.add_argument("--slots", type=int, default=16, help="requests generated at once; the rest wait in order")
-    sv.add_argument("--speculative", action="store_true", help=SPECULATIVE_HELP)
+    sv.add_argument("--policy", choices=("batch", "round-robin"), default="batch",
+                    help="batch: every running request in one forward per step (continuous batching); "
+                    "round-robin: one request per forward, in turn (the reference, for comparison)")
     sv.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     sv.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     sv.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)

@@ -54,6 +54,7 @@ class Tokenizer:
         self.pad_id = tok.token_to_id("<|pad|>")
         self.bos_token, self.eos_token = bos, eos
         self.chat_template = chat_template
+        self._specials = {t.content for t in tok.get_added_tokens_decoder().values()}
 
     @property
     def vocab_size(self) -> int:
@@ -67,6 +68,18 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token(self, i: int) -> tuple[str, list[int]]:
+        """One token's own text and bytes (a server's log-probs): byte-level pieces map back to their raw
+        bytes, and a piece that is part of a character reads as U+FFFD; special tokens read as themselves."""
+        piece = self.tok.id_to_token(i)
+        if piece is None:
+            raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        if piece in self._specials or any(c not in _BYTE_OF for c in piece):
+            raw = (piece if piece in self._specials else self.decode([i])).encode()
+        else:
+            raw = bytes(_BYTE_OF[c] for c in piece)
+        return raw.decode("utf-8", errors="replace"), list(raw)
 
     def stream(self) -> "TextStream":
         """An incremental detokenizer: push token ids as they come, get back only whole characters."""
@@ -188,6 +201,16 @@ class Tokenizer:
             ids += content
             mask += [int(after_reply)] * len(content)
             pos = found.end()
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes byte b as one printable character; this maps each back to b."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(256 + n): b for n, b in enumerate(moved)}}
+
+
+_BYTE_OF = _byte_level_alphabet()
 
 
 class TextStream:

@@ -114,8 +114,14 @@ def test_bad_requests_get_openai_errors(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**_chat(temperature="hot"))
     assert e.value.param == "temperature"
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        client.chat.completions.create(**_chat(n=2))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**_chat(n=17))
+    assert e.value.param == "n"
+    with pytest.raises(openai.BadRequestError, match="top_logprobs' needs 'logprobs'"):
+        client.chat.completions.create(**_chat(top_logprobs=2))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**_chat(logit_bias={"99999": 5}))
+    assert e.value.param == "logit_bias"
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
     assert e.value.code == "model_not_found"
@@ -231,16 +237,16 @@ def test_chat_cli_over_stdin(tiny_run, host):
         assert "inference dtype auto -> fp32" in r.stderr and "forced:no-bf16" in r.stderr
 
 
-def _engine_replies(model, tok, speculative: bool, decoder=None) -> list:
-    """Three greedy jobs through an Engine with 2 slots (one waits): (text, final event) each."""
+def _engine_replies(model, tok, policy: str = "batch", decoder=None, slots: int = 2, chunk: int = 256) -> list:
+    """Three greedy jobs through an Engine (with 2 slots one waits): (text, final event) each."""
     import asyncio
 
     from frugallm.infer.engine import Engine, Job
 
-    prompts = [[tok.bos_id, *tok.encode(p)] for p in ("the cat", "a dog ran to the", "ball")]
+    prompts = [[tok.bos_id, *tok.encode(p)] for p in ("the cat", "a dog ran to the park with a ball and the", "ball")]
 
     async def run():
-        engine = Engine(model, tok, slots=2, speculative=speculative, decoder=decoder)
+        engine = Engine(model, tok, slots=slots, decoder=decoder, policy=policy, prefill_chunk=chunk)
         try:
             jobs = [engine.submit(Job(p, 30, temperature=0.0, stop=["zz"])) for p in prompts]
             results = []
@@ -256,18 +262,21 @@ def _engine_replies(model, tok, speculative: bool, decoder=None) -> list:
     return asyncio.run(run())
 
 
-def test_engine_speculative_greedy_equals_plain(tiny_run):
+def test_engine_policies_and_chunks_agree(tiny_run):
+    """Greedy text is the same batched (2 or 3 slots), round-robin, and with prompts read 4 tokens a step."""
     from frugallm import load, load_tokenizer
 
     model, tok = load(tiny_run), load_tokenizer(tiny_run)
-    assert model.config.n_mtp > 0
-    plain = _engine_replies(model, tok, speculative=False)
+    plain = _engine_replies(model, tok)
     assert all(event[0] == "done" for _, event in plain)
-    assert _engine_replies(model, tok, speculative=True) == plain
+    assert _engine_replies(model, tok, slots=3) == plain
+    assert _engine_replies(model, tok, policy="round-robin") == plain
+    assert _engine_replies(model, tok, slots=3, chunk=4) == plain
 
 
 def test_engine_with_a_compiled_decoder_equals_eager(tiny_run):
-    """The compiled step runs on the engine's worker thread; fp32, so greedy text must not change."""
+    """The compiled step runs on the engine's worker thread, on batches padded to powers of two; fp32, so
+    greedy text must not change."""
     from frugallm import load, load_tokenizer
     from frugallm.infer.compiled import compile_decode, unavailable_reason
 
@@ -275,39 +284,8 @@ def test_engine_with_a_compiled_decoder_equals_eager(tiny_run):
     reason = unavailable_reason(model)
     if reason:
         pytest.skip(reason)
-    plain = _engine_replies(model, tok, speculative=False)
-    assert _engine_replies(model, tok, speculative=False, decoder=compile_decode(model)) == plain
-
-
-def test_chunked_prefill_equals_one_shot_prefill(cfg):
-    """Prefill through the cache in chunks gives the logits, hidden states and latents of one forward; no
-    forward ever sees more than `chunk` new tokens; greedy generation (plain and speculative) is unchanged."""
-    import torch
-
-    from frugallm import Transformer
-    from frugallm.infer.engine import ChunkedPrefill
-    from frugallm.infer.generate import generate
-    from frugallm.infer.kv_cache import KVCache
-
-    model = Transformer(cfg).double().eval()
-    ids = torch.randint(0, cfg.vocab_size, (1, 45))
-    seen = []
-    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
-    with torch.no_grad():
-        whole, parts = (KVCache(cfg, 1, 60, dtype=torch.float64) for _ in range(2))
-        at = torch.tensor([[44]])
-        ref = model(ids, cache=whole, logits_at=at)
-        seen.clear()
-        out = ChunkedPrefill(model, chunk=8)(ids, cache=parts, logits_at=at)
-    assert seen == [8] * 5 + [5]
-    torch.testing.assert_close(out.logits, ref.logits)
-    torch.testing.assert_close(out.hidden, ref.hidden)
-    assert int(parts.lengths) == int(whole.lengths) == 45
-    for a, b in zip(parts.c_kv + parts.k_pe, whole.c_kv + whole.k_pe):
-        torch.testing.assert_close(a[:, :45], b[:, :45])
-    for speculative in (False, True):
-        plain = generate(model, ids, 10, speculative=speculative)
-        assert torch.equal(generate(ChunkedPrefill(model, chunk=7), ids, 10, speculative=speculative), plain)
+    plain = _engine_replies(model, tok, slots=3)
+    assert _engine_replies(model, tok, slots=3, decoder=compile_decode(model)) == plain
 
 
 def test_engine_budget_queue_and_cancel(tiny_run):

@@ -262,7 +262,8 @@ def test_internal_errors_reach_the_log_not_the_client(tiny_run, caplog):
             return {"type": "http.request", "body": b""}
 
         scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
-        await _Guard(broken, types.SimpleNamespace(api_key=None))(scope, receive, send)
+        server = types.SimpleNamespace(api_key=None, metrics=types.SimpleNamespace(request=lambda route, status: None))
+        await _Guard(broken, server)(scope, receive, send)
         return sent, scope["state"]["rid"]
 
     sent, rid = asyncio.run(run_guard())
@@ -275,7 +276,7 @@ def test_internal_errors_reach_the_log_not_the_client(tiny_run, caplog):
     async def run_engine():
         engine = Engine(model, tok, slots=1)
         try:
-            job = engine.submit(Job([10_000], 4, rid="r-42"))  # past the vocabulary: generate_stream raises
+            job = engine.submit(Job([10_000], 4, rid="r-42"))  # past the vocabulary: the worker refuses it
             return await job.queue.get()
         finally:
             engine.close()

@@ -54,11 +54,12 @@ class KVCache:
                     torch.zeros(batch_size, dtype=torch.long, device=device), static=False)
 
     @classmethod
-    def over(cls, c_kv: list[torch.Tensor], k_pe: list[torch.Tensor], lengths: torch.Tensor) -> "KVCache":
-        """A static cache on existing buffers, per layer (B, T, dc) and (B, T, dr), and lengths (B,),
-        e.g. another cache's: writes land in them, nothing is copied."""
+    def over(cls, c_kv: list[torch.Tensor], k_pe: list[torch.Tensor], lengths: torch.Tensor,
+             static: bool = True) -> "KVCache":
+        """A cache on existing buffers, per layer (B, T, dc) and (B, T, dr), and lengths (B,), e.g. another
+        cache's or a slice of its rows (the server's batches): writes land in them, nothing is copied."""
         cache = cls.__new__(cls)
-        cache._adopt(c_kv, k_pe, lengths, static=True)
+        cache._adopt(c_kv, k_pe, lengths, static=static)
         return cache
 
     def _adopt(self, c_kv: list[torch.Tensor], k_pe: list[torch.Tensor], lengths: torch.Tensor, static: bool) -> None:

@@ -43,15 +43,15 @@ class Sampling(_Strict):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=16)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)  # what torch.Generator.manual_seed takes
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict | None = None
+    logprobs: bool | int | None = None  # chat: a boolean; completions: how many alternatives (0-20)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
 
 
 class TextPart(_Strict):
@@ -67,6 +67,7 @@ class Message(_Strict):
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
 
 
@@ -148,3 +149,30 @@ def add_request_schemas(spec: dict, model_name: str) -> dict:
         schema["properties"]["model"] = {"type": "string", "enum": [model_name]}
         schemas[model.__name__] = schema
     return spec
+
+
+# --- log-probs in OpenAI's two shapes
+MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs
+
+
+def completion_logprobs(entries: list, token: "callable", offset: int = 0, top: bool = True) -> dict:
+    """The legacy completions shape: {tokens, token_logprobs, top_logprobs, text_offset} for records
+    (id, log-prob or None, [(id, log-prob)]); token(id) -> (text, bytes). `offset`: the text before them."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for i, lp, alternatives in entries:
+        text = token(i)[0]
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append({token(a)[0]: v for a, v in alternatives} if top and lp is not None else None)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(entries: list, token: "callable") -> dict:
+    """The chat shape: {content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], refusal}."""
+    def one(i, lp):
+        text, raw = token(i)
+        return {"token": text, "logprob": lp, "bytes": raw}
+    return {"content": [{**one(i, lp), "top_logprobs": [one(a, v) for a, v in alternatives]}
+                        for i, lp, alternatives in entries], "refusal": None}

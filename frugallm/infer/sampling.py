@@ -47,3 +47,50 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k)")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (or None for no top-p)")
+
+
+# --- the OpenAI request options the server applies per request (infer/engine.py)
+LOGPROB_FLOOR = -9999.0  # a token the sampler cannot pick (top-k / top-p) reports this, not -inf: JSON has no -inf
+
+
+def adjust(logits: torch.Tensor, counts: torch.Tensor | None = None, presence: float = 0.0, frequency: float = 0.0,
+           bias: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """OpenAI's logit_bias and presence / frequency penalties on one row of logits (V,), as a new fp32 tensor.
+
+    counts (V,): how often each token was generated so far in this completion (the prompt does not count,
+    as in OpenAI's and vLLM's definition); a token generated c times loses presence * [c > 0] + frequency * c.
+    bias: (ids, values) added to those ids' logits (OpenAI: values in [-100, 100]; -100 bans a token).
+    """
+    x = logits.float().clone()
+    if bias is not None:
+        x.index_add_(0, bias[0], bias[1])
+    if counts is not None:
+        x -= presence * (counts > 0) + frequency * counts
+    return x
+
+
+def choose(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator | None, logprobs: int | None) -> tuple[int, tuple | None]:
+    """One row (V,) of adjusted logits -> (token, logprob entry or None).
+
+    The entry is (token, its log-prob, [(id, log-prob)] * logprobs alternatives, best first), the log-probs of
+    the distribution the token was drawn from: after temperature, top-k and top-p (vLLM's "processed
+    logprobs"); greedy (temperature 0) reports the softmax of the adjusted logits at temperature 1.
+    """
+    if temperature <= 0:
+        token, logp = int(greedy(logits)), (logits.float().log_softmax(-1) if logprobs is not None else None)
+    else:
+        p = probs(logits, temperature, top_k, top_p)
+        token = int(torch.multinomial(p, 1, generator=generator))
+        logp = p.log() if logprobs is not None else None
+    if logp is None:
+        return token, None
+    return token, entry(logp, token, logprobs)
+
+
+def entry(logp: torch.Tensor, token: int, k: int) -> tuple:
+    """(token, logp[token], top-k [(id, logp)]) from log-probs (V,), with -inf raised to LOGPROB_FLOOR."""
+    logp = logp.clamp_min(LOGPROB_FLOOR)
+    top = logp.topk(k) if k else None
+    alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if k else []
+    return token, float(logp[token]), alternatives

@@ -54,14 +54,18 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Job, QueueFull, bytes_per_token, default_cache_tokens, memory_budget, rss
-from .protocol import (APIError, ChatRequest, CompletionRequest, Sampling, add_request_schemas, body_schema, internal,
-                       parse, reply)
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .protocol import (MAX_LOGPROBS, APIError, ChatRequest, CompletionRequest, Sampling, add_request_schemas,
+                       body_schema, chat_logprobs, completion_logprobs, internal, parse, reply)
 
 log = logging.getLogger("frugallm.server")
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
+ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/docs",
+          "/openapi.json", "/redoc"}
 
 
 class InsecureServe(ValueError):
@@ -86,10 +90,14 @@ class _Guard:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                route = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label values
+                self.server.metrics.request(route, message["status"])
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
         key = self.server.api_key
+        if scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
+            key = None  # the chat page is static and holds nothing; its own API calls send the key
         given = dict(scope["headers"]).get(b"authorization", b"")
         if key is not None and not secrets.compare_digest(given, f"Bearer {key}".encode()):
             return await reply(APIError(401, "Incorrect or missing API key: send the header 'Authorization: "
@@ -107,9 +115,9 @@ class Server:
     """The app's state: model, tokenizer, engine, name, key and limits; `app` is the FastAPI application."""
 
     def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, slots: int = 16,
-                 speculative: bool = False, decoder=None, max_cache_tokens: int | None = None, max_queue: int = 64,
+                 decoder=None, max_cache_tokens: int | None = None, max_queue: int = 64,
                  request_timeout: float = 600.0, default_max_tokens: int = 1024, prefill_chunk: int = 256,
-                 memory_budget: int | None = None):
+                 memory_budget: int | None = None, policy: str = "batch"):
         self.model, self.tokenizer, self.model_name, self.api_key = model, tokenizer, model_name, api_key or None
         self.context = model.config.max_seq_len
         self.max_cache_tokens = max_cache_tokens or slots * self.context
@@ -120,9 +128,13 @@ class Server:
         self.max_body = (1 << 20) + 32 * self.context
         self.memory_budget = memory_budget
         self.created = int(time.time())
+        self.max_choices = max(1, max_queue)  # completions (prompts x n) in one request
         self.engine: Engine | None = None
-        self.app = self._build_app(dict(slots=slots, speculative=speculative, decoder=decoder, max_queue=max_queue,
-                                        max_cache_tokens=self.max_cache_tokens, prefill_chunk=prefill_chunk))
+        self.metrics = Metrics(lambda: self.engine.load())
+        self._tokens: dict[int, tuple[str, list[int]]] = {}  # token id -> (text, bytes), for log-probs
+        self.app = self._build_app(dict(slots=slots, decoder=decoder, max_queue=max_queue, policy=policy,
+                                        max_cache_tokens=self.max_cache_tokens, prefill_chunk=prefill_chunk,
+                                        metrics=self.metrics))
 
     def _build_app(self, engine_args: dict) -> FastAPI:
         @contextlib.asynccontextmanager
@@ -138,7 +150,9 @@ class Server:
             APIError(e.status_code, str(e.detail), headers=e.headers)))
         app.add_exception_handler(RequestValidationError, lambda req, e: reply(
             APIError(400, str(e.errors()[0]["msg"]) if e.errors() else "invalid request")))
+        app.get("/", include_in_schema=False)(self.chat_page)
         app.get("/health")(self.health)
+        app.get("/metrics", include_in_schema=False)(self.prometheus)
         app.get("/v1/models")(self.list_models)
         app.get("/v1/models/{model:path}")(self.get_model)
         app.post("/v1/chat/completions", openapi_extra=body_schema("ChatRequest"))(self.chat_completions)
@@ -160,6 +174,18 @@ class Server:
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "frugallm"}
 
+    async def chat_page(self) -> HTMLResponse:
+        """The chat page (static/chat.html): plain HTML and JavaScript, nothing fetched from elsewhere."""
+        # the browser enforces what the page promises: its own inline code, and requests to this server only
+        csp = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+               "img-src 'self' data:; base-uri 'none'; form-action 'none'")
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"),
+                            headers={"Cache-Control": "no-cache", "Content-Security-Policy": csp})
+
+    async def prometheus(self) -> Response:
+        """Prometheus' text format (metrics.py lists the series)."""
+        return Response(self.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
     async def health(self) -> dict:
         """Liveness, load (requests generating now, "active", and waiting, "queued"; cache tokens reserved of
         the budget) and memory (resident now, and the budget it should stay under)."""
@@ -179,6 +205,11 @@ class Server:
         self._check_model(req.model)
         if req.tools:
             raise APIError(400, "tools are not supported", param="tools")
+        if req.logprobs is not None and not isinstance(req.logprobs, bool):
+            raise APIError(400, "chat's 'logprobs' is a boolean; ask for alternatives with 'top_logprobs'",
+                           param="logprobs")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         messages = []
         for m in req.messages:
             content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
@@ -188,29 +219,34 @@ class Server:
         except ValueError as e:  # no chat template for this vocabulary, or the template refused
             raise APIError(400, str(e), param="messages") from None
         max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
-        job = self._job(req, prompt, max_tokens, "messages", default=self.default_max_tokens)
-        return await self._respond(request, req, job, chat=True)
+        jobs = self._jobs(req, [prompt], max_tokens, "messages", default=self.default_max_tokens,
+                          logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        return await self._respond(request, req, jobs, chat=True, echo=[])
 
     async def completions(self, request: Request):
         req = await parse(request, CompletionRequest, self.max_body)
         self._check_model(req.model)
-        for name in ("echo", "suffix"):
-            if getattr(req, name):
-                raise APIError(400, f"'{name}' is not supported", param=name)
+        if req.suffix:
+            raise APIError(400, "'suffix' is not supported", param="suffix")
         if req.best_of not in (None, 1):
             raise APIError(400, "only best_of=1 is supported", param="best_of")
+        if isinstance(req.logprobs, bool) or not 0 <= (req.logprobs or 0) <= MAX_LOGPROBS:
+            raise APIError(400, f"completions' 'logprobs' is the number of alternatives per token, an integer from 0 "
+                           f"to {MAX_LOGPROBS}, got {req.logprobs!r}", param="logprobs")
         prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], (str, list)) \
             else [req.prompt]
-        if len(prompts) != 1:
-            raise APIError(400, f"one prompt per request is supported, got {len(prompts)}", param="prompt")
-        prompt = prompts[0]
-        if isinstance(prompt, str):
-            prompt = self._bos() + self.tokenizer.encode(prompt)
-        elif not prompt or not all(0 <= t < self.model.config.vocab_size for t in prompt):
-            raise APIError(400, f"token ids must be a non-empty list in [0, {self.model.config.vocab_size})",
-                           param="prompt")
-        job = self._job(req, list(prompt), req.max_tokens, "prompt", default=16)
-        return await self._respond(request, req, job, chat=False)
+        ids = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                ids.append(self._bos() + self.tokenizer.encode(prompt))
+            elif prompt and all(0 <= t < self.model.config.vocab_size for t in prompt):
+                ids.append(list(prompt))
+            else:
+                raise APIError(400, f"token ids must be a non-empty list in [0, {self.model.config.vocab_size})",
+                               param="prompt" if len(prompts) == 1 else f"prompt[{i}]")
+        echo = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts] if req.echo else []
+        jobs = self._jobs(req, ids, req.max_tokens, "prompt", default=16, logprobs=req.logprobs, echo=bool(req.echo))
+        return await self._respond(request, req, jobs, chat=False, echo=echo)
 
     # --- helpers
     def _bos(self) -> list[int]:
@@ -221,22 +257,54 @@ class Server:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
                            param="model", code="model_not_found")
 
-    def _job(self, req: Sampling, prompt: list[int], max_tokens: int | None, prompt_param: str,
-             default: int) -> Job:
-        """Check the request against the context, the cache budget and what is supported; a Job, or an APIError."""
+    def _jobs(self, req: Sampling, prompts: list[list[int]], max_tokens: int | None, prompt_param: str, default: int,
+              logprobs: int | None, echo: bool = False) -> list[Job]:
+        """Check the request against the context, the cache budget and what is supported: a Job per prompt and
+        choice (n), in the order of OpenAI's choice indices, or an APIError."""
+        n = req.n or 1
+        if len(prompts) * n > self.max_choices:
+            raise APIError(400, f"a request may ask for at most {self.max_choices} completions (prompts x n, this "
+                           f"server's --max-queue), got {len(prompts)} x {n}", param="n")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 or any(len(x) > 256 for x in stop):  # each step scans them (engine.py `_emit`)
+            raise APIError(400, f"at most 4 stop sequences of at most 256 characters, got {len(stop)} of up to "
+                           f"{max(map(len, stop))}", param="stop")
+        bias = {}
+        for key, value in (req.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= self.model.config.vocab_size or not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias maps token ids in [0, {self.model.config.vocab_size}) to biases in "
+                               f"[-100, 100]; got {key!r}: {value}", param="logit_bias")
+            bias[int(key)] = value
+        temperature = 1.0 if req.temperature is None else req.temperature
+        # from 1e-6 down sampling is argmax anyway; decoding those greedily keeps subnormal temperatures
+        # (5e-324 still failed after sampling.probs shifted its logits, tested) off the sampling path
+        temperature = temperature if temperature >= 1e-6 else 0.0
+        jobs = []
+        for prompt in prompts:
+            tokens = self._max_tokens(prompt, max_tokens, prompt_param, default, echo)
+            for i in range(n):
+                jobs.append(Job(prompt, tokens, temperature=temperature, top_p=req.top_p, top_k=req.top_k,
+                                seed=None if req.seed is None else req.seed + i, stop=[s for s in stop if s],
+                                presence_penalty=req.presence_penalty or 0.0,
+                                frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias, logprobs=logprobs,
+                                prompt_logprobs=echo and logprobs is not None))
+        return jobs
+
+    def _max_tokens(self, prompt: list[int], max_tokens: int | None, param: str, default: int, echo: bool) -> int:
+        """max_tokens for this prompt (`default`, or what fits, when not given), or an APIError naming the limit."""
         room, budget = self.context - len(prompt), self.max_cache_tokens
-        if room <= 0:
+        if room < 0 or (room == 0 and not echo):
             raise APIError(400, f"This model's maximum context length is {self.context} tokens, but the prompt is "
-                           f"{len(prompt)} tokens.", param=prompt_param, code="context_length_exceeded")
+                           f"{len(prompt)} tokens.", param=param, code="context_length_exceeded")
         over_budget = (f"This server's KV-cache budget (--max-cache-tokens) is {budget} tokens for all requests "
                        f"together, and a request reserves its prompt plus max_tokens: ")
-        if len(prompt) >= budget:
-            raise APIError(400, over_budget + f"the prompt alone is {len(prompt)} tokens.", param=prompt_param,
+        if len(prompt) > budget or (len(prompt) == budget and not echo):
+            raise APIError(400, over_budget + f"the prompt alone is {len(prompt)} tokens.", param=param,
                            code="cache_budget_exceeded")
         if max_tokens is None:  # `default` tokens, or what fits
             max_tokens = min(default, room, budget - len(prompt))
-        if max_tokens <= 0:
-            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if max_tokens < (0 if echo else 1):  # echo with max_tokens 0: the prompt's log-probs only
+            raise APIError(400, f"max_tokens must be at least {0 if echo else 1}, got {max_tokens}", param="max_tokens")
         if max_tokens > room:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens: the prompt's "
                            f"{len(prompt)} tokens plus max_tokens={max_tokens} exceed it (at most {room}).",
@@ -245,43 +313,54 @@ class Server:
             raise APIError(400, over_budget + f"the prompt's {len(prompt)} tokens plus max_tokens={max_tokens} "
                            f"exceed it (at most {budget - len(prompt)}).", param="max_tokens",
                            code="cache_budget_exceeded")
-        if req.n not in (None, 1):
-            raise APIError(400, f"only n=1 is supported, got n={req.n}", param="n")
-        for name in ("logprobs", "presence_penalty", "frequency_penalty", "logit_bias"):
-            if getattr(req, name):
-                raise APIError(400, f"'{name}' is not supported", param=name)
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4 or any(len(x) > 256 for x in stop):  # each step scans them (engine.py `_emit`)
-            raise APIError(400, f"at most 4 stop sequences of at most 256 characters, got {len(stop)} of up to "
-                           f"{max(map(len, stop))}", param="stop")
-        temperature = 1.0 if req.temperature is None else req.temperature
-        # from 1e-6 down sampling is argmax anyway; decoding those greedily keeps subnormal temperatures
-        # (5e-324 still failed after sampling.probs shifted its logits, tested) off the sampling path
-        return Job(prompt, max_tokens, temperature=temperature if temperature >= 1e-6 else 0.0,
-                   top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop=[s for s in stop if s])
+        return max_tokens
 
-    def _events(self, job: Job):
-        """Submit the job (429 when the queue is full) and give its events from the engine until "done",
-        "error", "cancelled" or ("timeout",); the job is cancelled when they stop early, whatever the reason."""
+    def _token(self, i: int) -> tuple[str, list[int]]:
+        if i not in self._tokens:
+            self._tokens[i] = self.tokenizer.token(i)
+        return self._tokens[i]
+
+    def _events(self, jobs: list[Job]):
+        """Submit the jobs (429 when the queue is full) and give (choice index, event) from the engine until each
+        is "done", or one gives "error" / "cancelled", or the time is up: (None, ("timeout",)). Whatever ends
+        them early, the jobs are cancelled."""
         try:
-            self.engine.submit(job)
+            for job in jobs:
+                self.engine.submit(job)
         except QueueFull as e:
+            for job in jobs:
+                self.engine.cancel(job)
             raise APIError(429, f"The server is busy: {e} (--max-queue). Retry later.", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         deadline = time.monotonic() + self.request_timeout
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, job: Job):
+            while True:
+                event = await job.queue.get()
+                merged.put_nowait((i, event))
+                if event[0] not in ("text", "prompt"):
+                    return
 
         async def stream():
+            pumps = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+            running = len(jobs)
             try:
-                while True:
+                while running:
                     try:
-                        event = await asyncio.wait_for(job.queue.get(), deadline - time.monotonic())
+                        i, event = await asyncio.wait_for(merged.get(), deadline - time.monotonic())
                     except asyncio.TimeoutError:
-                        event = ("timeout",)
-                    yield event
-                    if event[0] != "text":
+                        i, event = None, ("timeout",)
+                    yield i, event
+                    if event[0] == "done":
+                        running -= 1
+                    elif event[0] not in ("text", "prompt"):
                         return
             finally:
-                self.engine.cancel(job)  # a no-op once it has finished; frees its slot and budget at once if not
+                for task in pumps:
+                    task.cancel()
+                for job in jobs:
+                    self.engine.cancel(job)  # a no-op once it has finished; frees its row at once if not
 
         return stream()
 
@@ -294,74 +373,123 @@ class Server:
             return APIError(400, "the client disconnected")  # nobody reads it
         return internal(rid)  # the engine logged the detail
 
-    async def _respond(self, request: Request, req: Sampling, job: Job, chat: bool):
-        job.rid = request.state.rid
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job.rid}", "object": "chat.completion" if chat
+    async def _respond(self, request: Request, req: Sampling, jobs: list[Job], chat: bool, echo: list[str]):
+        """Run the jobs; a JSON reply, or server-sent events. echo: each prompt's text, for completions' echo."""
+        rid = request.state.rid
+        for job in jobs:
+            job.rid = rid
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "object": "chat.completion" if chat
                 else "text_completion", "created": int(time.time()), "model": self.model_name}
-        events = self._events(job)
-        watch = asyncio.create_task(self._watch_disconnect(request, job))
+        events = self._events(jobs)
+        watch = asyncio.create_task(self._watch_disconnect(request, jobs))
+        n = req.n or 1
         try:
             if req.stream:  # headers go with the first token, so a request that waited too long still gets 503
                 first = await anext(events)
-                if first[0] not in ("text", "done"):
-                    raise self._fail(first, job.rid)
+                if first[1][0] not in ("text", "done", "prompt"):
+                    raise self._fail(first[1], rid)
                 usage_chunk = bool(req.stream_options and req.stream_options.include_usage)
-                return StreamingResponse(self._sse(first, events, head, chat, usage_chunk, job.rid),
+                return StreamingResponse(self._sse(first, events, head, chat, usage_chunk, rid, jobs, echo, n),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            text, finish, usage = [], None, None
-            async for event in events:
+            text = [[] for _ in jobs]
+            entries = [[] for _ in jobs]
+            finish = [None] * len(jobs)
+            usage = [None] * len(jobs)
+            async for i, event in events:
                 if event[0] == "text":
-                    text.append(event[1])
+                    text[i].append(event[1])
+                    entries[i] += event[2]
+                elif event[0] == "prompt":
+                    entries[i] = event[1] + entries[i]
                 elif event[0] == "done":
-                    finish, usage = event[1], event[2]
+                    finish[i], usage[i] = event[1], event[2]
                 else:
-                    raise self._fail(event, job.rid)
+                    raise self._fail(event, rid)
         except BaseException:
             await events.aclose()
             raise
         finally:
             watch.cancel()  # a stream's disconnects are seen by its writes from here on
-        text = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                   "logprobs": None, "finish_reason": finish} if chat else
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
-        return {**head, "choices": [choice], "usage": usage}
+        choices = []
+        for i, job in enumerate(jobs):
+            body = "".join(text[i])
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": body, "refusal": None},
+                                "logprobs": None if job.logprobs is None else chat_logprobs(entries[i], self._token),
+                                "finish_reason": finish[i]})
+            else:
+                prefix = echo[i // n] if echo else ""
+                logprobs = None if job.logprobs is None else completion_logprobs(
+                    entries[i], self._token, top=job.logprobs > 0)
+                choices.append({"index": i, "text": prefix + body, "logprobs": logprobs, "finish_reason": finish[i]})
+        return {**head, "choices": choices, "usage": _total(usage, n)}
 
-    async def _watch_disconnect(self, request: Request, job: Job) -> None:
-        """Until the answer (or a stream's first token): cancel the job when the client hangs up."""
+    async def _watch_disconnect(self, request: Request, jobs: list[Job]) -> None:
+        """Until the answer (or a stream's first token): cancel the jobs when the client hangs up."""
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        self.engine.cancel(job)
-        job.queue.put_nowait(("cancelled",))
+        for job in jobs:
+            self.engine.cancel(job)
+        jobs[0].queue.put_nowait(("cancelled",))
 
-    async def _sse(self, first: tuple, events, head: dict, chat: bool, usage_chunk: bool, rid: str):
+    async def _sse(self, first: tuple, events, head: dict, chat: bool, usage_chunk: bool, rid: str, jobs: list[Job],
+                   echo: list[str], n: int):
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        usage = [None] * len(jobs)
+        offsets = [0] * len(jobs)
 
-        def chunk(delta: str | None, finish=None, usage=None, role=False) -> str:
+        def chunk(i: int, delta: str | None, records=None, finish=None, role=False) -> str:
+            wanted = jobs[i].logprobs is not None and records is not None
             if chat:
                 d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
-                choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+                lp = chat_logprobs(records, self._token) if wanted else None
+                choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            return _event({**head, "choices": [choice], "usage": usage})
+                lp = completion_logprobs(records, self._token, offsets[i], top=jobs[i].logprobs > 0) if wanted else None
+                if lp:
+                    offsets[i] += sum(len(t) for t in lp["tokens"])
+                choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": finish}
+            done = finish is not None and all(u is not None for u in usage)
+            return _event({**head, "choices": [choice], "usage": _total(usage, n) if done else None})
 
         try:
             if chat:
-                yield chunk(None, role=True)
-            event = first
-            while event[0] == "text":
-                yield chunk(event[1])
-                event = await anext(events)
-            if event[0] == "done":
-                yield chunk(None, finish=event[1], usage=event[2])
-                if usage_chunk:
-                    yield _event({**head, "choices": [], "usage": event[2]})
-            else:  # a timeout or an internal error mid-stream: an error event instead of the last chunk
-                yield _event(self._fail(event, rid).body())
+                for i in range(len(jobs)):
+                    yield chunk(i, None, role=True)
+            elif echo:
+                for i in range(len(jobs)):
+                    if not jobs[i].prompt_logprobs:  # else its "prompt" event brings the text
+                        yield chunk(i, echo[i // n])
+            i, event = first
+            while True:
+                if event[0] == "text":
+                    yield chunk(i, event[1], event[2])
+                elif event[0] == "prompt":
+                    yield chunk(i, echo[i // n], event[1])
+                elif event[0] == "done":
+                    usage[i] = event[2]
+                    yield chunk(i, None, finish=event[1])
+                else:  # a timeout or an internal error mid-stream: an error event instead of the last chunk
+                    yield _event(self._fail(event, rid).body())
+                    break
+                if all(u is not None for u in usage):
+                    if usage_chunk:
+                        yield _event({**head, "choices": [], "usage": _total(usage, n)})
+                    break
+                i, event = await anext(events)
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()
+
+
+def _total(usage: list[dict | None], n: int) -> dict | None:
+    """One request's usage: each prompt counted once (its n choices share it), every choice's completion."""
+    if any(u is None for u in usage):
+        return None
+    prompt = sum(u["prompt_tokens"] for u in usage[::n])
+    completion = sum(u["completion_tokens"] for u in usage)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _event(obj: dict) -> str:
@@ -381,11 +509,12 @@ def check_exposure(host: str, api_key: str | None, insecure_no_api_key: bool = F
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, slots: int = 16, speculative: bool = False, threads: int | None = None,
+          model_name: str | None = None, slots: int = 16, threads: int | None = None,
           log_level: str = "info", compile: bool = False, dtype="auto", max_cache_tokens: int | None = None,
           max_queue: int = 64, request_timeout: float = 600.0, default_max_tokens: int = 1024,
-          prefill_chunk: int = 256, insecure_no_api_key: bool = False) -> None:
+          prefill_chunk: int = 256, insecure_no_api_key: bool = False, policy: str = "batch") -> None:
     """Load RUN (a frugallm run or a Hugging Face DeepSeek dir) and serve it until interrupted.
+    policy: "batch" (continuous batching) or "round-robin" (one request per forward; engine.py).
     compile: compile the decode step (infer/compiled.py) before listening. dtype: "auto" (the
     host profile's inference choice, host.py) or a dtype name. The limits are in the module docstring;
     a non-loopback `host` needs `api_key` or `insecure_no_api_key` (else InsecureServe, before loading)."""
@@ -403,17 +532,16 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: s
     model, tokenizer = load_for_inference(run, dtype, prepack=not compile), load_tokenizer(run)
     print(f"frugallm: matmul kernels: {kernels_in_use(model)}", flush=True)
     name = model_name or Path(run).resolve().name
-    if speculative and model.config.n_mtp == 0:
-        raise ValueError(f"--speculative drafts with MTP modules, and {run} has none (n_mtp=0)")
-    if compile:
+    if compile:  # batch 1 now; each larger power-of-two batch on first use (engine.py pads batches to them)
         print("frugallm: compiling the decode step ...", flush=True)
-    decoder = compile_decode(model, warmup=True, speculative=speculative) if compile else None
-    max_cache_tokens = max_cache_tokens or default_cache_tokens(model, slots, speculative)
-    budget = memory_budget(model, max_cache_tokens, prefill_chunk, speculative)
-    server = Server(model, tokenizer, name, api_key=api_key, slots=slots, speculative=speculative, decoder=decoder,
+    decoder = compile_decode(model, warmup=True) if compile else None
+    max_cache_tokens = max_cache_tokens or default_cache_tokens(model, slots)
+    budget = memory_budget(model, max_cache_tokens, prefill_chunk)
+    server = Server(model, tokenizer, name, api_key=api_key, slots=slots, decoder=decoder,
                     max_cache_tokens=max_cache_tokens, max_queue=max_queue, request_timeout=request_timeout,
-                    default_max_tokens=default_max_tokens, prefill_chunk=prefill_chunk, memory_budget=budget)
-    per = bytes_per_token(model.config, model.embed.weight.dtype, speculative)
+                    default_max_tokens=default_max_tokens, prefill_chunk=prefill_chunk, memory_budget=budget,
+                    policy=policy)
+    per = bytes_per_token(model.config, model.embed.weight.dtype)
     print(f"frugallm: serving '{name}' ({model.config.max_seq_len}-token context, {slots} slots) "
           f"on http://{host}:{port}/v1{' with an API key' if api_key else ' WITHOUT an API key'}", flush=True)
     print(f"frugallm: limits: cache budget {max_cache_tokens} tokens ({max_cache_tokens * per / 2**30:.2f} GiB), "
