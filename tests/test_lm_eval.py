@@ -29,6 +29,10 @@ for _module in ("lm_eval", "transformers", "fastapi",
                 "tenacity", "aiohttp", "requests"):  # --model local-completions (lm-eval[api])
     pytest.importorskip(_module)
 
+# about 60-80 s on 2 cores beyond the session's tiny_run: three lm_eval runs of 17-20 s each (the hf reference,
+# local-completions at batch sizes 1 and 4) and a server start
+pytestmark = pytest.mark.slow
+
 DATA = Path(__file__).parent / "data" / "lm_eval"
 TASK = "frugallm_mc"
 KEY = "sk-test-lm-eval"
@@ -86,7 +90,8 @@ def test_both_backends_score_the_same_ids_without_bos(tiny_run, export):
 
     tok = AutoTokenizer.from_pretrained(export)
     text = "a park cat sat on the cat and sat the ✓ é"
-    assert tok(text).input_ids == tok(text, add_special_tokens=False).input_ids == load_tokenizer(tiny_run).encode(text)
+    ids = load_tokenizer(tiny_run).encode(text)
+    assert tok(text).input_ids == tok(text, add_special_tokens=False).input_ids == ids
 
 
 def test_the_hf_reference_scores_every_choice_of_every_example(hf_scores):
@@ -100,15 +105,21 @@ def test_the_hf_reference_scores_every_choice_of_every_example(hf_scores):
                       for i, doc in enumerate(docs)) / len(docs)
 
 
-@pytest.mark.parametrize("batch_size", [1, 4])  # 4: several prompts per request, of different lengths
-def test_local_completions_against_the_server_matches_hf_on_the_export(tiny_run, export, tasks, hf_scores,
-                                                                       tmp_path, batch_size):
-    hf_acc, hf_lls, hf_greedy = hf_scores
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    """`frugallm serve` on the run, in fp32 like the reference."""
     with serve_process(tiny_run, KEY, "--dtype", "float32", "--model-name", NAME) as (base, _):
-        args = (f"model={NAME},base_url={base}/v1/completions,tokenizer_backend=huggingface,tokenizer={export},"
-                "tokenized_requests=True,num_concurrent=1,max_retries=1")
-        acc, lls, greedy = _lm_eval(tasks, tmp_path / "out", "--model", "local-completions", "--model_args", args,
-                            "--batch_size", str(batch_size), env={"OPENAI_API_KEY": KEY})
+        yield base
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])  # 4: several prompts per request, of different lengths
+def test_local_completions_against_the_server_matches_hf_on_the_export(server, export, tasks, hf_scores, tmp_path,
+                                                                       batch_size):
+    hf_acc, hf_lls, hf_greedy = hf_scores
+    args = (f"model={NAME},base_url={server}/v1/completions,tokenizer_backend=huggingface,tokenizer={export},"
+            "tokenized_requests=True,num_concurrent=1,max_retries=1")
+    acc, lls, greedy = _lm_eval(tasks, tmp_path / "out", "--model", "local-completions", "--model_args", args,
+                                "--batch_size", str(batch_size), env={"OPENAI_API_KEY": KEY})
     assert sorted(lls) == sorted(hf_lls)
     for doc_id in hf_lls:
         assert lls[doc_id] == pytest.approx(hf_lls[doc_id], abs=1e-3), f"doc {doc_id}"
