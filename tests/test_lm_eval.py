@@ -29,9 +29,8 @@ for _module in ("lm_eval", "transformers", "fastapi",
                 "tenacity", "aiohttp", "requests"):  # --model local-completions (lm-eval[api])
     pytest.importorskip(_module)
 
-# about 60-80 s on 2 cores beyond the session's tiny_run: three lm_eval runs of 17-20 s each (the hf reference,
-# local-completions at batch sizes 1 and 4) and a server start
-pytestmark = pytest.mark.slow
+# About 50 s on 2 idle cores (up to ~110 s on busy ones): three lm_eval runs of 11-20 s each (the hf reference,
+# local-completions at batch sizes 1 and 4, each mostly lm_eval's start-up) and a server start.
 
 DATA = Path(__file__).parent / "data" / "lm_eval"
 TASK = "frugallm_mc"
