@@ -29,8 +29,9 @@ for _module in ("lm_eval", "transformers", "fastapi",
                 "tenacity", "aiohttp", "requests"):  # --model local-completions (lm-eval[api])
     pytest.importorskip(_module)
 
-# About 50 s on 2 idle cores (up to ~110 s on busy ones): three lm_eval runs of 11-20 s each (the hf reference,
-# local-completions at batch sizes 1 and 4, each mostly lm_eval's start-up) and a server start.
+# About 45-60 s beyond the session's tiny_run on 2 cores (more when they are busy): three lm_eval runs of
+# 11-20 s each (the hf reference, local-completions at batch sizes 1 and 4; mostly lm_eval's start-up) and a
+# server start.
 
 DATA = Path(__file__).parent / "data" / "lm_eval"
 TASK = "frugallm_mc"

@@ -1,17 +1,27 @@
 """An OpenAI-compatible HTTP server (FastAPI + uvicorn) over the Engine's worker thread.
 
-Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, and GET /health (load).
-`stream: true` sends server-sent events in OpenAI's chunk shapes and ends with `data: [DONE]`. Usage counts:
-a non-streamed reply carries `usage`; a stream carries it on its last chunk (the one with `finish_reason`),
-and, when `stream_options.include_usage` is true, also in OpenAI's extra final chunk with empty `choices`.
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health (load), GET /metrics
+(Prometheus, metrics.py) and GET / (the chat page, static/chat.html). `stream: true` sends server-sent events
+in OpenAI's chunk shapes (one choice per chunk, `index` naming it) and ends with `data: [DONE]`. Usage: a
+non-streamed reply carries `usage`; a stream carries it on its last chunk, and, when
+`stream_options.include_usage` is true, also in OpenAI's extra final chunk with empty `choices`. With n > 1,
+each prompt's tokens count once and every choice's completion counts.
 
-Sampling: temperature (default 1; below 1e-6 greedy), top_p, top_k (an extension, as in vLLM), seed, stop (up
-to 4 strings of up to 256 characters), max_tokens (chat: default_max_tokens; completions: 16; either cut to fit),
-n=1 only. Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: 400 for malformed JSON, wrong
-types, a missing field, max_tokens <= 0, prompt + max_tokens past the context or the cache budget (the message
-names the limit), unsupported options (n > 1, logprobs, tools, ...); 401 for a missing or wrong API key; 404 for
-an unknown model or route; 413 for a body over 1 MiB + 32 bytes per context token. Every response carries an
-X-Request-Id header.
+Options, with OpenAI's and vLLM's semantics: temperature (default 1; below 1e-6 greedy), top_p, top_k (vLLM's
+extension), seed (choice i of n samples with seed + i, so choice 0 equals n=1), stop (up to 4 strings of up to
+256 characters), max_tokens (chat: default_max_tokens; completions: 16; either cut to fit), n (1-16),
+presence_penalty and frequency_penalty (-2..2, on the tokens generated so far), logit_bias (token id -> -100..100),
+completions' list of prompts, `logprobs: k` (0-20) and `echo` (the prompt's text and, with logprobs, its
+records, the first null; max_tokens 0 allowed), chat's `logprobs: true` + `top_logprobs: k`. Log-probs are those
+of the distribution sampled from: after penalties, logit_bias, temperature, top-k and top-p (greedy: the softmax
+at temperature 1); a token top-k/top-p excludes reports -9999, as vLLM does, since JSON has no -inf. Echoed
+prompt log-probs are the model's own (raw) distribution.
+
+Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: 400 for malformed JSON, wrong
+types, a missing field, max_tokens < 1 (< 0 with echo), prompt + max_tokens past the context or the cache budget
+(the message names the limit), unsupported options (tools, suffix, best_of > 1); 401 for a missing or wrong API
+key; 404 for an unknown model or route; 413 for a body over 1 MiB + 32 bytes per context token; 429 when the
+queue is full. Every response carries an X-Request-Id header.
 
 Limits, each a `serve` argument (CLI: --max-cache-tokens, --max-queue, --request-timeout, --default-max-tokens),
 so that load or a hostile client degrades service instead of taking the host down:
@@ -25,16 +35,17 @@ so that load or a hostile client degrades service instead of taking the host dow
   headers only with its first token, so a request that waited too long gets that 503 too; a stream that runs
   out of time later gets an error event (code "timeout") and `data: [DONE]`.
 - default_max_tokens (1024): chat's max_tokens when the request gives none.
-- prefill_chunk (256): prompts are prefilled through the cache in chunks (engine.py), so attention scores are
-  (1, H, 256, T), not (1, H, T, T).
+- prefill_chunk (256): prompts are read through the cache at most this many tokens a step, all new prompts
+  in one forward (engine.py), so attention scores are (B, H, S, T) with B * S <= 256, never (1, H, T, T).
 A client that disconnects is cancelled at once, queued or running, and its budget freed (see engine.py).
 
 Memory: resident memory stays under `memory_budget` = the process's RSS with the model loaded + the cache
 budget (max_cache_tokens * bytes_per_token) + the prefill transient of one chunk against the longest cache
 + 512 MiB for requests in flight and allocator slack. `serve` prints it; /health reports it with the RSS.
 
-Security: the API key is checked on every route, /docs, /redoc, /openapi.json and /health included (a load
-balancer's probe sends the key too). `serve` refuses a non-loopback host without a key (`InsecureServe`)
+Security: the API key is checked on every route, /docs, /redoc, /openapi.json, /health and /metrics included (a
+load balancer's probe and Prometheus send the key too), but the chat page itself: static, holding nothing, it asks
+the user for the key and sends it with its own API calls; a Content-Security-Policy keeps it to this server. `serve` refuses a non-loopback host without a key (`InsecureServe`)
 unless `insecure_no_api_key` is set. An internal error answers 500 "internal error, see the server log
 (request id ...)"; its detail goes to the log (logger "frugallm.server"), never to the client.
 """
@@ -431,7 +442,7 @@ class Server:
             pass
         for job in jobs:
             self.engine.cancel(job)
-        jobs[0].queue.put_nowait(("cancelled",))
+            job.queue.put_nowait(("cancelled",))  # the first still being read ends the reply
 
     async def _sse(self, first: tuple, events, head: dict, chat: bool, usage_chunk: bool, rid: str, jobs: list[Job],
                    echo: list[str], n: int):
