@@ -36,14 +36,14 @@ from _host import add_host_args, print_host_header, save_output  # noqa: E402
 KEY = "bench"
 
 
-def start(run: str, policy: str, slots: int, dtype: str) -> tuple[subprocess.Popen, int]:
+def start(run: str, policy: str, slots: int, dtype: str, threads: int | None) -> tuple[subprocess.Popen, int]:
     log = tempfile.TemporaryFile()  # the server's log (a pipe nobody reads would fill up and block it)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "frugallm.cli", "serve", run, "--port", str(port), "--api-key",
                              KEY, "--model-name", "m", "--policy", policy, "--slots", str(slots), "--max-queue", "256",
-                             "--dtype", dtype], stdout=log, stderr=subprocess.STDOUT)
+                             "--dtype", dtype, *(["--threads", str(threads)] if threads else [])], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while True:
         if proc.poll() is not None:
@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--dtype", default="auto", help="the servers' --dtype")
+    ap.add_argument("--threads", type=int, help="the servers' --threads (default: torch's choice)")
     add_host_args(ap)
     args = ap.parse_args()
     save_output("bench_serve", args.save)
@@ -141,9 +142,9 @@ def main() -> None:
         n, at = rng.randint(24, 120), rng.randrange(len(words) - 120)
         prompts.append(([tok.bos_id] if tok.bos_id is not None else []) + words[at:at + n])
     print(f"run {args.run}; {args.new} new tokens per request, {args.requests} requests per client, prompts of "
-          f"24-120 tokens; servers: --slots {args.slots} --dtype {args.dtype}, torch threads: their default "
-          f"({os.cpu_count()} cores here, shared with the clients)\n")
-    servers = {p: start(args.run, p, args.slots, args.dtype) for p in ("batch", "round-robin")}
+          f"24-120 tokens; servers: --slots {args.slots} --dtype {args.dtype}, torch threads: "
+          f"{args.threads or 'their default'} ({os.cpu_count()} cores here, shared with the clients)\n")
+    servers = {p: start(args.run, p, args.slots, args.dtype, args.threads) for p in ("batch", "round-robin")}
     try:
         for p, (_, port) in servers.items():  # warm both up (first-call allocations, lazy imports)
             asyncio.run(level(port, 2, 1, 8, prompts, tok.eos_id))

@@ -404,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--policy", choices=("batch", "round-robin"), default="batch",
                     help="batch: every running request in one forward per step (continuous batching); "
                     "round-robin: one request per forward, in turn (the reference, for comparison)")
-    sv.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    sv.add_argument("--threads", type=int, help="torch threads (default: the cores less one, which is left to "
+                    "the HTTP event loop)")
     sv.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     sv.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     sv.add_argument("--max-cache-tokens", type=int, help="KV-cache budget of all requests together, in tokens; "

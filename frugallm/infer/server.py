@@ -57,6 +57,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -537,8 +538,11 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: s
     from ..numerics.kernels import kernels_in_use
     from .compiled import compile_decode
 
-    if threads:
-        torch.set_num_threads(threads)
+    # one core stays with the event loop (HTTP, JSON, streaming): on a 2-core Zen 4 (benchmarks/bench_serve.py)
+    # one torch thread gave 103 vs 63 tok/s at 1 client and 560 vs 361 at 16 clients against two
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - 1))
+    print(f"frugallm: {torch.get_num_threads()} torch thread(s){'' if threads else ' (one core left for HTTP)'}",
+          flush=True)
     print(f"frugallm: {inference_dtype(dtype).reason}", flush=True)
     model, tokenizer = load_for_inference(run, dtype, prepack=not compile), load_tokenizer(run)
     print(f"frugallm: matmul kernels: {kernels_in_use(model)}", flush=True)
