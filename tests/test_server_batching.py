@@ -246,3 +246,46 @@ def test_metrics_in_prometheus_format(client, server):
         urllib.request.urlopen(server + "/metrics")
     assert e.value.code == 401
     assert json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
+
+
+def test_a_client_hanging_up_mid_batch_over_http(client, server, model_tok):
+    """Three greedy streams at once; one client closes its connection after two chunks: the other two get the
+    text they get alone, and the server frees the abandoned request."""
+    import http.client
+    import threading
+    import time
+
+    _, tok = model_tok
+    bodies = [dict(model="tiny", prompt=f"the {w}", max_tokens=40, temperature=0, logit_bias={str(tok.eos_id): -100})
+              for w in ("cat", "dog ran", "ball and the")]
+    alone = [client.completions.create(**b).choices[0].text for b in bodies]
+    texts = [""] * 3
+
+    def stream(i: int):
+        conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({**bodies[i], "stream": True}),
+                     {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        response, chunks = conn.getresponse(), 0
+        for line in response:
+            if line.startswith(b"data: {"):
+                texts[i] += json.loads(line[6:])["choices"][0]["text"]
+                chunks += 1
+                if i == 1 and chunks == 2:
+                    break
+        conn.sock.close()  # for i == 1: hang up mid-stream
+        conn.close()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert texts[0] == alone[0] and texts[2] == alone[2] and len(texts[1]) < len(alone[1])
+    health = urllib.request.Request(server + "/health", headers={"Authorization": f"Bearer {KEY}"})
+    for _ in range(50):
+        with urllib.request.urlopen(health) as r:
+            load = json.loads(r.read())
+        if load["active"] == load["queued"] == 0:
+            break
+        time.sleep(0.1)
+    assert load["active"] == load["queued"] == load["cache_tokens_reserved"] == 0

@@ -247,7 +247,7 @@ def test_internal_errors_reach_the_log_not_the_client(tiny_run, caplog):
 
     from frugallm import load, load_tokenizer
     from frugallm.infer.engine import Engine, Job
-    from frugallm.infer.server import _Guard
+    from frugallm.infer.protocol import Guard
 
     async def broken(scope, receive, send):
         raise RuntimeError("secret detail /etc/passwd")
@@ -263,7 +263,7 @@ def test_internal_errors_reach_the_log_not_the_client(tiny_run, caplog):
 
         scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
         server = types.SimpleNamespace(api_key=None, metrics=types.SimpleNamespace(request=lambda route, status: None))
-        await _Guard(broken, server)(scope, receive, send)
+        await Guard(broken, server)(scope, receive, send)
         return sent, scope["state"]["rid"]
 
     sent, rid = asyncio.run(run_guard())

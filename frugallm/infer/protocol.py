@@ -10,11 +10,18 @@ OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with `param` th
 from __future__ import annotations
 
 import json
+import logging
+import secrets
+import uuid
 from typing import Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger("frugallm.server")
+ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/docs",
+          "/openapi.json", "/redoc"}
 
 
 class APIError(Exception):
@@ -176,3 +183,68 @@ def chat_logprobs(entries: list, token: "callable") -> dict:
         return {"token": text, "logprob": lp, "bytes": raw}
     return {"content": [{**one(i, lp), "top_logprobs": [one(a, v) for a, v in alternatives]}
                         for i, lp, alternatives in entries], "refusal": None}
+
+
+# --- replies
+def failure(event: tuple, rid: str, timeout: float) -> APIError:
+    """The error for an engine event that is not text: a timeout (503), a disconnect, or an internal error."""
+    if event[0] == "timeout":
+        return APIError(503, f"The request did not finish within this server's timeout of {timeout:g}"
+                        f" s (--request-timeout); retry later or ask for fewer tokens.", type="server_error",
+                        code="timeout", headers={"Retry-After": "1"})
+    if event[0] == "cancelled":
+        return APIError(400, "the client disconnected")  # nobody reads it
+    return internal(rid)  # the engine logged the detail
+
+
+def total_usage(usage: list[dict | None], n: int) -> dict | None:
+    """One request's usage: each prompt counted once (its n choices share it), every choice's completion."""
+    if any(u is None for u in usage):
+        return None
+    prompt = sum(u["prompt_tokens"] for u in usage[::n])
+    completion = sum(u["completion_tokens"] for u in usage)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse_event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+# --- in front of every route
+class Guard:
+    """ASGI middleware in front of every route, /docs and /openapi.json included (FastAPI's dependencies
+    skip those): gives the request an id, checks the API key, and turns whatever escapes the handlers into
+    a generic 500 with the detail in the log."""
+
+    def __init__(self, app, server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = scope.setdefault("state", {})["rid"] = uuid.uuid4().hex
+        started = False
+
+        async def send_with_id(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                route = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label values
+                self.server.metrics.request(route, message["status"])
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        key = self.server.api_key
+        if scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
+            key = None  # the chat page is static and holds nothing; its own API calls send the key
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if key is not None and not secrets.compare_digest(given, f"Bearer {key}".encode()):
+            return await reply(APIError(401, "Incorrect or missing API key: send the header 'Authorization: "
+                                         "Bearer KEY'.", code="invalid_api_key"))(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request %s failed", rid)
+            if started:  # too late for a status: the connection just closes
+                raise
+            await reply(internal(rid))(scope, receive, send_with_id)

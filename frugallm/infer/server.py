@@ -27,7 +27,7 @@ Limits, each a `serve` argument (CLI: --max-cache-tokens, --max-queue, --request
 so that load or a hostile client degrades service instead of taking the host down:
 - max_cache_tokens: the KV-cache budget of all requests together, in tokens. A request reserves len(prompt) +
   max_tokens of it while it runs and waits in the queue until that fits; one that never can gets a 400 naming
-  the limit. Default: half the memory available once the model is loaded, over `bytes_per_token` (engine.py),
+  the limit. Default: half the memory available once the model is loaded, over `bytes_per_token` (budget.py),
   at most `slots` full contexts.
 - max_queue (64): requests waiting for a slot or for budget; one more gets 429 with `Retry-After: 1`.
 - request_timeout (600 s): from arrival to the last token, queueing included. Past it the request is cancelled
@@ -55,12 +55,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import json
 import logging
 import os
-import secrets
 import time
-import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -69,58 +66,20 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, Job, QueueFull, bytes_per_token, default_cache_tokens, memory_budget, rss
+from .budget import bytes_per_token, default_cache_tokens, memory_budget, rss
+from .engine import Engine, Job, QueueFull
+from .jobs import Limits, jobs_for
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .protocol import (MAX_LOGPROBS, APIError, ChatRequest, CompletionRequest, Sampling, add_request_schemas,
-                       body_schema, chat_logprobs, completion_logprobs, internal, parse, reply)
+from .protocol import (MAX_LOGPROBS, APIError, ChatRequest, CompletionRequest, Guard, Sampling, add_request_schemas,
+                       body_schema, chat_logprobs, completion_logprobs, failure, parse, reply, sse_event,
+                       total_usage)
 
 log = logging.getLogger("frugallm.server")
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
-ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/docs",
-          "/openapi.json", "/redoc"}
 
 
 class InsecureServe(ValueError):
     """Serving beyond this host without an API key, and without saying so on purpose."""
-
-
-class _Guard:
-    """ASGI middleware in front of every route, /docs and /openapi.json included (FastAPI's dependencies
-    skip those): gives the request an id, checks the API key, and turns whatever escapes the handlers into
-    a generic 500 with the detail in the log."""
-
-    def __init__(self, app, server: "Server"):
-        self.app, self.server = app, server
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        rid = scope.setdefault("state", {})["rid"] = uuid.uuid4().hex
-        started = False
-
-        async def send_with_id(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                route = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label values
-                self.server.metrics.request(route, message["status"])
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
-            await send(message)
-
-        key = self.server.api_key
-        if scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
-            key = None  # the chat page is static and holds nothing; its own API calls send the key
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if key is not None and not secrets.compare_digest(given, f"Bearer {key}".encode()):
-            return await reply(APIError(401, "Incorrect or missing API key: send the header 'Authorization: "
-                                         "Bearer KEY'.", code="invalid_api_key"))(scope, receive, send_with_id)
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:
-            log.exception("request %s failed", rid)
-            if started:  # too late for a status: the connection just closes
-                raise
-            await reply(internal(rid))(scope, receive, send_with_id)
 
 
 class Server:
@@ -140,7 +99,7 @@ class Server:
         self.max_body = (1 << 20) + 32 * self.context
         self.memory_budget = memory_budget
         self.created = int(time.time())
-        self.max_choices = max(1, max_queue)  # completions (prompts x n) in one request
+        self.limits = Limits(self.context, self.max_cache_tokens, model.config.vocab_size, max(1, max_queue))
         self.engine: Engine | None = None
         self.metrics = Metrics(lambda: self.engine.load())
         self._tokens: dict[int, tuple[str, list[int]]] = {}  # token id -> (text, bytes), for log-probs
@@ -156,7 +115,7 @@ class Server:
             self.engine.close()
 
         app = FastAPI(title="frugallm", lifespan=lifespan)
-        app.add_middleware(_Guard, server=self)
+        app.add_middleware(Guard, server=self)
         app.add_exception_handler(APIError, lambda req, e: reply(e))
         app.add_exception_handler(StarletteHTTPException, lambda req, e: reply(
             APIError(e.status_code, str(e.detail), headers=e.headers)))
@@ -231,8 +190,8 @@ class Server:
         except ValueError as e:  # no chat template for this vocabulary, or the template refused
             raise APIError(400, str(e), param="messages") from None
         max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
-        jobs = self._jobs(req, [prompt], max_tokens, "messages", default=self.default_max_tokens,
-                          logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        jobs = jobs_for(req, [prompt], max_tokens, "messages", default=self.default_max_tokens,
+                        logprobs=(req.top_logprobs or 0) if req.logprobs else None, limits=self.limits)
         return await self._respond(request, req, jobs, chat=True, echo=[])
 
     async def completions(self, request: Request):
@@ -257,7 +216,8 @@ class Server:
                 raise APIError(400, f"token ids must be a non-empty list in [0, {self.model.config.vocab_size})",
                                param="prompt" if len(prompts) == 1 else f"prompt[{i}]")
         echo = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts] if req.echo else []
-        jobs = self._jobs(req, ids, req.max_tokens, "prompt", default=16, logprobs=req.logprobs, echo=bool(req.echo))
+        jobs = jobs_for(req, ids, req.max_tokens, "prompt", default=16, logprobs=req.logprobs, limits=self.limits,
+                        echo=bool(req.echo))
         return await self._respond(request, req, jobs, chat=False, echo=echo)
 
     # --- helpers
@@ -268,64 +228,6 @@ class Server:
         if name != self.model_name:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'.",
                            param="model", code="model_not_found")
-
-    def _jobs(self, req: Sampling, prompts: list[list[int]], max_tokens: int | None, prompt_param: str, default: int,
-              logprobs: int | None, echo: bool = False) -> list[Job]:
-        """Check the request against the context, the cache budget and what is supported: a Job per prompt and
-        choice (n), in the order of OpenAI's choice indices, or an APIError."""
-        n = req.n or 1
-        if len(prompts) * n > self.max_choices:
-            raise APIError(400, f"a request may ask for at most {self.max_choices} completions (prompts x n, this "
-                           f"server's --max-queue), got {len(prompts)} x {n}", param="n")
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4 or any(len(x) > 256 for x in stop):  # each step scans them (engine.py `_emit`)
-            raise APIError(400, f"at most 4 stop sequences of at most 256 characters, got {len(stop)} of up to "
-                           f"{max(map(len, stop))}", param="stop")
-        bias = {}
-        for key, value in (req.logit_bias or {}).items():
-            if not key.isdigit() or int(key) >= self.model.config.vocab_size or not -100 <= value <= 100:
-                raise APIError(400, f"logit_bias maps token ids in [0, {self.model.config.vocab_size}) to biases in "
-                               f"[-100, 100]; got {key!r}: {value}", param="logit_bias")
-            bias[int(key)] = value
-        temperature = 1.0 if req.temperature is None else req.temperature
-        # from 1e-6 down sampling is argmax anyway; decoding those greedily keeps subnormal temperatures
-        # (5e-324 still failed after sampling.probs shifted its logits, tested) off the sampling path
-        temperature = temperature if temperature >= 1e-6 else 0.0
-        jobs = []
-        for prompt in prompts:
-            tokens = self._max_tokens(prompt, max_tokens, prompt_param, default, echo)
-            for i in range(n):
-                jobs.append(Job(prompt, tokens, temperature=temperature, top_p=req.top_p, top_k=req.top_k,
-                                seed=None if req.seed is None else req.seed + i, stop=[s for s in stop if s],
-                                presence_penalty=req.presence_penalty or 0.0,
-                                frequency_penalty=req.frequency_penalty or 0.0, logit_bias=bias, logprobs=logprobs,
-                                prompt_logprobs=echo and logprobs is not None))
-        return jobs
-
-    def _max_tokens(self, prompt: list[int], max_tokens: int | None, param: str, default: int, echo: bool) -> int:
-        """max_tokens for this prompt (`default`, or what fits, when not given), or an APIError naming the limit."""
-        room, budget = self.context - len(prompt), self.max_cache_tokens
-        if room < 0 or (room == 0 and not echo):
-            raise APIError(400, f"This model's maximum context length is {self.context} tokens, but the prompt is "
-                           f"{len(prompt)} tokens.", param=param, code="context_length_exceeded")
-        over_budget = (f"This server's KV-cache budget (--max-cache-tokens) is {budget} tokens for all requests "
-                       f"together, and a request reserves its prompt plus max_tokens: ")
-        if len(prompt) > budget or (len(prompt) == budget and not echo):
-            raise APIError(400, over_budget + f"the prompt alone is {len(prompt)} tokens.", param=param,
-                           code="cache_budget_exceeded")
-        if max_tokens is None:  # `default` tokens, or what fits
-            max_tokens = min(default, room, budget - len(prompt))
-        if max_tokens < (0 if echo else 1):  # echo with max_tokens 0: the prompt's log-probs only
-            raise APIError(400, f"max_tokens must be at least {0 if echo else 1}, got {max_tokens}", param="max_tokens")
-        if max_tokens > room:
-            raise APIError(400, f"This model's maximum context length is {self.context} tokens: the prompt's "
-                           f"{len(prompt)} tokens plus max_tokens={max_tokens} exceed it (at most {room}).",
-                           param="max_tokens", code="context_length_exceeded")
-        if len(prompt) + max_tokens > budget:
-            raise APIError(400, over_budget + f"the prompt's {len(prompt)} tokens plus max_tokens={max_tokens} "
-                           f"exceed it (at most {budget - len(prompt)}).", param="max_tokens",
-                           code="cache_budget_exceeded")
-        return max_tokens
 
     def _token(self, i: int) -> tuple[str, list[int]]:
         if i not in self._tokens:
@@ -376,15 +278,6 @@ class Server:
 
         return stream()
 
-    def _fail(self, event: tuple, rid: str) -> APIError:
-        if event[0] == "timeout":
-            return APIError(503, f"The request did not finish within this server's timeout of {self.request_timeout:g}"
-                            f" s (--request-timeout); retry later or ask for fewer tokens.", type="server_error",
-                            code="timeout", headers={"Retry-After": "1"})
-        if event[0] == "cancelled":
-            return APIError(400, "the client disconnected")  # nobody reads it
-        return internal(rid)  # the engine logged the detail
-
     async def _respond(self, request: Request, req: Sampling, jobs: list[Job], chat: bool, echo: list[str]):
         """Run the jobs; a JSON reply, or server-sent events. echo: each prompt's text, for completions' echo."""
         rid = request.state.rid
@@ -399,7 +292,7 @@ class Server:
             if req.stream:  # headers go with the first token, so a request that waited too long still gets 503
                 first = await anext(events)
                 if first[1][0] not in ("text", "done", "prompt"):
-                    raise self._fail(first[1], rid)
+                    raise failure(first[1], rid, self.request_timeout)
                 usage_chunk = bool(req.stream_options and req.stream_options.include_usage)
                 return StreamingResponse(self._sse(first, events, head, chat, usage_chunk, rid, jobs, echo, n),
                                          media_type="text/event-stream",
@@ -417,7 +310,7 @@ class Server:
                 elif event[0] == "done":
                     finish[i], usage[i] = event[1], event[2]
                 else:
-                    raise self._fail(event, rid)
+                    raise failure(event, rid, self.request_timeout)
         except BaseException:
             await events.aclose()
             raise
@@ -435,7 +328,7 @@ class Server:
                 logprobs = None if job.logprobs is None else completion_logprobs(
                     entries[i], self._token, top=job.logprobs > 0)
                 choices.append({"index": i, "text": prefix + body, "logprobs": logprobs, "finish_reason": finish[i]})
-        return {**head, "choices": choices, "usage": _total(usage, n)}
+        return {**head, "choices": choices, "usage": total_usage(usage, n)}
 
     async def _watch_disconnect(self, request: Request, jobs: list[Job]) -> None:
         """Until the answer (or a stream's first token): cancel the jobs when the client hangs up."""
@@ -463,7 +356,7 @@ class Server:
                     offsets[i] += sum(len(t) for t in lp["tokens"])
                 choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": finish}
             done = finish is not None and all(u is not None for u in usage)
-            return _event({**head, "choices": [choice], "usage": _total(usage, n) if done else None})
+            return sse_event({**head, "choices": [choice], "usage": total_usage(usage, n) if done else None})
 
         try:
             if chat:
@@ -483,29 +376,16 @@ class Server:
                     usage[i] = event[2]
                     yield chunk(i, None, finish=event[1])
                 else:  # a timeout or an internal error mid-stream: an error event instead of the last chunk
-                    yield _event(self._fail(event, rid).body())
+                    yield sse_event(failure(event, rid, self.request_timeout).body())
                     break
                 if all(u is not None for u in usage):
                     if usage_chunk:
-                        yield _event({**head, "choices": [], "usage": _total(usage, n)})
+                        yield sse_event({**head, "choices": [], "usage": total_usage(usage, n)})
                     break
                 i, event = await anext(events)
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()
-
-
-def _total(usage: list[dict | None], n: int) -> dict | None:
-    """One request's usage: each prompt counted once (its n choices share it), every choice's completion."""
-    if any(u is None for u in usage):
-        return None
-    prompt = sum(u["prompt_tokens"] for u in usage[::n])
-    completion = sum(u["completion_tokens"] for u in usage)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _event(obj: dict) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 def check_exposure(host: str, api_key: str | None, insecure_no_api_key: bool = False) -> None:
