@@ -60,7 +60,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import shutil
 import statistics
@@ -93,6 +92,10 @@ def trl_worker(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     t_setup = time.perf_counter()
     rows = torch.load(spec["windows"])  # {"input_ids": (N, S+1), "labels": (N, S+1)} int64, in training order
     ids, labels = rows["input_ids"], rows["labels"]
@@ -238,17 +241,21 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None, help="warmup steps (default: TrainConfig's)")
     ap.add_argument("--val-fraction", type=float, default=0.1, help="as bench_distill.py (the same split)")
     ap.add_argument("--eval-batches", type=int, default=1000, help="val batches (default: the whole split)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of every process (0: torch's default, "
+                    "all cores); on a machine shared with another busy job, 1 avoids OpenMP oversubscription")
     add_host_args(ap)
     args = ap.parse_args()
     if args.trl_worker:
         trl_worker(args.trl_worker)
         return
 
-    try:
-        import trl  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
         raise SystemExit("TRL is not installed (a benchmark-only dependency); install it as this script's docstring "
-                         "says (pinning torch and the HF stack), then rerun") from None
+                         "says (pinning torch and the HF stack), then rerun")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     kind = print_host_header()
     save_output("bench_distill_trl", args.save)
     print("note: a shared machine (another job may have been running on these cores): tokens/s are indicative; the "
@@ -292,6 +299,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     probe = fdata.Batches(splits.train, S, B, 0, mask=splits.train_mask).get(0)[0][:2]
     teacher_f = load(teacher_run, dtype=torch.float32).eval()
     teacher_h = AutoModelForCausalLM.from_pretrained(teacher_hf, dtype=torch.float32)
@@ -334,7 +342,7 @@ def main() -> None:
         for beta in args.betas:
             spec = {"beta": beta, "seed": seed, "steps": args.steps, "batch": B, "seq": S, "optim": optim,
                     "student": str(student_hf), "teacher": str(teacher_hf), "teacher_run": str(teacher_run),
-                    "data": str(data_dir), "val_fraction": args.val_fraction}
+                    "data": str(data_dir), "val_fraction": args.val_fraction, "threads": args.threads}
             key = spec_key(spec)
             # frugallm
             run = root / f"frugallm_b{beta:g}_s{seed}_{key}"
@@ -343,7 +351,7 @@ def main() -> None:
                     shutil.rmtree(run)
                 sets = {"seq_len": S, "batch_size": B, "val_fraction": args.val_fraction, "eval_every": args.steps,
                         "log_every": 1, "save_every": args.steps, "seed": seed, "precision": "fp32",
-                        "bias_gamma": 0, "balance_loss_alpha": 0,
+                        "bias_gamma": 0, "balance_loss_alpha": 0, "threads": args.threads,
                         **{k: v for k, v in optim.items()}}
                 cmd = CLI + ["distill", "--teacher", str(teacher_run), "--init-from", str(student_hf),
                              "--data", str(data_dir), "--loss", "jsd", "--beta", str(beta), "--temperature", "1.0",
@@ -368,9 +376,11 @@ def main() -> None:
                 spec_file = out / "spec.json"
                 spec_file.write_text(json.dumps({**spec, "windows": str(windows_file), "out": str(out)}))
                 wall = run_logged([sys.executable, str(Path(__file__).resolve()), "--trl-worker", str(spec_file)],
-                                  root / f"{out.name}.log")
+                                  root / f"{out.name}.log", dict(os.environ, TRL_EXPERIMENTAL_SILENCE="1"))
                 (out / "bench_wall.json").write_text(json.dumps({"wall": wall}))
             r = json.loads((out / "result.json").read_text())
+            if len(r["loss"]) != args.steps or len(loss) != args.steps:
+                raise RuntimeError(f"expected {args.steps} logged steps, got frugallm {len(loss)}, TRL {len(r['loss'])}")
             runs[(beta, seed, "trl")] = {"loss": r["loss"], "secs": r["step_seconds"], "lr": r["lr"],
                                          "dir": out / "final", "result": r,
                                          "wall": json.loads((out / "bench_wall.json").read_text())["wall"]}
