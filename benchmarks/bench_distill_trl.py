@@ -346,7 +346,8 @@ def main() -> None:
             key = spec_key(spec)
             # frugallm
             run = root / f"frugallm_b{beta:g}_s{seed}_{key}"
-            if not (run / "bench_wall.json").exists():
+            reused = {"frugallm": (run / "bench_wall.json").exists()}
+            if not reused["frugallm"]:
                 if run.exists():
                     shutil.rmtree(run)
                 sets = {"seq_len": S, "batch_size": B, "val_fraction": args.val_fraction, "eval_every": args.steps,
@@ -366,10 +367,12 @@ def main() -> None:
             runs[(beta, seed, "frugallm")] = {"loss": loss, "secs": secs, "lr": lrs, "dir": run,
                                               "wall": json.loads((run / "bench_wall.json").read_text())["wall"]}
             print(f"  frugallm beta {beta:g} seed {seed}: {len(loss)} steps, last kd {loss[-1]:.4f}, "
-                  f"{step_tokens / statistics.median(secs[1:] or secs):,.0f} tok/s", flush=True)
+                  f"{step_tokens / statistics.median(secs[1:] or secs):,.0f} tok/s"
+                  f"{' (run reused from ' + str(run) + ')' if reused['frugallm'] else ''}", flush=True)
             # TRL
             out = root / f"trl_b{beta:g}_s{seed}_{key}"
-            if not (out / "result.json").exists():
+            reused["trl"] = (out / "result.json").exists()
+            if not reused["trl"]:
                 if out.exists():
                     shutil.rmtree(out)
                 out.mkdir(parents=True)
@@ -385,8 +388,8 @@ def main() -> None:
                                          "dir": out / "final", "result": r,
                                          "wall": json.loads((out / "bench_wall.json").read_text())["wall"]}
             print(f"  TRL      beta {beta:g} seed {seed}: {len(r['loss'])} steps, last kd {r['loss'][-1]:.4f}, "
-                  f"{step_tokens / statistics.median(r['step_seconds'][1:] or r['step_seconds']):,.0f} tok/s",
-                  flush=True)
+                  f"{step_tokens / statistics.median(r['step_seconds'][1:] or r['step_seconds']):,.0f} tok/s"
+                  f"{' (run reused from ' + str(out) + ')' if reused['trl'] else ''}", flush=True)
 
     # --- the same eval for every final student: frugallm's evaluate (CE) and the KD divergence to the teacher
     val = fdata.val_batches(splits.val, S, B, mask=splits.val_mask)
@@ -487,6 +490,12 @@ def main() -> None:
             print(f"  seed {seed}: frugallm CE {f['val_ce']:.4f} kd {f['val_kd']:.4f} | TRL CE {t['val_ce']:.4f} "
                   f"kd {t['val_kd']:.4f} | |diff| CE {abs(f['val_ce'] - t['val_ce']):.4f} "
                   f"kd {abs(f['val_kd'] - t['val_kd']):.4f}")
+        for side in ("frugallm", "trl"):
+            for i, a in enumerate(args.seeds):
+                for b in args.seeds[i + 1:]:
+                    ra, rb = runs[(beta, a, side)], runs[(beta, b, side)]
+                    print(f"  seed {a} vs seed {b}, {side + ':':<9} (noise) |diff| CE {abs(ra['val_ce'] - rb['val_ce']):.4f} "
+                          f"kd {abs(ra['val_kd'] - rb['val_kd']):.4f}")
 
     print()
     head = (f"{'speed':<22} {'tok/s (median step)':>19} {'tok/s (all steps)':>17} {'train s':>8} {'command s':>9}")

@@ -82,9 +82,10 @@ class Distillation:
         else:
             teacher = self.teacher.logits(x)  # (B, S, V) fp32
         weight = cfg.kd_weight if windows is not None else 1.0  # on-policy: the divergence alone
+        targets = int((y != -100).sum())
         parts = distill_loss(out.logits, y, teacher, kind=cfg.kd_loss, beta=cfg.kd_beta,
                              temperature=cfg.kd_temperature, kd_weight=weight, tau_squared=cfg.kd_tau_squared,
-                             denominator=denominator)
+                             denominator=denominator, ce_sum=out.lm_loss * targets)  # the forward's own CE
         share = int(parts["tokens"]) / max(denominator, 1)
         extra = sum(t for t in (out.mtp_loss, out.balance_loss) if t is not None)
         loss = parts["loss"] + extra * share
