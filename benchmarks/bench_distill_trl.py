@@ -97,7 +97,7 @@ def trl_worker(spec_path: str) -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     t_setup = time.perf_counter()
-    rows = torch.load(spec["windows"])  # {"input_ids": (N, S+1), "labels": (N, S+1)} int64, in training order
+    rows = torch.load(spec["windows"], weights_only=True)  # {"input_ids": (N, S+1), "labels": (N, S+1)} int64, in training order
     ids, labels = rows["input_ids"], rows["labels"]
     ds = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
                                      "labels": labels.tolist()})
