@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -76,10 +77,23 @@ def _train(args: argparse.Namespace, extra: list[str] = (), model_from=None) -> 
     elif time_budget is None and not saved and not args.train_config and not any(
             p.startswith(("steps=", "time_budget=")) for p in args.set or []):
         time_budget = DEFAULT_TIME
-    flags = {"data": args.data, "steps": args.steps, "time_budget": time_budget, "save_every": args.save_every}
+    flags = {"data": args.data, "steps": args.steps, "time_budget": time_budget, "save_every": args.save_every,
+             "ep": args.ep, "pp": args.pp, "dp": args.dp}
+    if saved:  # the layout belongs to this launch, not to the run: a resume on other ranks starts from none
+        flags |= {k: v for k, v in (("ep", 1), ("pp", 1), ("dp", 0)) if flags[k] is None}
     pairs = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(extra) + list(args.set or [])
     model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, pairs)
+    if args.nproc:  # check the layout here, before any process starts, then hand over to torchrun
+        from .parallel.layout import resolve, torchrun_command
+
+        resolve(model_cfg, train_cfg, args.nproc * args.nnodes)
+        cmd = torchrun_command(args.nproc, _without_launch_flags(sys.argv[1:]), args.nnodes, args.node_rank,
+                               args.rdzv_endpoint)
+        sys.stdout.flush()
+        os.execv(cmd[0], cmd)
     result = train(model_cfg, train_cfg, args.out, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     if result.interrupted:
         return 130
     if result.val_loss is not None:
@@ -310,6 +324,31 @@ def _run_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any ModelConfig or TrainConfig field")
     p.add_argument("--no-sample", dest="sample", action="store_false", help="do not print a sample at the end")
+    par = p.add_argument_group("parallelism (torch.distributed; world = ep x pp x dp ranks)")
+    par.add_argument("--ep", type=int, help="expert parallelism: shard the routed experts over this many ranks")
+    par.add_argument("--pp", type=int, help="pipeline stages (not built yet; 1)")
+    par.add_argument("--dp", type=int, help="data parallelism (FSDP2); default: the world / (ep x pp)")
+    par.add_argument("--nproc", type=_positive_int, help="launch this many processes per node with torchrun "
+                     "(same as `torchrun --nproc-per-node N -m frugallm train ...`); the layout is checked first")
+    par.add_argument("--nnodes", type=_positive_int, default=1, help="machines taking part (with --nproc)")
+    par.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    par.add_argument("--rdzv-endpoint", default="", help="HOST:PORT every node meets at (--nnodes > 1)")
+
+
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint")
+
+
+def _without_launch_flags(argv: list[str]) -> list[str]:
+    """argv minus the flags that start torchrun (the ranks must not start it again)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in LAUNCH_FLAGS:
+            skip = True
+        elif not arg.startswith(tuple(f + "=" for f in LAUNCH_FLAGS)):
+            out.append(arg)
+    return out
 
 
 def _positive_int(text: str) -> int:

@@ -300,6 +300,12 @@ class TrainConfig:
     compile: bool = False
     threads: int = 0  # 0 = all cores
     seed: int = 0
+    # --- parallelism (frugallm/parallel/; under torchrun, or `frugallm train --nproc N`): world = ep * pp * dp
+    ep: int = 1  # expert parallelism: the routed experts sharded over ep ranks, which read their own micro-batches
+    pp: int = 1  # pipeline stages (not built yet: the schedules are in `frugallm parallel simulate`)
+    dp: int = 0  # data parallelism (FSDP2) degree; 0 = world / (ep * pp)
+    pp_schedule: str = "dualpipev"  # dualpipev | 1f1b | zbv
+    fp8_dispatch: bool = False  # EP: send the dispatch payload as FP8 + scales (V3 §3.3.3); changes the numbers
     # --- distillation (frugallm/distill/; `frugallm distill`): "" teacher = plain training
     teacher: str = ""  # a frugallm run or Hugging Face DeepSeek dir with the student's vocabulary (padding allowed)
     kd_loss: str = "fkl"  # fkl (forward KL) | rkl (reverse KL) | jsd (generalised JSD(kd_beta), TRL's) | tvd

@@ -238,10 +238,23 @@ def grouped_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
     xs = x.index_select(0, order // K)  # (N*K, d), rows of one expert contiguous
     w = weights.flatten().index_select(0, order).to(x.dtype)[:, None]
     counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
-    h = F.silu(grouped_mm(xs, w1.transpose(1, 2), offs)) * grouped_mm(xs, w3.transpose(1, 2), offs)
-    out = grouped_mm(h * w, w2.transpose(1, 2), offs)
+    out = sorted_experts(xs, w, counts, w1, w2, w3)
     return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1)
+
+
+def sorted_experts(xs, w, counts, w1, w2, w3) -> torch.Tensor:
+    """The grouped GEMMs on rows already sorted by expert: xs (M, d), the first counts[0] rows for
+    expert 0, then counts[1] for expert 1, ...; w (M, 1) each row's routing weight, applied to the
+    hidden before w2. -> (M, d). Shared with expert parallelism (parallel/expert.py), whose rows
+    arrive from other ranks already grouped. Dtypes without a grouped_mm kernel (float64) and
+    batches with no rows run one GEMM per expert, with the same order of operations."""
+    if xs.dtype in (torch.float32, torch.bfloat16, torch.float16) and xs.shape[0] > 0:
+        offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
+        h = F.silu(grouped_mm(xs, w1.transpose(1, 2), offs)) * grouped_mm(xs, w3.transpose(1, 2), offs)
+        return grouped_mm(h * w, w2.transpose(1, 2), offs)
+    out = [F.linear(F.silu(F.linear(rows, w1[e])) * F.linear(rows, w3[e]) * we, w2[e])
+           for e, (rows, we) in enumerate(zip(xs.split(counts.tolist()), w.split(counts.tolist())))]
+    return torch.cat(out) if out else xs.new_zeros(0, w2.shape[1])
 
 
 def per_expert(x, weights, idx, n_experts: int, expert) -> torch.Tensor:

@@ -31,8 +31,13 @@ PREFIX = "step_"
 CorruptCheckpoint = io.CorruptOutput  # the name callers catch
 
 
-def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """AdamW state as ({name.key: tensor}, JSON-able meta), keyed by parameter names, no pickle."""
+def _same(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, full=_same) -> tuple[dict, dict]:
+    """AdamW state as ({name.key: tensor}, JSON-able meta), keyed by parameter names, no pickle.
+    full(name, tensor): the whole tensor of a sharded one (parallel/runtime.py; collective)."""
     names = {id(p): n for n, p in model.named_parameters()}
     tensors, steps, groups = {}, {}, []
     for group in optimizer.param_groups:
@@ -42,11 +47,13 @@ def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tup
                 if key == "step":
                     steps[names[id(p)]] = float(value)
                 else:
-                    tensors[f"{names[id(p)]}.{key}"] = value.contiguous()
+                    tensors[f"{names[id(p)]}.{key}"] = full(names[id(p)], value).contiguous()
     return tensors, {"param_groups": groups, "steps": steps}
 
 
-def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict,
+                   shard=None) -> None:
+    """Restore AdamW state saved by optimizer_tensors; shard(name, full, param) cuts this rank's part."""
     params = dict(model.named_parameters())
     names = {id(p): n for n, p in params.items()}
     current = [sorted(names[id(p)] for p in group["params"]) for group in optimizer.param_groups]
@@ -62,19 +69,27 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: 
         state = {"step": torch.tensor(step, dtype=torch.float32)}
         for key in ("exp_avg", "exp_avg_sq"):  # in the optimizer's moment dtype (adamw.py), else p's
             if f"{name}.{key}" in tensors:
-                state[key] = tensors[f"{name}.{key}"].to(getattr(optimizer, "state_dtype", p.dtype))
+                value = tensors[f"{name}.{key}"].to(getattr(optimizer, "state_dtype", p.dtype))
+                state[key] = shard(name, value, p) if shard is not None else value
         optimizer.state[p] = state
 
 
 def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
-         tokenizer_json: str, model_cfg: ModelConfig, train_cfg: TrainConfig, keep_last: int) -> Path:
-    """Atomically write checkpoint `step`, then delete all but the newest `keep_last`."""
+         tokenizer_json: str, model_cfg: ModelConfig, train_cfg: TrainConfig, keep_last: int, full=_same,
+         write: bool = True) -> Path:
+    """Atomically write checkpoint `step`, then delete all but the newest `keep_last`.
+
+    Sharded runs (parallel/runtime.py) call this on every rank: full(name, tensor) gathers each
+    tensor whole (a collective), and only the rank with write=True writes. So a checkpoint is the
+    same files whatever the world size, and loads on any other."""
     final = Path(run_dir) / "checkpoints" / f"{PREFIX}{step:07d}"
+    state = {k: full(k, v).contiguous() for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = optimizer_tensors(model, optimizer, full)
+    if not write:
+        return final
     # re-saving a step after a resume swaps the new copy in; there is never a moment without one
     with io.write_directory(final, "checkpoint") as tmp:
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, tmp / "model.safetensors")
-        opt_tensors, opt_meta = optimizer_tensors(model, optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
@@ -124,12 +139,16 @@ def locate(path: Path) -> Path | None:
     return None
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore weights, optimizer, RNG; return the trainer state dict."""
+def load(path: Path, model: nn.Module | None, optimizer: torch.optim.Optimizer | None, shard=None,
+         params_of: nn.Module | None = None) -> dict:
+    """Restore weights (model: the full, unsharded model), optimizer (its state cut to this rank's
+    parts by shard(name, full, param), with the names of `params_of`, default model), RNG; return
+    the trainer state dict."""
     verify(path)
-    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    if model is not None:
+        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
     if optimizer is not None:
-        load_optimizer(model, optimizer, load_file(path / "optimizer.safetensors"),
-                       json.loads((path / "optimizer.json").read_text()))
+        load_optimizer(params_of or model, optimizer, load_file(path / "optimizer.safetensors"),
+                       json.loads((path / "optimizer.json").read_text()), shard)
     torch.set_rng_state(load_file(path / "rng.safetensors")["torch_cpu"])
     return json.loads((path / "trainer.json").read_text())

@@ -43,10 +43,13 @@ class ExpertBiasUpdate:
     def step(self) -> list[float]:
         """Apply the rule from the counters filled since the last call; returns MaxVio per layer."""
         gamma = self.gamma_at(self.tokens_seen)  # the schedule at the start of this step's tokens
+        if self.all_reduce is not None:  # the whole step's load, every rank's tokens, before anything reads it
+            for m in self._moe:
+                self.all_reduce(m.tokens_per_expert)
         if self._moe:  # every routed token is counted K times in each MoE layer
             first = self._moe[0]
             self.tokens_seen += int(first.tokens_per_expert.sum().item()) // first.cfg.n_activated_experts
-        self.last_max_violation = update_expert_bias(self.model, gamma, self.all_reduce)
+        self.last_max_violation = update_expert_bias(self.model, gamma)
         return self.last_max_violation
 
     def discard(self) -> None:

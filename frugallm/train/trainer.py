@@ -37,6 +37,8 @@ from ..tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from ..io import write_file
 from . import budget, checkpoint, data
 from .optim import ExpertBiasUpdate, build_optimizer, lr_at
+from ..parallel import layout as parallel_layout
+from ..parallel.runtime import Local, runtime_for
 
 
 class NonFiniteLoss(RuntimeError):
@@ -53,7 +55,11 @@ class RunResult:
     last_checkpoint: Path | None
 
 
-def _tokenizer_for(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, log) -> Tokenizer:
+def _silent(line: str) -> None:
+    pass
+
+
+def _tokenizer_for(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, log, write: bool = True) -> Tokenizer:
     if (run_dir / "tokenizer.json").exists():
         tok = load_tokenizer(run_dir)
     elif train_cfg.tokenizer:
@@ -71,7 +77,8 @@ def _tokenizer_for(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                          f"{model_cfg.vocab_size}; raise vocab_size (--set vocab_size={tok.vocab_size})")
-    tok.save(run_dir)
+    if write:
+        tok.save(run_dir)
     return tok
 
 
@@ -105,18 +112,22 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * matmul + 3 * attention
 
 
-def evaluate(model: Transformer, batches: data.Batches, n_batches: int, autocast) -> float:
-    """Mean main-head loss over the first `n_batches` val batches (the same ones every time)."""
+def evaluate(model: Transformer, batches: data.Batches, n_batches: int, autocast, world: Local = Local()) -> float:
+    """Mean main-head loss over the first `n_batches` val batches (the same ones every time). On
+    several data ranks each reads every R-th batch; a rank past the end runs batch 0 and counts
+    nothing, since every forward is collective (FSDP gathers, EP all-to-alls)."""
     n = eval_batch_count(batches, n_batches)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    R = world.data_ranks
     with torch.no_grad(), autocast():
-        for i in range(n):
-            x, y = batches.get(i)
-            targets = int((y != -100).sum())  # a mean over target tokens, not of batch means (SFT masks)
+        for i in range(world.data_rank, -(-n // R) * R, R):
+            x, y = batches.get(i if i < n else 0)
+            targets = int((y != -100).sum()) if i < n else 0  # a mean over target tokens (SFT masks)
             total += model(x, targets=y).lm_loss.item() * targets
             count += targets
+    total, count = world.sum([total, count])
     model.train(was_training)
     return total / max(count, 1)
 
@@ -134,11 +145,11 @@ def eval_batch_count(batches: data.Batches, n_batches: int) -> int:
 class _Progress:
     """A tqdm bar on a terminal; plain lines every `log_every` steps otherwise (CI, pipes)."""
 
-    def __init__(self, total: int, initial: int, log):
+    def __init__(self, total: int, initial: int, log, bar: bool = True):
         self.bar = None
         self.log = log
         self.start, self.initial = time.perf_counter(), initial
-        if sys.stderr.isatty():
+        if bar and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
@@ -176,7 +187,7 @@ def _run_file(name: str) -> bool:
 
 # what a resumed run may change: its length and its cadence, nothing its numbers depend on
 RESUMABLE = ("steps", "time_budget", "save_every", "eval_every", "log_every", "keep_last", "skip_nonfinite",
-             "sample_tokens", "sample_prompt", "threads")
+             "sample_tokens", "sample_prompt", "threads", "ep", "pp", "dp", "pp_schedule")
 
 
 def resume_conflicts(saved_model: ModelConfig, saved_train: TrainConfig, model_cfg: ModelConfig,
@@ -226,16 +237,29 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
         # a run only writes its own files: never config.json over somebody's project (`--out .`)
         raise FileExistsError(f"{run_dir} holds files that are not a frugallm run ({', '.join(strangers[:3])}"
                               f"{', ...' if len(strangers) > 3 else ''}); choose a new or empty --out")
+    # several ranks (torchrun): checked before the process group starts (parallel/layout.py); rank 0
+    # alone logs and writes, and the others follow it through the set-up that fills shared caches
+    world = runtime_for(parallel_layout.resolve(model_cfg, train_cfg, parallel_layout.world_from_env()),
+                        train_cfg.fp8_dispatch)
+    if not world.is_main:
+        log = _silent
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(train_cfg.threads or torch.get_num_threads())
     choice = choose_dtype("train", train_cfg.precision)  # a resumed run's is already resolved: honoured
+    if world.world > 1:  # every rank computes in rank 0's choice
+        choice = choose_dtype("train", ("fp32", "bf16")[world.broadcast(int(choice.name == "bf16"))])
+        log(f"{world.layout} ({'gloo' if world.device == 'cpu' else 'nccl'}); micro-batches per rank per step: "
+            f"{train_cfg.grad_accum // world.data_ranks}")
     log(choice.reason)
     train_cfg = dataclasses.replace(train_cfg, precision=choice.name)  # recorded: a resume repeats it
-    model_cfg.to_json(run_dir / "config.json")
-    train_cfg.to_json(run_dir / "train_config.json")
-
-    tokenizer = _tokenizer_for(run_dir, model_cfg, train_cfg, log)
-    splits = data.prepare(train_cfg.data, tokenizer, train_cfg.val_fraction, train_cfg.text_field)
+    for turn in ("main", "others"):
+        if (turn == "main") == world.is_main:
+            if world.is_main:
+                model_cfg.to_json(run_dir / "config.json")
+                train_cfg.to_json(run_dir / "train_config.json")
+            tokenizer = _tokenizer_for(run_dir, model_cfg, train_cfg, log, write=world.is_main)
+            splits = data.prepare(train_cfg.data, tokenizer, train_cfg.val_fraction, train_cfg.text_field)
+        world.barrier()
     m = splits.manifest
     if m["replaced_bytes"]:
         log(f"warning: {m['replaced_bytes']:,} bytes of the data were not UTF-8 and were replaced by U+FFFD")
@@ -253,30 +277,35 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
         from ..numerics.fp8 import convert_to_fp8
 
         convert_to_fp8(model, gemm_dtype=choice.dtype)  # the emulation multiplies in the run's dtype
-    optimizer = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, (train_cfg.beta1, train_cfg.beta2),
-                                train_cfg.adam_eps, train_cfg.optim_state_dtype)
-    balance = ExpertBiasUpdate(model, train_cfg.bias_gamma, train_cfg.bias_freeze_tokens or None)
-    distill = None
-    if train_cfg.teacher:  # the student learns from a teacher (frugallm/distill/objective.py)
-        from ..distill.objective import Distillation
-
-        distill = Distillation(train_cfg, tokenizer, model_cfg.vocab_size, splits, log)
     if train_cfg.init_from and ckpt is None:  # the student starts from existing weights
         from .. import load as load_model
 
         model.load_state_dict(load_model(train_cfg.init_from).float().state_dict())
         log(f"student initialised from {train_cfg.init_from}")
+    if ckpt is not None:  # full tensors into the whole model, before any sharding
+        state = checkpoint.load(ckpt, model, None)
+    model = world.parallelize(model)  # EP, then FSDP2 (parallel/runtime.py); one process: unchanged
+    optimizer = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, (train_cfg.beta1, train_cfg.beta2),
+                                train_cfg.adam_eps, train_cfg.optim_state_dtype)
+    balance = ExpertBiasUpdate(model, train_cfg.bias_gamma, train_cfg.bias_freeze_tokens or None,
+                               world.all_reduce_load if world.world > 1 else None)
+    distill = None
+    if train_cfg.teacher:  # the student learns from a teacher (frugallm/distill/objective.py)
+        from ..distill.objective import Distillation
+
+        distill = Distillation(train_cfg, tokenizer, model_cfg.vocab_size, splits, log)
     start, tokens = 0, 0
     if ckpt is not None:
-        state = checkpoint.load(ckpt, model, optimizer)
+        checkpoint.load(ckpt, None, optimizer, world.shard, params_of=model)
         start, tokens, balance.tokens_seen = state["step"], state["tokens"], state["bias_tokens_seen"]
-        _truncate_metrics(run_dir / "metrics.jsonl", start)
+        if world.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
         log(f"resumed from {ckpt} at step {start}")
     forward = torch.compile(model) if train_cfg.compile else model
     dtype = choice.dtype
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == torch.bfloat16 else contextlib.nullcontext
     flops_per_token = train_flops_per_token(model_cfg, train_cfg.seq_len)
-    peak = matmul_peak(dtype)
+    peak = matmul_peak(dtype) * world.world  # every rank measures about the same
     step_tokens = micro * train_cfg.seq_len * train_cfg.grad_accum
     plan = budget.TimeBudget(duration_seconds(train_cfg.time_budget), start, train_cfg.steps, train_cfg.warmup_steps, t0)
     length = f"{train_cfg.steps} steps"
@@ -296,14 +325,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
         interrupted = True
 
     previous = signal.signal(signal.SIGINT, on_sigint)
-    progress = _Progress(train_cfg.steps, start, log)
+    progress = _Progress(train_cfg.steps, start, log, bar=world.is_main)
     last_ckpt, val_loss = ckpt, None
     t_last, tok_last = time.perf_counter(), tokens
 
     def save(step: int) -> Path:
         state = {"step": step, "tokens": tokens, "bias_tokens_seen": balance.tokens_seen}
         return checkpoint.save(run_dir, step, model, optimizer, state, tokenizer.to_str(), model_cfg, train_cfg,
-                               train_cfg.keep_last)
+                               train_cfg.keep_last, full=world.full, write=world.is_main)
 
     try:
         model.train()
@@ -320,32 +349,41 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                 sums |= {"ce": 0.0, "kd": 0.0, "agreement": 0.0}
             finite = True
             micro_batches = []
-            for k in range(train_cfg.grad_accum):
-                index = step * train_cfg.grad_accum + k
+            for index in world.micro_batches(step, train_cfg.grad_accum):  # all of them, or this rank's share
                 x, y = train_batches.get(index)
                 windows = train_batches.window_ids(index)
+                k = index - step * train_cfg.grad_accum
                 micro_batches.append(distill.prepare(model, x, y, windows, step, k) if distill else (x, y, windows))
             # the step's loss is a mean over all its targets, not a mean of micro-batch means: with masked
             # targets (SFT records, on-policy prompts) the micro-batches hold different counts
             counts = [int((y != -100).sum()) for _, y, _ in micro_batches]
-            total = sum(counts)
+            total = int(world.sum([sum(counts)])[0])
             for (x, y, windows), count in zip(micro_batches, counts):
-                if count == 0:
-                    continue  # every target masked: nothing to learn here
+                if count == 0 and world.world == 1:
+                    continue  # every target masked: nothing to learn here (ranks still run the collectives)
+                load = [m.tokens_per_expert.clone() for m in balance._moe] if count == 0 else None
                 with autocast():
                     out = forward(x, targets=y, mtp_lambda=mtp_lambda)
                     loss, parts = distill.loss(out, x, y, windows, total) if distill else (out.loss, {})
                 if not torch.isfinite(loss):
                     finite = False
-                    break
+                    if world.world == 1:
+                        break
                 if distill is None:  # a mean over this micro-batch's targets -> its share of the step's mean
-                    loss = loss / (total / count)  # exactly / grad_accum when every micro-batch is full
+                    loss = loss / (total / count) if count else loss * 0.0  # / grad_accum when all are full
                 loss.backward()
+                if load is not None:  # as if skipped: its routing is no load
+                    for m, before in zip(balance._moe, load):
+                        m.tokens_per_expert.copy_(before)
+                    continue
                 for key in sums:
                     value = parts[key] if key in parts else getattr(out, key)
                     value = value.item() if isinstance(value, torch.Tensor) else value or 0.0
                     sums[key] += value if key in parts else value / (total / count)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip) if finite else None
+            if world.world > 1:  # the logged parts and the verdict on the loss cover every rank
+                *values, bad = world.sum([*sums.values(), float(not finite)])
+                sums, finite = dict(zip(sums, values)), bad == 0
+            grad_norm = world.clip_grad_norm(model, train_cfg.grad_clip) if finite else None
             if not finite or not torch.isfinite(grad_norm):
                 what = f"loss {loss.item()}" if not finite else f"gradient norm {grad_norm.item()}"
                 optimizer.zero_grad(set_to_none=True)
@@ -373,22 +411,27 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                 # an eval is n_eval forward passes of a micro-batch, ~1/3 of a micro-batch's forward + backward
                 planned, how = plan.plan(train_cfg.steps, done, n_eval / (3 * train_cfg.grad_accum), state_bytes,
                                          train_cfg.eval_every, train_cfg.save_every)
+                planned = world.broadcast(planned)  # every rank stops at rank 0's plan
                 log(f"time budget {train_cfg.time_budget}: {how}")
                 train_cfg = dataclasses.replace(train_cfg, steps=planned)
-                train_cfg.to_json(run_dir / "train_config.json")  # and every checkpoint from now on
+                if world.is_main:
+                    train_cfg.to_json(run_dir / "train_config.json")  # and every checkpoint from now on
                 progress.set_total(planned)
 
             eval_due = done % train_cfg.eval_every == 0 or done == train_cfg.steps
             if done % train_cfg.log_every == 0 or eval_due:  # an eval step always gets its metrics line
                 now = time.perf_counter()
                 tps = (tokens - tok_last) / max(now - t_last, 1e-9)
+                steps_since = (tokens - tok_last) // step_tokens
                 t_last, tok_last = now, tokens
                 metrics = {"step": done, "tokens": tokens, **sums, "lr": lr, "grad_norm": grad_norm.item(),
                            "tokens_per_s": tps, "mfu": tps * flops_per_token / peak, "precision": choice.name,
                            "mtp_lambda": mtp_lambda, "max_violation": max_vio,
                            "max_violation_mean": sum(max_vio) / len(max_vio) if max_vio else 0.0}
+                if world.layout.ep > 1:  # expert-parallel traffic (parallel/expert.py), forward, all ranks
+                    metrics["ep_bytes_per_step"] = world.ep_bytes() / max(steps_since, 1)
                 if eval_due:
-                    val_loss = evaluate(model, val_batches, train_cfg.eval_batches, autocast)
+                    val_loss = evaluate(model, val_batches, train_cfg.eval_batches, autocast, world)
                     metrics |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
                     if model_cfg.residual != "plain":  # the composite H_res gain over depth (mHC §3.1)
                         from ..model.hyperconn import composite_gains
@@ -396,9 +439,12 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                         gains = composite_gains(model, val_batches.get(0)[0])
                         metrics |= {"hc_gain_fwd": gains["hc_gain_fwd"], "hc_gain_bwd": gains["hc_gain_bwd"]}
                     t_last = time.perf_counter()  # eval time is not training throughput
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-                progress.update(done, train_cfg.steps, metrics)
+                if world.is_main:
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                    progress.update(done, train_cfg.steps, metrics)
+            if world.world > 1:  # a Ctrl-C on any rank stops all of them at the same step
+                interrupted = world.any(interrupted)
             if done % train_cfg.save_every == 0 or done == train_cfg.steps or interrupted:
                 last_ckpt = save(done)
             if interrupted:
@@ -406,9 +452,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                 break
             if done >= train_cfg.steps:  # a time budget's plan ends before the range's cap
                 break
+        world.barrier()  # rank 0's last checkpoint is on disk before anyone reads it
     finally:
         progress.close()
         signal.signal(signal.SIGINT, previous)
+        world.close()
     final_step = checkpoint.latest(run_dir)
     return RunResult(run_dir, int(final_step.name.split("_")[1]) if final_step else 0, val_loss, unigram,
                      interrupted, last_ckpt)

@@ -1,0 +1,127 @@
+"""The parallel layout (ep x pp x dp ranks), checked before any process group exists, and the launch.
+
+World = pp * dp * ep ranks, laid out as a (pp, dp, ep) mesh (ep fastest, so an EP group is a block
+of neighbouring ranks: on several nodes it stays inside one node, where the all-to-all is cheapest).
+The ep * dp ranks of one pipeline stage are the *data ranks*: each reads its own micro-batches, as
+in V3, where expert parallelism runs across the data-parallel ranks.
+
+A step is `grad_accum` micro-batches in all, whatever the world size: data rank r runs micro-batches
+r, r + R, r + 2R, ... (R = ep * dp). So every token is read once per epoch, one process with the same
+config computes the same step, and a run saved on N ranks resumes on M ranks exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+from ..config import ModelConfig, TrainConfig
+
+PP_SCHEDULES = ("dualpipev", "1f1b", "zbv")
+
+
+class LayoutError(ValueError):
+    """A layout that cannot run; raised before any process starts, naming the fields to change."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    ep: int
+    pp: int
+    dp: int
+
+    @property
+    def world(self) -> int:
+        return self.ep * self.pp * self.dp
+
+    @property
+    def data_ranks(self) -> int:
+        return self.ep * self.dp
+
+    def __str__(self) -> str:
+        return f"ep {self.ep} x pp {self.pp} x dp {self.dp} = {self.world} ranks"
+
+
+def resolve(model_cfg: ModelConfig, train_cfg: TrainConfig, world: int) -> Layout:
+    """The layout `train_cfg` asks for on `world` ranks (dp=0: whatever the rest leaves), or a LayoutError
+    listing every problem at once."""
+    ep, pp, dp = train_cfg.ep, train_cfg.pp, train_cfg.dp
+    errors = []
+    for name, value in (("ep", ep), ("pp", pp)):
+        if value < 1:
+            errors.append(f"{name}={value} must be >= 1")
+    if dp < 0:
+        errors.append(f"dp={dp} must be >= 1, or 0 for world / (ep * pp)")
+    if errors:
+        raise LayoutError("invalid parallel layout: " + "; ".join(errors))
+    auto = dp == 0
+    if auto:
+        if world % (ep * pp):
+            errors.append(f"the world of {world} ranks does not divide by ep * pp = {ep} * {pp}; launch a multiple "
+                          f"of {ep * pp} processes or change --ep / --pp")
+        dp = max(1, world // (ep * pp))
+    layout = Layout(ep, pp, dp)
+    if layout.world != world and not (auto and errors):
+        errors.append(f"ep * pp * dp = {ep} * {pp} * {dp} = {layout.world} must equal the world size {world} "
+                      f"(torchrun's --nproc-per-node x --nnodes); change --ep / --pp / --dp, or --dp 0 to fill it")
+    experts = model_cfg.n_routed_experts if any(map(model_cfg.is_moe_layer, range(model_cfg.n_layers))) else 0
+    if ep > 1 and not experts:
+        errors.append(f"ep={ep} needs routed experts, and this model has no MoE layer; use --ep 1")
+    elif ep > 1 and model_cfg.n_routed_experts % ep:
+        errors.append(f"n_routed_experts={model_cfg.n_routed_experts} must divide by ep={ep}")
+    if train_cfg.fp8_dispatch and ep == 1:
+        errors.append("fp8_dispatch compresses the expert-parallel all-to-all and needs ep > 1")
+    if train_cfg.grad_accum % layout.data_ranks:
+        errors.append(f"grad_accum={train_cfg.grad_accum} (micro-batches per step, in all) must divide by the "
+                      f"{layout.data_ranks} data ranks (ep * dp), each running its share; "
+                      f"e.g. --set grad_accum={layout.data_ranks * max(1, train_cfg.grad_accum // layout.data_ranks)}")
+    if pp > 1:
+        chunks = train_cfg.grad_accum // max(layout.data_ranks, 1)
+        if train_cfg.pp_schedule not in PP_SCHEDULES:
+            errors.append(f"pp_schedule={train_cfg.pp_schedule!r} must be one of {', '.join(PP_SCHEDULES)}")
+        stages = 2 * pp if train_cfg.pp_schedule in ("dualpipev", "zbv") else pp
+        if model_cfg.n_layers < stages:
+            errors.append(f"n_layers={model_cfg.n_layers} cannot fill {stages} pipeline stages "
+                          f"({train_cfg.pp_schedule} with pp={pp}); use fewer stages or more layers")
+        need = 2 * pp if train_cfg.pp_schedule == "dualpipev" else pp
+        if chunks < need:
+            errors.append(f"{train_cfg.pp_schedule} with pp={pp} needs >= {need} micro-batches per data rank, "
+                          f"and grad_accum={train_cfg.grad_accum} over {layout.data_ranks} data ranks gives {chunks}; "
+                          f"raise grad_accum to {need * layout.data_ranks}")
+        errors.append("pipeline parallelism (pp > 1) is not built yet: the schedules exist only in "
+                      "`frugallm parallel simulate`; use --pp 1")
+    if layout.world > 1:
+        if train_cfg.teacher:
+            errors.append("distillation (teacher) runs in one process; drop --nproc / torchrun or the teacher")
+        if train_cfg.fp8 and ep > 1:
+            errors.append("fp8 with ep > 1 is not supported (the FP8 expert GEMMs replace the module EP shards); "
+                          "use --ep 1 or drop fp8")
+        if train_cfg.compile:
+            errors.append("compile runs in one process only; drop --set compile=true")
+        if train_cfg.optim_state_dtype != "fp32":
+            errors.append("optim_state_dtype=bf16 runs in one process only; use fp32 with several ranks")
+    if errors:
+        raise LayoutError("invalid parallel layout: " + "; ".join(errors))
+    return layout
+
+
+def world_from_env() -> int:
+    """torchrun's WORLD_SIZE, or 1 for a plain process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def torchrun_command(nproc: int, argv: list[str], nnodes: int = 1, node_rank: int = 0,
+                     rdzv_endpoint: str = "") -> list[str]:
+    """The torchrun command that runs `python -m frugallm <argv>` on nproc processes per node."""
+    torchrun = shutil.which("torchrun") or ""
+    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    cmd += [f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
+    if nnodes > 1:
+        if not rdzv_endpoint:
+            raise LayoutError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        cmd += [f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "frugallm", *argv]

@@ -1,0 +1,213 @@
+"""Expert and data parallelism on gloo, against one process (parallel/, tests/parallel_worker.py).
+
+Each case launches real torchrun processes (2 or 4, on however many cores there are) that train
+3 steps in float64, and compares them with the same steps in this process."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from frugallm.config import TrainConfig, get_preset
+from frugallm.parallel.layout import LayoutError, resolve, torchrun_command
+from frugallm.parallel.runtime import Local
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("parallel_worker.py")
+spec = importlib.util.spec_from_file_location("parallel_worker", WORKER)
+worker = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(worker)
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return worker.run(Local())
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten(), b.flatten()
+    if a.norm() == 0 and b.norm() == 0:
+        return 0.0
+    return float(1 - (a @ b) / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("nproc,flags", [(2, ["--ep", "2"]), (2, ["--dp", "2"]), (4, ["--ep", "4"]),
+                                         (4, ["--ep", "2", "--dp", "2"])], ids=["ep2", "dp2", "ep4", "ep2xdp2"])
+def test_matches_one_process(tmp_path, reference, nproc, flags):
+    out = tmp_path / "result.safetensors"
+    torchrun(nproc, str(WORKER), str(out), *flags)
+    got = load_file(out)
+    assert set(got) == set(reference)
+    # the loss: equal up to the order of the sums over ranks (float64)
+    assert torch.allclose(got["losses"], reference["losses"], rtol=0, atol=1e-6), (got["losses"], reference["losses"])
+    assert torch.allclose(got["grad_norms"], reference["grad_norms"], rtol=1e-9)
+    grads = [k for k in reference if k.startswith("grad.")]
+    assert any(".experts." in k for k in grads) and any(".gate." in k for k in grads)
+    for key in grads:
+        assert cosine_distance(got[key], reference[key]) < 1e-10, key
+        assert torch.allclose(got[key], reference[key], rtol=1e-7, atol=1e-12), key
+    biases = [k for k in reference if k.endswith("gate.bias")]
+    assert biases and any(reference[k].abs().sum() > 0 for k in biases)  # the bias moved
+    for key in reference:
+        if key.startswith("state."):
+            if key.endswith("gate.bias"):  # integer loads, the same sign rule: exactly equal
+                assert torch.equal(got[key], reference[key]), key
+            else:
+                assert torch.allclose(got[key], reference[key], rtol=0, atol=1e-9), key
+
+
+def test_fp8_dispatch_is_close_not_exact(tmp_path, reference):
+    out = tmp_path / "result.safetensors"
+    torchrun(2, str(WORKER), str(out), "--ep", "2", "--fp8-dispatch")
+    got = load_file(out)
+    diff = (got["losses"] - reference["losses"]).abs().max()
+    assert 0 < diff < 2e-2 * reference["losses"].abs().max()  # e4m3 in 1x128 tiles: ~3 significant bits
+
+
+def test_micro_batches_partition_the_step():
+    class Two(Local):
+        data_ranks = 2
+
+    a, b = Two(), Two()
+    b.data_rank = 1
+    assert a.micro_batches(3, 4) == [12, 14] and b.micro_batches(3, 4) == [13, 15]
+    assert Local().micro_batches(3, 4) == [12, 13, 14, 15]
+
+
+def bad(world: int, **train) -> str:
+    with pytest.raises(LayoutError) as e:
+        resolve(get_preset("tiny"), TrainConfig(**train), world)
+    return str(e.value)
+
+
+def test_layout_errors_name_the_fields():
+    assert "ep * pp * dp = 2 * 1 * 1 = 2 must equal the world size 4" in bad(4, ep=2, dp=1, grad_accum=2)
+    assert "n_routed_experts=16 must divide by ep=3" in bad(3, ep=3, grad_accum=3)
+    assert "grad_accum=1" in bad(2, ep=2) and "--set grad_accum=2" in bad(2, ep=2)
+    assert "needs >= 4 micro-batches per data rank" in bad(2, pp=2, grad_accum=2)
+    assert "pp_schedule='gpipe'" in bad(2, pp=2, pp_schedule="gpipe", grad_accum=4)
+    assert "distillation" in bad(2, dp=2, grad_accum=2, teacher="runs/x")
+    assert "ep=2 needs routed experts" in str(pytest.raises(LayoutError, resolve, get_preset(
+        "tiny", n_routed_experts=0), TrainConfig(ep=2, grad_accum=2), 2).value)
+    assert "does not divide by ep * pp" in bad(3, ep=2, grad_accum=2)
+    layout = resolve(get_preset("tiny"), TrainConfig(ep=2, grad_accum=4), 4)
+    assert (layout.ep, layout.dp, layout.data_ranks) == (2, 2, 4)
+
+
+def test_cli_refuses_a_bad_layout_before_spawning(tmp_path):
+    # nothing is launched: the error comes back at once, naming the fields
+    result = subprocess.run([sys.executable, "-m", "frugallm", "train", "--nproc", "2", "--ep", "3", "--dp", "1",
+                             "--steps", "1",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2
+    assert "ep * pp * dp = 3 * 1 * 1 = 3 must equal the world size 2" in result.stderr
+    assert "n_routed_experts=16 must divide by ep=3" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_command():
+    cmd = torchrun_command(2, ["train", "--ep", "2"])
+    assert "--nproc-per-node=2" in cmd and "--standalone" in cmd and cmd[-4:] == ["frugallm", "train", "--ep", "2"]
+    cmd = torchrun_command(2, ["train"], nnodes=2, node_rank=1, rdzv_endpoint="localhost:29400")
+    assert "--node-rank=1" in cmd and "--rdzv-endpoint=localhost:29400" in cmd and "--standalone" not in cmd
+    with pytest.raises(LayoutError, match="--rdzv-endpoint"):
+        torchrun_command(2, ["train"], nnodes=2)
+
+
+SMALL = ["dim=64", "n_layers=2", "n_heads=2", "q_lora_rank=0", "kv_lora_rank=32", "qk_nope_head_dim=16",
+         "qk_rope_head_dim=8", "v_head_dim=16", "n_routed_experts=8", "n_expert_groups=2", "n_limited_groups=1",
+         "n_activated_experts=2", "moe_inter_dim=32", "inter_dim=128", "vocab_size=384", "max_seq_len=64",
+         "seq_len=32", "batch_size=2", "grad_accum=4", "tokenizer_train_chars=200000", "warmup_steps=2",
+         "eval_every=3", "eval_batches=3", "log_every=1", "sample_tokens=0", "precision=fp32", "bias_gamma=0.01"]
+
+
+def train_cli(out, corpus, steps, *flags, resume=False):
+    cmd = [sys.executable, "-m", "frugallm", "train", "--data", str(corpus), "--out", str(out), "--steps", str(steps),
+           "--save-every", "3", "--no-sample", *[f"--set={s}" for s in SMALL], *flags, *(["--resume"] if resume else [])]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return {r["step"]: r for r in map(__import__("json").loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def close(a: dict, b: dict, steps) -> None:
+    for s in steps:
+        for key in ("loss", "lm_loss", "balance_loss", "val_loss", "grad_norm"):
+            if key in a[s] or key in b[s]:
+                assert abs(a[s][key] - b[s][key]) <= 1e-5 * max(1.0, abs(a[s][key])), (s, key, a[s][key], b[s][key])
+
+
+def test_train_on_ranks_matches_one_process_and_resumes_on_any_world_size(tmp_path, corpus):
+    """`frugallm train --nproc 2 --ep 2` (torchrun, gloo, fp32) against one process; a run saved on 2
+    ranks resumes on 1, on 2 (bit for bit) and on 4 (ep 2 x dp 2)."""
+    import shutil
+
+    from frugallm import load
+
+    one = train_cli(tmp_path / "one", corpus, 6)
+    two = train_cli(tmp_path / "two", corpus, 6, "--nproc", "2", "--ep", "2")
+    close(one, two, range(1, 7))
+    assert "val_loss" in two[3] and "val_loss" in two[6]
+    a, b = load(tmp_path / "one").state_dict(), load(tmp_path / "two").state_dict()  # full tensors on disk
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+    train_cli(tmp_path / "cut", corpus, 3, "--nproc", "2", "--ep", "2")
+    for world, flags in (("on1", []), ("on2", ["--nproc", "2", "--ep", "2"]),
+                         ("on4", ["--nproc", "4", "--ep", "2", "--dp", "2"])):
+        shutil.copytree(tmp_path / "cut", tmp_path / world)
+        resumed = train_cli(tmp_path / world, corpus, 6, *flags, resume=True)
+        assert sorted(resumed) == list(range(1, 7))
+        if world == "on2":
+            assert all(resumed[s]["loss"] == two[s]["loss"] for s in range(1, 7))  # same world: bit for bit
+        close(resumed, two, range(4, 7))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_match_one_node(tmp_path, corpus):
+    """Two `--nnodes 2` launches (one process each, c10d rendezvous on localhost) train as one world
+    of 2 ranks, bit for bit the run of `--nproc 2` on one node."""
+    one_node = train_cli(tmp_path / "one_node", corpus, 3, "--nproc", "2", "--ep", "2")
+    endpoint = f"127.0.0.1:{free_port()}"
+    out = tmp_path / "two_nodes"
+    cmds = [[sys.executable, "-m", "frugallm", "train", "--data", str(corpus), "--out", str(out), "--steps", "3",
+             "--save-every", "3", "--no-sample", *[f"--set={s}" for s in SMALL], "--ep", "2", "--nproc", "1",
+             "--nnodes", "2", "--node-rank", str(node), "--rdzv-endpoint", endpoint] for node in (0, 1)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+             for c in cmds]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    two = {r["step"]: r for r in map(__import__("json").loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert [two[s]["loss"] for s in (1, 2, 3)] == [one_node[s]["loss"] for s in (1, 2, 3)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+def test_nccl_matches_one_process(tmp_path, reference):
+    out = tmp_path / "result.safetensors"
+    torchrun(2, str(WORKER), str(out), "--ep", "2", "--backend", "nccl")
+    got = load_file(out)
+    assert torch.allclose(got["losses"], reference["losses"], rtol=0, atol=1e-6)
