@@ -25,7 +25,7 @@ STEPS, GRAD_ACCUM, BATCH, SEQ = 3, 4, 2, 16
 
 def model_config():
     # a real fine-grained MoE (8 routed experts, top-2 of 2-of-4 groups, shared expert, MTP), made tiny
-    return get_preset("tiny", **dict(vocab_size=96, dim=32, n_layers=3, inter_dim=64, max_seq_len=32, n_heads=2,
+    return get_preset("tiny", **dict(vocab_size=96, dim=32, n_layers=4, inter_dim=64, max_seq_len=32, n_heads=2,
                                    q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
                                    v_head_dim=8, n_routed_experts=8, n_activated_experts=2, moe_inter_dim=16,
                                    n_expert_groups=4, n_limited_groups=2))
@@ -49,20 +49,32 @@ def run(world: Local) -> dict[str, torch.Tensor]:
     for step in range(STEPS):
         mine = world.micro_batches(step, GRAD_ACCUM)
         total = world.sum([sum(float((targets[i] != -100).sum()) for i in mine)])[0]  # the step's targets
-        step_loss = 0.0
-        for i in mine:
-            count = float((targets[i] != -100).sum())
-            loss = model(data[i, :, :-1], targets=targets[i]).loss / (total / count)
-            loss.backward()
-            step_loss += loss.item()
-        losses.append(world.sum([step_loss])[0])
+        if world.pipeline is not None:  # the schedule runs the micro-batches, forward and backward
+            counts = [float((targets[i] != -100).sum()) for i in mine]
+            parts = world.pipeline.step([data[i, :, :-1] for i in mine], [targets[i] for i in mine],
+                                        [total / c for c in counts], cfg.mtp_lambda)
+            losses.append(sum(world.sum_stages(list(parts.values()))))
+        else:
+            step_loss = 0.0
+            for i in mine:
+                count = float((targets[i] != -100).sum())
+                loss = model(data[i, :, :-1], targets=targets[i]).loss / (total / count)
+                loss.backward()
+                step_loss += loss.item()
+            losses.append(world.sum([step_loss])[0])
         if step == 0:
             for name, p in model.named_parameters():
-                out[f"grad.{name}"] = world.full(name, p.grad).cpu().clone()
+                if world.pipeline is not None:  # each gradient lives on its stage's rank, zeros elsewhere
+                    grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                    torch.distributed.all_reduce(grad, group=world.pp_group)
+                else:
+                    grad = world.full(name, p.grad)
+                out[f"grad.{name}"] = grad.cpu().clone()
         norms.append(float(world.clip_grad_norm(model, 1.0)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         balance.step()
+    world.before_save(model, optimizer)
     for name, t in model.state_dict().items():
         out[f"state.{name}"] = world.full(name, t).cpu().clone()
     out["losses"] = torch.tensor(losses, dtype=torch.float64)
@@ -79,10 +91,14 @@ def main() -> None:
     ap.add_argument("--dp", type=int, default=0)
     ap.add_argument("--fp8-dispatch", action="store_true")
     ap.add_argument("--backend", default=None, help="gloo (default on CPU) or nccl")
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--schedule", default="dualpipev")
     args = ap.parse_args()
-    train_cfg = TrainConfig(ep=args.ep, dp=args.dp, grad_accum=GRAD_ACCUM, fp8_dispatch=args.fp8_dispatch)
+    train_cfg = TrainConfig(ep=args.ep, dp=args.dp, pp=args.pp, pp_schedule=args.schedule, grad_accum=GRAD_ACCUM,
+                            fp8_dispatch=args.fp8_dispatch)
     world = Distributed(resolve(model_config(), train_cfg, int(os.environ["WORLD_SIZE"])), args.fp8_dispatch,
-                        backend=args.backend)
+                        backend=args.backend, pipeline=dict(schedule=args.schedule, n_microbatches=GRAD_ACCUM,
+                                                            micro_shape=(BATCH, SEQ)))
     torch.set_num_threads(1)
     result = run(world)
     if world.is_main:

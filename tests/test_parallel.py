@@ -47,7 +47,9 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("nproc,flags", [(2, ["--ep", "2"]), (2, ["--dp", "2"]), (4, ["--ep", "4"]),
-                                         (4, ["--ep", "2", "--dp", "2"])], ids=["ep2", "dp2", "ep4", "ep2xdp2"])
+                                         (4, ["--ep", "2", "--dp", "2"]), (2, ["--pp", "2", "--dp", "1"]),
+                                         (2, ["--pp", "2", "--dp", "1", "--schedule", "zbv"])],
+                         ids=["ep2", "dp2", "ep4", "ep2xdp2", "pp2-dualpipev", "pp2-zbv"])
 def test_matches_one_process(tmp_path, reference, nproc, flags):
     out = tmp_path / "result.safetensors"
     torchrun(nproc, str(WORKER), str(out), *flags)
@@ -100,6 +102,8 @@ def test_layout_errors_name_the_fields():
     assert "n_routed_experts=16 must divide by ep=3" in bad(3, ep=3, grad_accum=3)
     assert "grad_accum=1" in bad(2, ep=2) and "--set grad_accum=2" in bad(2, ep=2)
     assert "needs >= 4 micro-batches per data rank" in bad(2, pp=2, grad_accum=2)
+    assert "pp=2 with ep * dp = 2 is not built yet" in bad(4, pp=2, dp=2, grad_accum=8)
+    assert "pp_schedule=1f1b puts the MTP module" in bad(2, pp=2, pp_schedule="1f1b", grad_accum=4)
     assert "pp_schedule='gpipe'" in bad(2, pp=2, pp_schedule="gpipe", grad_accum=4)
     assert "distillation" in bad(2, dp=2, grad_accum=2, teacher="runs/x")
     assert "ep=2 needs routed experts" in str(pytest.raises(LayoutError, resolve, get_preset(
@@ -211,3 +215,20 @@ def test_nccl_matches_one_process(tmp_path, reference):
     torchrun(2, str(WORKER), str(out), "--ep", "2", "--backend", "nccl")
     got = load_file(out)
     assert torch.allclose(got["losses"], reference["losses"], rtol=0, atol=1e-6)
+
+
+def test_train_with_dualpipev_matches_one_process_and_resumes_on_one(tmp_path, corpus):
+    """`frugallm train --nproc 2 --pp 2` (DualPipeV: 4 stages in a V, embedding, head and MTP on rank 0)
+    against one process; its checkpoint continues on one process."""
+    import shutil
+
+    four = ["--set", "n_layers=4"]
+    one = train_cli(tmp_path / "one", corpus, 6, *four)
+    pp = train_cli(tmp_path / "pp", corpus, 6, *four, "--nproc", "2", "--pp", "2")
+    close(one, pp, range(1, 7))
+    assert "val_loss" in pp[3] and "val_loss" in pp[6]
+    shutil.copytree(tmp_path / "pp", tmp_path / "on1")
+    shutil.rmtree(tmp_path / "on1" / "checkpoints" / "step_0000006")
+    (tmp_path / "on1" / "metrics.jsonl").write_text("")  # rebuilt from step 3 on by the resume
+    resumed = train_cli(tmp_path / "on1", corpus, 6, *four, resume=True)
+    close(resumed, one, range(4, 7))

@@ -90,8 +90,12 @@ def resolve(model_cfg: ModelConfig, train_cfg: TrainConfig, world: int) -> Layou
             errors.append(f"{train_cfg.pp_schedule} with pp={pp} needs >= {need} micro-batches per data rank, "
                           f"and grad_accum={train_cfg.grad_accum} over {layout.data_ranks} data ranks gives {chunks}; "
                           f"raise grad_accum to {need * layout.data_ranks}")
-        errors.append("pipeline parallelism (pp > 1) is not built yet: the schedules exist only in "
-                      "`frugallm parallel simulate`; use --pp 1")
+        if layout.data_ranks > 1:
+            errors.append(f"pp={pp} with ep * dp = {layout.data_ranks} is not built yet: pipeline stages run one "
+                          "data rank each; use --ep 1 --dp 1 with --pp, or --pp 1")
+        if train_cfg.pp_schedule == "1f1b" and model_cfg.n_mtp:
+            errors.append("pp_schedule=1f1b puts the MTP module (which reads the embedding) on another rank than "
+                          "the embedding; use dualpipev or zbv (V-shaped: both on rank 0), or --set n_mtp=0")
     if layout.world > 1:
         if train_cfg.teacher:
             errors.append("distillation (teacher) runs in one process; drop --nproc / torchrun or the teacher")

@@ -75,6 +75,15 @@ class Local:
         """All-to-all payload bytes sent between ranks (forward dispatch + combine, all ranks) since the last call."""
         return 0
 
+    pipeline = None  # parallel/pipeline.py's Pipeline when pp > 1
+
+    def eval_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The main-head loss of one batch (pipeline ranks pass it stage to stage)."""
+        return model(x, targets=y).lm_loss.item()
+
+    def before_save(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Bring the whole model to every rank that writes (pipeline stages live on several ranks)."""
+
     def barrier(self) -> None:
         pass
 
@@ -86,7 +95,7 @@ class Distributed(Local):
     """torch.distributed under torchrun: gloo on CPU, NCCL when CUDA is there."""
 
     def __init__(self, layout: Layout, fp8_dispatch: bool = False, backend: str | None = None,
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 600.0, pipeline: dict | None = None):
         from torch.distributed.device_mesh import init_device_mesh
 
         self.device = "cuda" if torch.cuda.is_available() and backend != "gloo" else "cpu"
@@ -95,7 +104,7 @@ class Distributed(Local):
         if not dist.is_initialized():
             dist.init_process_group(backend or ("nccl" if self.device == "cuda" else "gloo"),
                                     timeout=datetime.timedelta(seconds=timeout_s))
-        self.layout, self.fp8_dispatch = layout, fp8_dispatch
+        self.layout, self.fp8_dispatch, self.pipeline_args = layout, fp8_dispatch, pipeline or {}
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world != layout.world:
             raise RuntimeError(f"the layout {layout} does not match the world of {self.world} processes")
@@ -103,6 +112,7 @@ class Distributed(Local):
         self.data_mesh = self.mesh["dp", "ep"]._flatten("data")  # the ep * dp ranks of one pipeline stage
         self.data_group = self.data_mesh.get_group()
         self.ep_group = self.mesh["ep"].get_group()
+        self.pp_group = self.mesh["pp"].get_group()
         self.data_rank, self.data_ranks = self.data_mesh.get_local_rank(), layout.data_ranks
         self.is_main = self.rank == 0
         self.expert_names: set[str] = set()
@@ -115,6 +125,13 @@ class Distributed(Local):
         from .expert import ExpertParallelExperts, apply_expert_parallel
 
         self._model = model
+        if self.layout.pp > 1:  # stages of the whole model; layout.py keeps ep = dp = 1 with pp
+            from .pipeline import Pipeline
+
+            a = self.pipeline_args
+            self.pipeline = Pipeline(model, self.layout.pp, self.mesh["pp"].get_local_rank(), self.pp_group,
+                                     a["schedule"], a["n_microbatches"], a["micro_shape"], self.device)
+            return model
         if self.layout.ep > 1:
             apply_expert_parallel(model, self.ep_group, self.fp8_dispatch)
         self.expert_names = {f"{name}.{p}" for name, m in model.named_modules()
@@ -165,7 +182,22 @@ class Distributed(Local):
         return norm.to(local[0].dtype) if local else norm
 
     def all_reduce_load(self, load: torch.Tensor) -> None:
-        dist.all_reduce(load, group=self.data_group)
+        # over the whole world: a layer's counters are zero on ranks without its pipeline stage, so every
+        # rank gets every layer's load (and the same bias, the same token count, the same MaxVio)
+        dist.all_reduce(load)
+
+    def sum_stages(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the pipeline ranks (each stage's part of the logged loss)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.pp_group)
+        return t.tolist()
+
+    def eval_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+        return self.pipeline.forward_loss(x, y) if self.pipeline is not None else super().eval_loss(model, x, y)
+
+    def before_save(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if self.pipeline is not None:
+            self.pipeline.sync_full(model, optimizer)
 
     def full(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if hasattr(tensor, "full_tensor"):  # an FSDP2 DTensor
@@ -206,6 +238,7 @@ class Distributed(Local):
             dist.destroy_process_group()
 
 
-def runtime_for(layout: Layout, fp8_dispatch: bool = False) -> Local:
-    """Local for a one-process layout, else the process group torchrun set up."""
-    return Local() if layout.world == 1 else Distributed(layout, fp8_dispatch)
+def runtime_for(layout: Layout, fp8_dispatch: bool = False, pipeline: dict | None = None) -> Local:
+    """Local for a one-process layout, else the process group torchrun set up. pipeline (pp > 1):
+    schedule, n_microbatches (per step) and micro_shape (batch, seq_len)."""
+    return Local() if layout.world == 1 else Distributed(layout, fp8_dispatch, pipeline=pipeline)

@@ -125,7 +125,7 @@ def evaluate(model: Transformer, batches: data.Batches, n_batches: int, autocast
         for i in range(world.data_rank, -(-n // R) * R, R):
             x, y = batches.get(i if i < n else 0)
             targets = int((y != -100).sum()) if i < n else 0  # a mean over target tokens (SFT masks)
-            total += model(x, targets=y).lm_loss.item() * targets
+            total += world.eval_loss(model, x, y) * targets
             count += targets
     total, count = world.sum([total, count])
     model.train(was_training)
@@ -240,7 +240,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     # several ranks (torchrun): checked before the process group starts (parallel/layout.py); rank 0
     # alone logs and writes, and the others follow it through the set-up that fills shared caches
     world = runtime_for(parallel_layout.resolve(model_cfg, train_cfg, parallel_layout.world_from_env()),
-                        train_cfg.fp8_dispatch)
+                        train_cfg.fp8_dispatch, dict(schedule=train_cfg.pp_schedule, n_microbatches=train_cfg.grad_accum,
+                                                     micro_shape=(train_cfg.batch_size, train_cfg.seq_len)))
     if not world.is_main:
         log = _silent
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -330,6 +331,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     t_last, tok_last = time.perf_counter(), tokens
 
     def save(step: int) -> Path:
+        world.before_save(model, optimizer)
         state = {"step": step, "tokens": tokens, "bias_tokens_seen": balance.tokens_seen}
         return checkpoint.save(run_dir, step, model, optimizer, state, tokenizer.to_str(), model_cfg, train_cfg,
                                train_cfg.keep_last, full=world.full, write=world.is_main)
@@ -358,6 +360,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
             # targets (SFT records, on-policy prompts) the micro-batches hold different counts
             counts = [int((y != -100).sum()) for _, y, _ in micro_batches]
             total = int(world.sum([sum(counts)])[0])
+            if world.pipeline is not None:  # the schedule runs every micro-batch, forward and backward
+                with autocast():
+                    parts = world.pipeline.step([x for x, _, _ in micro_batches], [y for _, y, _ in micro_batches],
+                                                [total / c if c else 0.0 for c in counts], mtp_lambda)
+                lm, mtp, bal = world.sum_stages([parts["lm_loss"], parts["mtp_loss"], parts["balance_loss"]])
+                sums = {"loss": lm + mtp + bal, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": bal}
+                finite = math.isfinite(sums["loss"])
+                micro_batches = []
             for (x, y, windows), count in zip(micro_batches, counts):
                 if count == 0 and world.world == 1:
                     continue  # every target masked: nothing to learn here (ranks still run the collectives)
@@ -433,7 +443,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                 if eval_due:
                     val_loss = evaluate(model, val_batches, train_cfg.eval_batches, autocast, world)
                     metrics |= {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-                    if model_cfg.residual != "plain":  # the composite H_res gain over depth (mHC §3.1)
+                    if model_cfg.residual != "plain" and world.pipeline is None:  # H_res gain over depth (mHC §3.1)
                         from ..model.hyperconn import composite_gains
 
                         gains = composite_gains(model, val_batches.get(0)[0])
