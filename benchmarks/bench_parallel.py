@@ -12,10 +12,14 @@ forward dispatch + combine, summed over ranks) against the formula
 (T tokens per step, K experts per token, the routing weight riding as column d + 1; uniform
 routing sends (ep - 1)/ep of the pairs off-rank; the backward moves as much again).
 
+Every run records its second-last step's per-rank timeline (`trace_step`, parallel/timeline.py): the
+bubble per rank, the time in all-to-alls and how much of it compute did not cover; the pipelined
+rows are set beside the schedule simulator (parallel/schedule.py) fed the measured action times.
+
 Said plainly: on a 2-core box, 4 ranks oversubscribe the cores (2 processes per core), so the
 4-rank rows measure correctness of the layout and overhead, not a speed-up.
 
-    python benchmarks/bench_parallel.py [--preset tiny] [--steps 12] [--layouts 1 dp2 ep2 ep4 ep2xdp2]
+    python benchmarks/bench_parallel.py [--preset tiny] [--steps 12] [--layouts 1 dp2 ep2 pp2 pp2-zbv ep4 ep2xdp2]
                                         [--precision fp32] [--save [VARIANT]]
 """
 
@@ -24,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -37,19 +40,23 @@ from _host import add_host_args, print_host_header, save_output  # noqa: E402
 
 from frugallm.config import get_preset  # noqa: E402
 
-LAYOUTS = {"1": (1, 1, 1), "dp2": (2, 1, 2), "ep2": (2, 2, 1), "dp4": (4, 1, 4), "ep4": (4, 4, 1),
-           "ep2xdp2": (4, 2, 2)}  # name -> (ranks, ep, dp)
+LAYOUTS = {"1": (1, 1, 1, 1, ""), "dp2": (2, 1, 1, 2, ""), "ep2": (2, 2, 1, 1, ""), "pp2": (2, 1, 2, 1, "dualpipev"),
+           "pp2-zbv": (2, 1, 2, 1, "zbv"), "dp4": (4, 1, 1, 4, ""), "ep4": (4, 4, 1, 1, ""),
+           "ep2xdp2": (4, 2, 1, 2, "")}  # name -> (ranks, ep, pp, dp, pipeline schedule)
 
 
 def run_layout(name: str, args, work: Path) -> dict:
-    nproc, ep, dp = LAYOUTS[name]
+    nproc, ep, pp, dp, schedule = LAYOUTS[name]
     out = work / name
     cmd = [sys.executable, "-m", "frugallm", "train", "--preset", args.preset, "--out", str(out),
            "--steps", str(args.steps), "--no-sample", "--set", f"precision={args.precision}",
            "--set", f"seq_len={args.seq}", "--set", f"batch_size={args.batch}", "--set", f"grad_accum={args.grad_accum}",
-           "--set", "log_every=1", "--set", f"eval_every={10 * args.steps}", "--set", f"save_every={10 * args.steps}"]
+           "--set", "log_every=1", "--set", f"eval_every={10 * args.steps}", "--set", f"save_every={10 * args.steps}",
+           "--set", f"trace_step={args.steps - 1}"]
     if nproc > 1:
-        cmd += ["--nproc", str(nproc), "--ep", str(ep), "--dp", str(dp)]
+        cmd += ["--nproc", str(nproc), "--ep", str(ep), "--pp", str(pp), "--dp", str(dp)]
+        if schedule:
+            cmd += ["--set", f"pp_schedule={schedule}"]
     else:
         cmd += ["--set", "threads=1"]  # one thread per rank everywhere (torchrun sets OMP_NUM_THREADS=1)
     t0 = time.perf_counter()
@@ -58,8 +65,10 @@ def run_layout(name: str, args, work: Path) -> dict:
     if result.returncode:
         raise RuntimeError(f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steady = [r for r in rows if r["step"] > args.skip]
-    return {"name": name, "nproc": nproc, "ep": ep, "dp": dp, "wall": time.perf_counter() - t0,
+    steady = [r for r in rows if r["step"] > args.skip and r["step"] not in (args.steps - 1, args.steps)]
+    trace = json.loads((out / "trace" / "timeline.json").read_text())
+    return {"name": name, "nproc": nproc, "ep": ep, "pp": pp, "dp": dp, "schedule": schedule, "trace": trace,
+            "wall": time.perf_counter() - t0,
             "tok_s": statistics.median(r["tokens_per_s"] for r in steady),
             "ep_bytes": statistics.median(r["ep_bytes_per_step"] for r in steady) if ep > 1 else 0,
             "loss": rows[-1]["loss"], "precision": rows[-1]["precision"]}
@@ -77,9 +86,9 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=3, help="steps left out of the median (warm-up)")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--grad-accum", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=8)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--layouts", nargs="+", default=["1", "dp2", "ep2", "ep4", "ep2xdp2"], choices=list(LAYOUTS))
+    ap.add_argument("--layouts", nargs="+", default=["1", "dp2", "ep2", "pp2", "pp2-zbv", "ep4", "ep2xdp2"], choices=list(LAYOUTS))
     ap.add_argument("--work", default="", help="run directories (default: a temporary directory)")
     add_host_args(ap)
     args = ap.parse_args()
@@ -100,8 +109,8 @@ def main() -> None:
     base = next((r for r in results if r["nproc"] == 1), None)
     element = 4 if args.precision == "fp32" else 2
     print()
-    print("| layout | ranks | ep | dp | tokens/s | x 1 rank | final loss | a2a bytes/step (measured) | formula | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| layout | ranks | ep | pp | dp | tokens/s | x 1 rank | final loss | a2a bytes/step (measured) | formula | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         speed = f"{r['tok_s'] / base['tok_s']:.2f}" if base else "-"
         if r["ep"] > 1:
@@ -109,7 +118,43 @@ def main() -> None:
             comm = f"{r['ep_bytes'] / 2**20:.2f} MiB | {f / 2**20:.2f} MiB | {r['ep_bytes'] / f:.3f}"
         else:
             comm = "- | - | -"
-        print(f"| {r['name']} | {r['nproc']} | {r['ep']} | {r['dp']} | {r['tok_s']:,.0f} | {speed} | {r['loss']:.4f} | {comm} |")
+        print(f"| {r['name']} | {r['nproc']} | {r['ep']} | {r['pp']} | {r['dp']} | {r['tok_s']:,.0f} | {speed} "
+              f"| {r['loss']:.4f} | {comm} |")
+
+    print(f"\nstep {args.steps - 1} of every run, traced (run/trace/timeline.png): per rank, bubble = idle share of the"
+          " step's span; a2a = time in expert-parallel all-to-alls, forward and backward, counts first. They block:"
+          " nothing overlaps them yet, so all of it is exposed, the share of the span in the last column")
+    print("| layout | span ms | bubble per rank | a2a ms per rank | a2a share of the span |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        t = r["trace"]
+        cells = [", ".join(f"{x['bubble']:.1%}" for x in t["ranks"]), ", ".join(f"{x['comm_ms']:.0f}" for x in t["ranks"]),
+                 ", ".join(f"{x['comm_ms'] / t['span_ms']:.1%}" for x in t["ranks"])]
+        print(f"| {r['name']} | {t['span_ms']:.0f} | " + " | ".join(cells) + " |")
+
+    pipelined = [r for r in results if r["pp"] > 1]
+    if pipelined:
+        from frugallm.parallel.schedule import Durations, run
+
+        print("\npipeline bubble, measured against the simulator (frugallm/parallel/schedule.py) fed the measured mean"
+              " action times (F forward, I backward-input, W backward-weight, FB DualPipeV's overlapped pair):")
+        print("| layout | chunks | F / I / W / FB ms | measured span ms | simulated span ms | measured bubble | simulated bubble |")
+        print("|---|---|---|---|---|---|---|")
+        for r in pipelined:
+            t = r["trace"]
+            means = {}
+            for kind in ("F", "I", "W", "FB", "B"):
+                values = [x["mean_ms"][kind] for x in t["ranks"] if kind in x["mean_ms"]]
+                if values:
+                    means[kind] = sum(values) / len(values)
+            d = Durations(f=means["F"], b=means.get("I", means.get("B", 0) / 2), w=means.get("W", means.get("B", 0) / 2),
+                          fb=means.get("FB"))
+            sim = run(r["schedule"], r["pp"], args.grad_accum, d)
+            sim_bubble = ", ".join(f"{b / sim.makespan:.1%}" for b in sim.bubble)
+            measured = ", ".join(f"{x['bubble']:.1%}" for x in t["ranks"])
+            times = " / ".join(f"{means[k]:.0f}" if k in means else "-" for k in ("F", "I", "W", "FB"))
+            print(f"| {r['name']} | {args.grad_accum} | {times} | {t['span_ms']:.0f} | {sim.makespan:.0f} | {measured} "
+                  f"| {sim_bubble} |")
     if any(r["nproc"] > (os.cpu_count() or 1) for r in results):
         print(f"\n{os.cpu_count()} cores: the rows with more ranks than cores oversubscribe them; they show the "
               "overhead of the layout, not a speed-up.")

@@ -326,7 +326,7 @@ def _run_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--no-sample", dest="sample", action="store_false", help="do not print a sample at the end")
     par = p.add_argument_group("parallelism (torch.distributed; world = ep x pp x dp ranks)")
     par.add_argument("--ep", type=int, help="expert parallelism: shard the routed experts over this many ranks")
-    par.add_argument("--pp", type=int, help="pipeline stages (not built yet; 1)")
+    par.add_argument("--pp", type=int, help="pipeline ranks (--set pp_schedule=dualpipev|zbv|1f1b; not with ep/dp)")
     par.add_argument("--dp", type=int, help="data parallelism (FSDP2); default: the world / (ep x pp)")
     par.add_argument("--nproc", type=_positive_int, help="launch this many processes per node with torchrun "
                      "(same as `torchrun --nproc-per-node N -m frugallm train ...`); the layout is checked first")

@@ -302,10 +302,11 @@ class TrainConfig:
     seed: int = 0
     # --- parallelism (frugallm/parallel/; under torchrun, or `frugallm train --nproc N`): world = ep * pp * dp
     ep: int = 1  # expert parallelism: the routed experts sharded over ep ranks, which read their own micro-batches
-    pp: int = 1  # pipeline stages (not built yet: the schedules are in `frugallm parallel simulate`)
+    pp: int = 1  # pipeline ranks (parallel/pipeline.py); V schedules run 2 stages per rank
     dp: int = 0  # data parallelism (FSDP2) degree; 0 = world / (ep * pp)
     pp_schedule: str = "dualpipev"  # dualpipev | 1f1b | zbv
     fp8_dispatch: bool = False  # EP: send the dispatch payload as FP8 + scales (V3 §3.3.3); changes the numbers
+    trace_step: int = 0  # record this step's per-rank timeline into run/trace/ (parallel/timeline.py); 0 = none
     # --- distillation (frugallm/distill/; `frugallm distill`): "" teacher = plain training
     teacher: str = ""  # a frugallm run or Hugging Face DeepSeek dir with the student's vocabulary (padding allowed)
     kd_loss: str = "fkl"  # fkl (forward KL) | rkl (reverse KL) | jsd (generalised JSD(kd_beta), TRL's) | tvd

@@ -224,11 +224,40 @@ def test_train_with_dualpipev_matches_one_process_and_resumes_on_one(tmp_path, c
 
     four = ["--set", "n_layers=4"]
     one = train_cli(tmp_path / "one", corpus, 6, *four)
-    pp = train_cli(tmp_path / "pp", corpus, 6, *four, "--nproc", "2", "--pp", "2")
+    pp = train_cli(tmp_path / "pp", corpus, 6, *four, "--nproc", "2", "--pp", "2", "--set", "trace_step=2")
     close(one, pp, range(1, 7))
     assert "val_loss" in pp[3] and "val_loss" in pp[6]
+    # the traced step's timeline: both ranks, DualPipeV's overlapped pairs among the actions
+    trace = tmp_path / "pp" / "trace"
+    assert (trace / "rank0.json").exists() and (trace / "rank1.json").exists() and (trace / "timeline.png").exists()
+    summary = __import__("json").loads((trace / "timeline.json").read_text())
+    assert len(summary["ranks"]) == 2 and all(0 <= r["bubble"] < 1 for r in summary["ranks"])
+    assert all({"F", "FB"} <= set(r["mean_ms"]) for r in summary["ranks"])
     shutil.copytree(tmp_path / "pp", tmp_path / "on1")
     shutil.rmtree(tmp_path / "on1" / "checkpoints" / "step_0000006")
     (tmp_path / "on1" / "metrics.jsonl").write_text("")  # rebuilt from step 3 on by the resume
     resumed = train_cli(tmp_path / "on1", corpus, 6, *four, resume=True)
     close(resumed, one, range(4, 7))
+
+
+def test_timeline_busy_bubble_and_exposed_communication(tmp_path):
+    from frugallm.parallel import timeline
+
+    def trace(path, events):
+        path.write_text(__import__("json").dumps({"traceEvents": [
+            {"ph": "X", "name": n, "ts": t, "dur": d} for n, t, d in events]}))
+        return path
+
+    # rank 0: F 0-10, overlapped pair 10-30, an all-to-all 25-40, W 40-50: busy throughout, 15 us in the a2a
+    r0 = trace(tmp_path / "rank0.json", [("PP:0F0", 0, 10), ("PP:(0F1;3B0)OVERLAP_F_B", 10, 20),
+                                          ("frugallm:a2a", 25, 15), ("PP:0W0", 40, 10), ("PP:0SEND_F0", 10, 1)])
+    r1 = trace(tmp_path / "rank1.json", [("frugallm:F0", 20, 10), ("frugallm:B0", 30, 20), ("other", 0, 100)])
+    ranks = [timeline.intervals(r0), timeline.intervals(r1)]
+    assert [k for k, _, _ in ranks[0]["compute"]] == ["F", "FB", "W"]
+    s = timeline.summarize(ranks)
+    assert s["span_ms"] == 50 / 1e3
+    assert s["ranks"][0]["busy_ms"] == 50 / 1e3 and s["ranks"][0]["comm_ms"] == 15 / 1e3
+    assert s["ranks"][0]["compute_ms"] == 35 / 1e3 and s["ranks"][0]["bubble"] == 0
+    assert s["ranks"][1]["bubble"] == 0.4 and s["ranks"][1]["comm_ms"] == 0
+    timeline.plot(ranks, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000

@@ -26,15 +26,38 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
+from torch.profiler import record_function
 
 from ..model.moe import MoE, RoutedExperts, sorted_experts
+from .timeline import COMM
 
 
-def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    """all_to_all_single with uneven splits along dim 0, differentiable (the backward is the reverse)."""
-    return funcol.wait_tensor(funcol.all_to_all_single_autograd(x, output_splits, input_splits, group))
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group,
+               fp8: bool = False) -> torch.Tensor:
+    """all_to_all_single with uneven splits along dim 0, differentiable: the backward is the reverse
+    exchange of the gradient (in its own precision, also when the forward sent FP8). Both directions
+    show on a timeline as "frugallm:a2a" (parallel/timeline.py)."""
+    return _AllToAll.apply(x, output_splits, input_splits, group, fp8)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, output_splits, input_splits, group, fp8):
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        with record_function(COMM):
+            wire = fp8_encode(x) if fp8 else x.contiguous()
+            out = wire.new_empty(sum(output_splits), wire.shape[1])
+            dist.all_to_all_single(out, wire, output_splits, input_splits, group=group)
+        return fp8_decode(out, x.shape[1], x.dtype) if fp8 else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        with record_function(COMM):
+            out = grad.new_empty(sum(input_splits), grad.shape[1])
+            dist.all_to_all_single(out, grad.contiguous(), input_splits, output_splits, group=ctx.group)
+        return out, None, None, None, None
 
 
 class ExpertParallelExperts(nn.Module):
@@ -65,16 +88,14 @@ class ExpertParallelExperts(nn.Module):
         w = weights.flatten().index_select(0, order).to(dtype)[:, None]  # (N*K, 1)
         counts = torch.bincount(flat, minlength=self.n_experts)  # (E,) int64, rows per expert
         received = torch.empty_like(counts)
-        dist.all_to_all_single(received, counts, group=self.group)  # (ep * local,): source-major
+        with record_function(COMM):
+            dist.all_to_all_single(received, counts, group=self.group)  # (ep * local,): source-major
         received = received.view(self.ep, self.local)  # [source rank, local expert]
         send = counts.view(self.ep, self.local).sum(1).tolist()
         recv = received.sum(1).tolist()
 
         payload = torch.cat([xs, w], dim=1)  # (N*K, d + 1): the weight rides with its row
-        if self.fp8_dispatch:
-            rows = _Fp8AllToAll.apply(payload, recv, send, self.group)
-        else:
-            rows = all_to_all(payload, recv, send, self.group)  # (M, d + 1), grouped by source, then expert
+        rows = all_to_all(payload, recv, send, self.group, self.fp8_dispatch)  # (M, d + 1): by source, then expert
         # regroup by local expert: a stable sort of each received row's expert label
         label = torch.arange(self.local, device=x.device).repeat(self.ep).repeat_interleave(received.flatten())
         by_expert = label.argsort(stable=True)
@@ -130,23 +151,3 @@ def fp8_decode(wire: torch.Tensor, columns: int, dtype: torch.dtype) -> torch.Te
     q = wire[:, :t * TILE].contiguous().view(torch.float8_e4m3fn).float().view(M, t, TILE)
     scale = wire[:, t * TILE:].contiguous().view(torch.float32).view(M, t, 1)
     return (q * scale).view(M, t * TILE)[:, :columns].to(dtype)
-
-
-class _Fp8AllToAll(torch.autograd.Function):
-    """Forward: encode, exchange bytes, decode. Backward: the gradient goes back through the reverse
-    exchange in its own precision (V3 keeps the backward combine in bf16)."""
-
-    @staticmethod
-    def forward(ctx, x, output_splits, input_splits, group):
-        ctx.splits, ctx.group = (output_splits, input_splits), group
-        wire = fp8_encode(x)
-        out = wire.new_empty(sum(output_splits), wire.shape[1])
-        dist.all_to_all_single(out, wire, output_splits, input_splits, group=group)
-        return fp8_decode(out, x.shape[1], x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        output_splits, input_splits = ctx.splits
-        out = grad.new_empty(sum(input_splits), grad.shape[1])
-        dist.all_to_all_single(out, grad.contiguous(), input_splits, output_splits, group=ctx.group)
-        return out, None, None, None

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.profiler import record_function
 
 from ..config import ModelConfig, TrainConfig, duration_seconds
 from ..host import choose_dtype
@@ -38,6 +39,7 @@ from ..io import write_file
 from . import budget, checkpoint, data
 from .optim import ExpertBiasUpdate, build_optimizer, lr_at
 from ..parallel import layout as parallel_layout
+from ..parallel import timeline
 from ..parallel.runtime import Local, runtime_for
 
 
@@ -187,7 +189,8 @@ def _run_file(name: str) -> bool:
 
 # what a resumed run may change: its length and its cadence, nothing its numbers depend on
 RESUMABLE = ("steps", "time_budget", "save_every", "eval_every", "log_every", "keep_last", "skip_nonfinite",
-             "sample_tokens", "sample_prompt", "threads", "ep", "pp", "dp", "pp_schedule")
+             "sample_tokens", "sample_prompt", "threads", "ep", "pp", "dp", "pp_schedule",
+             "trace_step")
 
 
 def resume_conflicts(saved_model: ModelConfig, saved_train: TrainConfig, model_cfg: ModelConfig,
@@ -350,6 +353,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
             if distill is not None:
                 sums |= {"ce": 0.0, "kd": 0.0, "agreement": 0.0}
             finite = True
+            tracing = contextlib.ExitStack()  # trace_step: this step's timeline, every rank (parallel/timeline.py)
+            if train_cfg.trace_step == step + 1:
+                tracing.enter_context(timeline.record(run_dir / "trace" / f"rank{world.rank}.json"))
             micro_batches = []
             for index in world.micro_batches(step, train_cfg.grad_accum):  # all of them, or this rank's share
                 x, y = train_batches.get(index)
@@ -368,11 +374,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                 sums = {"loss": lm + mtp + bal, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": bal}
                 finite = math.isfinite(sums["loss"])
                 micro_batches = []
-            for (x, y, windows), count in zip(micro_batches, counts):
+            for k, ((x, y, windows), count) in enumerate(zip(micro_batches, counts)):
                 if count == 0 and world.world == 1:
                     continue  # every target masked: nothing to learn here (ranks still run the collectives)
                 load = [m.tokens_per_expert.clone() for m in balance._moe] if count == 0 else None
-                with autocast():
+                with autocast(), record_function(f"frugallm:F{k}"):
                     out = forward(x, targets=y, mtp_lambda=mtp_lambda)
                     loss, parts = distill.loss(out, x, y, windows, total) if distill else (out.loss, {})
                 if not torch.isfinite(loss):
@@ -381,7 +387,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                         break
                 if distill is None:  # a mean over this micro-batch's targets -> its share of the step's mean
                     loss = loss / (total / count) if count else loss * 0.0  # / grad_accum when all are full
-                loss.backward()
+                with record_function(f"frugallm:B{k}"):
+                    loss.backward()
                 if load is not None:  # as if skipped: its routing is no load
                     for m, before in zip(balance._moe, load):
                         m.tokens_per_expert.copy_(before)
@@ -390,6 +397,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                     value = parts[key] if key in parts else getattr(out, key)
                     value = value.item() if isinstance(value, torch.Tensor) else value or 0.0
                     sums[key] += value if key in parts else value / (total / count)
+            tracing.close()
+            if train_cfg.trace_step == step + 1:
+                world.barrier()  # every rank's trace is written
+                if world.is_main:
+                    report = timeline.report(run_dir / "trace", world.world, f"step {step + 1}: {world.layout}")
+                    log(f"timeline of step {step + 1}: {run_dir / 'trace' / 'timeline.png'}; span "
+                        f"{report['span_ms']:.0f} ms, bubble per rank "
+                        + ", ".join(f"{r['bubble']:.0%}" for r in report["ranks"]))
             if world.world > 1:  # the logged parts and the verdict on the loss cover every rank
                 *values, bad = world.sum([*sums.values(), float(not finite)])
                 sums, finite = dict(zip(sums, values)), bad == 0
