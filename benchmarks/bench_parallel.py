@@ -19,7 +19,7 @@ rows are set beside the schedule simulator (parallel/schedule.py) fed the measur
 Said plainly: on a 2-core box, 4 ranks oversubscribe the cores (2 processes per core), so the
 4-rank rows measure correctness of the layout and overhead, not a speed-up.
 
-    python benchmarks/bench_parallel.py [--preset tiny] [--steps 12] [--layouts 1 dp2 ep2 pp2 pp2-zbv ep4 ep2xdp2]
+    python benchmarks/bench_parallel.py [--preset tiny] [--steps 12] [--layouts 1 dp2 ep2 pp2 pp2-zbv ep4 ep2xdp2 pp2xep2 pp2xep2-overlap]
                                         [--precision fp32] [--save [VARIANT]]
 """
 
@@ -40,13 +40,15 @@ from _host import add_host_args, print_host_header, save_output  # noqa: E402
 
 from frugallm.config import get_preset  # noqa: E402
 
-LAYOUTS = {"1": (1, 1, 1, 1, ""), "dp2": (2, 1, 1, 2, ""), "ep2": (2, 2, 1, 1, ""), "pp2": (2, 1, 2, 1, "dualpipev"),
-           "pp2-zbv": (2, 1, 2, 1, "zbv"), "dp4": (4, 1, 1, 4, ""), "ep4": (4, 4, 1, 1, ""),
-           "ep2xdp2": (4, 2, 1, 2, "")}  # name -> (ranks, ep, pp, dp, pipeline schedule)
+LAYOUTS = {"1": (1, 1, 1, 1, "", False), "dp2": (2, 1, 1, 2, "", False), "ep2": (2, 2, 1, 1, "", False),
+           "pp2": (2, 1, 2, 1, "dualpipev", False), "pp2-zbv": (2, 1, 2, 1, "zbv", False),
+           "dp4": (4, 1, 1, 4, "", False), "ep4": (4, 4, 1, 1, "", False), "ep2xdp2": (4, 2, 1, 2, "", False),
+           "pp2xep2": (4, 2, 2, 1, "dualpipev", False), "pp2xep2-overlap": (4, 2, 2, 1, "dualpipev", True),
+           }  # name -> (ranks, ep, pp, dp, pipeline schedule, overlapped forward & backward pairs)
 
 
 def run_layout(name: str, args, work: Path) -> dict:
-    nproc, ep, pp, dp, schedule = LAYOUTS[name]
+    nproc, ep, pp, dp, schedule, overlap = LAYOUTS[name]
     out = work / name
     cmd = [sys.executable, "-m", "frugallm", "train", "--preset", args.preset, "--out", str(out),
            "--steps", str(args.steps), "--no-sample", "--set", f"precision={args.precision}",
@@ -56,7 +58,7 @@ def run_layout(name: str, args, work: Path) -> dict:
     if nproc > 1:
         cmd += ["--nproc", str(nproc), "--ep", str(ep), "--pp", str(pp), "--dp", str(dp)]
         if schedule:
-            cmd += ["--set", f"pp_schedule={schedule}"]
+            cmd += ["--set", f"pp_schedule={schedule}", "--set", f"overlap={str(overlap).lower()}"]
     else:
         cmd += ["--set", "threads=1"]  # one thread per rank everywhere (torchrun sets OMP_NUM_THREADS=1)
     t0 = time.perf_counter()
@@ -88,7 +90,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=8)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--layouts", nargs="+", default=["1", "dp2", "ep2", "pp2", "pp2-zbv", "ep4", "ep2xdp2"], choices=list(LAYOUTS))
+    ap.add_argument("--layouts", nargs="+", default=["1", "dp2", "ep2", "pp2", "pp2-zbv", "ep4", "ep2xdp2", "pp2xep2", "pp2xep2-overlap"], choices=list(LAYOUTS))
     ap.add_argument("--work", default="", help="run directories (default: a temporary directory)")
     add_host_args(ap)
     args = ap.parse_args()
@@ -122,17 +124,19 @@ def main() -> None:
               f"| {r['loss']:.4f} | {comm} |")
 
     print(f"\nstep {args.steps - 1} of every run, traced (run/trace/timeline.png): per rank, bubble = idle share of the"
-          " step's span; a2a = time in expert-parallel all-to-alls, forward and backward, counts first. They block:"
-          " nothing overlaps them yet, so all of it is exposed, the share of the span in the last column")
-    print("| layout | span ms | bubble per rank | a2a ms per rank | a2a share of the span |")
-    print("|---|---|---|---|---|")
+          " step's span; a2a = time in expert-parallel all-to-alls (forward and backward, counts included); exposed ="
+          " a2a time while no thread of the rank computes (all of it, except where overlap.py runs a forward and a"
+          " backward side by side)")
+    print("| layout | span ms | bubble per rank | a2a ms per rank | exposed a2a ms per rank | exposed share of the span |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         t = r["trace"]
         cells = [", ".join(f"{x['bubble']:.1%}" for x in t["ranks"]), ", ".join(f"{x['comm_ms']:.0f}" for x in t["ranks"]),
-                 ", ".join(f"{x['comm_ms'] / t['span_ms']:.1%}" for x in t["ranks"])]
+                 ", ".join(f"{x['exposed_comm_ms']:.0f}" for x in t["ranks"]),
+                 ", ".join(f"{x['exposed_comm_ms'] / t['span_ms']:.1%}" for x in t["ranks"])]
         print(f"| {r['name']} | {t['span_ms']:.0f} | " + " | ".join(cells) + " |")
 
-    pipelined = [r for r in results if r["pp"] > 1]
+    pipelined = [r for r in results if r["pp"] > 1 and not LAYOUTS[r["name"]][5]]  # overlap: pairs are 2 threads
     if pipelined:
         from frugallm.parallel.schedule import Durations, run
 
@@ -149,11 +153,12 @@ def main() -> None:
                     means[kind] = sum(values) / len(values)
             d = Durations(f=means["F"], b=means.get("I", means.get("B", 0) / 2), w=means.get("W", means.get("B", 0) / 2),
                           fb=means.get("FB"))
-            sim = run(r["schedule"], r["pp"], args.grad_accum, d)
+            chunks = args.grad_accum // (r["ep"] * r["dp"])  # micro-batches per pipeline
+            sim = run(r["schedule"], r["pp"], chunks, d)
             sim_bubble = ", ".join(f"{b / sim.makespan:.1%}" for b in sim.bubble)
             measured = ", ".join(f"{x['bubble']:.1%}" for x in t["ranks"])
             times = " / ".join(f"{means[k]:.0f}" if k in means else "-" for k in ("F", "I", "W", "FB"))
-            print(f"| {r['name']} | {args.grad_accum} | {times} | {t['span_ms']:.0f} | {sim.makespan:.0f} | {measured} "
+            print(f"| {r['name']} | {chunks} | {times} | {t['span_ms']:.0f} | {sim.makespan:.0f} | {measured} "
                   f"| {sim_bubble} |")
     if any(r["nproc"] > (os.cpu_count() or 1) for r in results):
         print(f"\n{os.cpu_count()} cores: the rows with more ranks than cores oversubscribe them; they show the "

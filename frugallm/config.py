@@ -306,6 +306,7 @@ class TrainConfig:
     dp: int = 0  # data parallelism (FSDP2) degree; 0 = world / (ep * pp)
     pp_schedule: str = "dualpipev"  # dualpipev | 1f1b | zbv
     fp8_dispatch: bool = False  # EP: send the dispatch payload as FP8 + scales (V3 §3.3.3); changes the numbers
+    overlap: bool = False  # DualPipeV: each overlapped forward & backward pair runs concurrently (parallel/overlap.py)
     trace_step: int = 0  # record this step's per-rank timeline into run/trace/ (parallel/timeline.py); 0 = none
     # --- distillation (frugallm/distill/; `frugallm distill`): "" teacher = plain training
     teacher: str = ""  # a frugallm run or Hugging Face DeepSeek dir with the student's vocabulary (padding allowed)

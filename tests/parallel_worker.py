@@ -20,7 +20,7 @@ from frugallm.parallel.layout import resolve
 from frugallm.parallel.runtime import Distributed, Local
 from frugallm.train.optim import ExpertBiasUpdate, build_optimizer
 
-STEPS, GRAD_ACCUM, BATCH, SEQ = 3, 4, 2, 16
+STEPS, GRAD_ACCUM, BATCH, SEQ = 3, 8, 2, 16
 
 
 def model_config():
@@ -64,9 +64,10 @@ def run(world: Local) -> dict[str, torch.Tensor]:
             losses.append(world.sum([step_loss])[0])
         if step == 0:
             for name, p in model.named_parameters():
-                if world.pipeline is not None:  # each gradient lives on its stage's rank, zeros elsewhere
+                if world.pipeline is not None:  # each gradient lives on its stage's ranks, zeros elsewhere
                     grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
                     torch.distributed.all_reduce(grad, group=world.pp_group)
+                    grad = world.full(name, grad)  # the EP slices of the stage's experts
                 else:
                     grad = world.full(name, p.grad)
                 out[f"grad.{name}"] = grad.cpu().clone()
@@ -79,6 +80,10 @@ def run(world: Local) -> dict[str, torch.Tensor]:
         out[f"state.{name}"] = world.full(name, t).cpu().clone()
     out["losses"] = torch.tensor(losses, dtype=torch.float64)
     out["grad_norms"] = torch.tensor(norms, dtype=torch.float64)
+    if world.pipeline is not None:
+        from frugallm.parallel import overlap
+
+        out["overlapped_pairs"] = torch.tensor(overlap.pairs_run)
     return out
 
 
@@ -93,12 +98,13 @@ def main() -> None:
     ap.add_argument("--backend", default=None, help="gloo (default on CPU) or nccl")
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--schedule", default="dualpipev")
+    ap.add_argument("--overlap", action="store_true")
     args = ap.parse_args()
     train_cfg = TrainConfig(ep=args.ep, dp=args.dp, pp=args.pp, pp_schedule=args.schedule, grad_accum=GRAD_ACCUM,
-                            fp8_dispatch=args.fp8_dispatch)
+                            fp8_dispatch=args.fp8_dispatch, overlap=args.overlap)
     world = Distributed(resolve(model_config(), train_cfg, int(os.environ["WORLD_SIZE"])), args.fp8_dispatch,
                         backend=args.backend, pipeline=dict(schedule=args.schedule, n_microbatches=GRAD_ACCUM,
-                                                            micro_shape=(BATCH, SEQ)))
+                                                            micro_shape=(BATCH, SEQ), overlap=args.overlap))
     torch.set_num_threads(1)
     result = run(world)
     if world.is_main:

@@ -48,12 +48,14 @@ def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("nproc,flags", [(2, ["--ep", "2"]), (2, ["--dp", "2"]), (4, ["--ep", "4"]),
                                          (4, ["--ep", "2", "--dp", "2"]), (2, ["--pp", "2", "--dp", "1"]),
-                                         (2, ["--pp", "2", "--dp", "1", "--schedule", "zbv"])],
+                                         (2, ["--pp", "2", "--dp", "1", "--schedule", "zbv"]),
+                                         ],
                          ids=["ep2", "dp2", "ep4", "ep2xdp2", "pp2-dualpipev", "pp2-zbv"])
 def test_matches_one_process(tmp_path, reference, nproc, flags):
     out = tmp_path / "result.safetensors"
     torchrun(nproc, str(WORKER), str(out), *flags)
     got = load_file(out)
+    got.pop("overlapped_pairs", None)
     assert set(got) == set(reference)
     # the loss: equal up to the order of the sums over ranks (float64)
     assert torch.allclose(got["losses"], reference["losses"], rtol=0, atol=1e-6), (got["losses"], reference["losses"])
@@ -71,6 +73,27 @@ def test_matches_one_process(tmp_path, reference, nproc, flags):
                 assert torch.equal(got[key], reference[key]), key
             else:
                 assert torch.allclose(got[key], reference[key], rtol=0, atol=1e-9), key
+
+
+def test_dualpipev_with_ep_overlapped_equals_sequential_and_one_process(tmp_path, reference):
+    """PP 2 x EP 2 (4 ranks): DualPipeV's forward-and-backward pairs run concurrently (overlap.py), bit
+    for bit the sequential schedule, and both match one process."""
+    runs = {}
+    for name, extra in (("sequential", []), ("overlap", ["--overlap"])):
+        torchrun(4, str(WORKER), str(tmp_path / name), "--pp", "2", "--ep", "2", "--dp", "1", *extra)
+        runs[name] = load_file(tmp_path / name)
+    assert runs["sequential"].pop("overlapped_pairs") == 0 and runs["overlap"].pop("overlapped_pairs") > 0
+    for key in runs["sequential"]:
+        assert torch.equal(runs["overlap"][key], runs["sequential"][key]), key
+    got = runs["overlap"]
+    assert torch.allclose(got["losses"], reference["losses"], rtol=0, atol=1e-6)
+    for key in reference:
+        if key.startswith("grad."):
+            assert cosine_distance(got[key], reference[key]) < 1e-10, key
+        elif key.startswith("state.") and key.endswith("gate.bias"):
+            assert torch.equal(got[key], reference[key]), key
+        elif key.startswith("state."):
+            assert torch.allclose(got[key], reference[key], rtol=0, atol=1e-9), key
 
 
 def test_fp8_dispatch_is_close_not_exact(tmp_path, reference):
@@ -102,7 +125,7 @@ def test_layout_errors_name_the_fields():
     assert "n_routed_experts=16 must divide by ep=3" in bad(3, ep=3, grad_accum=3)
     assert "grad_accum=1" in bad(2, ep=2) and "--set grad_accum=2" in bad(2, ep=2)
     assert "needs >= 4 micro-batches per data rank" in bad(2, pp=2, grad_accum=2)
-    assert "pp=2 with ep * dp = 2 is not built yet" in bad(4, pp=2, dp=2, grad_accum=8)
+    assert "pp=2 with dp=2 is not built yet" in bad(4, pp=2, dp=2, grad_accum=8)
     assert "pp_schedule=1f1b puts the MTP module" in bad(2, pp=2, pp_schedule="1f1b", grad_accum=4)
     assert "pp_schedule='gpipe'" in bad(2, pp=2, pp_schedule="gpipe", grad_accum=4)
     assert "distillation" in bad(2, dp=2, grad_accum=2, teacher="runs/x")
@@ -249,15 +272,27 @@ def test_timeline_busy_bubble_and_exposed_communication(tmp_path):
         return path
 
     # rank 0: F 0-10, overlapped pair 10-30, an all-to-all 25-40, W 40-50: busy throughout, 15 us in the a2a
+    # rank 0: F 0-10, overlapped pair 10-30, an all-to-all 25-40, W 40-50: busy throughout, 15 us in the
+    # a2a, 10 of them with nothing else running
     r0 = trace(tmp_path / "rank0.json", [("PP:0F0", 0, 10), ("PP:(0F1;3B0)OVERLAP_F_B", 10, 20),
                                           ("frugallm:a2a", 25, 15), ("PP:0W0", 40, 10), ("PP:0SEND_F0", 10, 1)])
-    r1 = trace(tmp_path / "rank1.json", [("frugallm:F0", 20, 10), ("frugallm:B0", 30, 20), ("other", 0, 100)])
+    # rank 1, overlap.py's pair: the forward (thread 1, 20-30) waits in an a2a 22-28 while the backward
+    # (thread 2, 21-50) computes: the a2a is hidden; the envelope 20-50 is dropped for its inner boxes
+    r1 = trace(tmp_path / "rank1.json", [("PP:(2F0;1B0)OVERLAP_F_B", 20, 30), ("other", 0, 100)])
+    events = __import__("json").loads(r1.read_text())["traceEvents"]
+    events += [{"ph": "X", "name": "frugallm:F0", "ts": 20, "dur": 10, "tid": 1},
+               {"ph": "X", "name": "frugallm:a2a", "ts": 22, "dur": 6, "tid": 1},
+               {"ph": "X", "name": "frugallm:B0", "ts": 21, "dur": 29, "tid": 2}]
+    r1.write_text(__import__("json").dumps({"traceEvents": events}))
     ranks = [timeline.intervals(r0), timeline.intervals(r1)]
-    assert [k for k, _, _ in ranks[0]["compute"]] == ["F", "FB", "W"]
+    assert [c[0] for c in ranks[0]["compute"]] == ["F", "FB", "W"]
+    assert sorted(c[0] for c in ranks[1]["compute"]) == ["B", "F"]
     s = timeline.summarize(ranks)
     assert s["span_ms"] == 50 / 1e3
     assert s["ranks"][0]["busy_ms"] == 50 / 1e3 and s["ranks"][0]["comm_ms"] == 15 / 1e3
-    assert s["ranks"][0]["compute_ms"] == 35 / 1e3 and s["ranks"][0]["bubble"] == 0
-    assert s["ranks"][1]["bubble"] == 0.4 and s["ranks"][1]["comm_ms"] == 0
+    assert s["ranks"][0]["compute_ms"] == 35 / 1e3 and s["ranks"][0]["exposed_comm_ms"] == 15 / 1e3
+    assert s["ranks"][0]["bubble"] == 0
+    assert s["ranks"][1]["bubble"] == 0.4 and s["ranks"][1]["comm_ms"] == 6 / 1e3
+    assert s["ranks"][1]["exposed_comm_ms"] == 0
     timeline.plot(ranks, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000

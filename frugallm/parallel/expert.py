@@ -34,17 +34,18 @@ from .timeline import COMM
 
 
 def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group,
-               fp8: bool = False) -> torch.Tensor:
+               fp8: bool = False, backward_group=None) -> torch.Tensor:
     """all_to_all_single with uneven splits along dim 0, differentiable: the backward is the reverse
-    exchange of the gradient (in its own precision, also when the forward sent FP8). Both directions
-    show on a timeline as "frugallm:a2a" (parallel/timeline.py)."""
-    return _AllToAll.apply(x, output_splits, input_splits, group, fp8)
+    exchange of the gradient (in its own precision, also when the forward sent FP8), on
+    `backward_group` if given (same ranks; parallel/overlap.py runs backwards beside forwards). Both
+    directions show on a timeline as "frugallm:a2a" (parallel/timeline.py)."""
+    return _AllToAll.apply(x, output_splits, input_splits, group, fp8, backward_group or group)
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, output_splits, input_splits, group, fp8):
-        ctx.splits, ctx.group = (output_splits, input_splits), group
+    def forward(ctx, x, output_splits, input_splits, group, fp8, backward_group):
+        ctx.splits, ctx.group = (output_splits, input_splits), backward_group
         with record_function(COMM):
             wire = fp8_encode(x) if fp8 else x.contiguous()
             out = wire.new_empty(sum(output_splits), wire.shape[1])
@@ -57,7 +58,7 @@ class _AllToAll(torch.autograd.Function):
         with record_function(COMM):
             out = grad.new_empty(sum(input_splits), grad.shape[1])
             dist.all_to_all_single(out, grad.contiguous(), input_splits, output_splits, group=ctx.group)
-        return out, None, None, None, None
+        return out, None, None, None, None, None
 
 
 class ExpertParallelExperts(nn.Module):
@@ -67,6 +68,7 @@ class ExpertParallelExperts(nn.Module):
     def __init__(self, experts: RoutedExperts, group, fp8_dispatch: bool = False):
         super().__init__()
         self.group, self.fp8_dispatch = group, fp8_dispatch
+        self.backward_group = group  # the backward's exchanges; parallel/overlap.py gives them their own
         self.ep, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.n_experts = experts.w1.shape[0]
         if self.n_experts % self.ep:
@@ -95,7 +97,7 @@ class ExpertParallelExperts(nn.Module):
         recv = received.sum(1).tolist()
 
         payload = torch.cat([xs, w], dim=1)  # (N*K, d + 1): the weight rides with its row
-        rows = all_to_all(payload, recv, send, self.group, self.fp8_dispatch)  # (M, d + 1): by source, then expert
+        rows = all_to_all(payload, recv, send, self.group, self.fp8_dispatch, self.backward_group)  # (M, d + 1): by source, then expert
         # regroup by local expert: a stable sort of each received row's expert label
         label = torch.arange(self.local, device=x.device).repeat(self.ep).repeat_interleave(received.flatten())
         by_expert = label.argsort(stable=True)
@@ -103,7 +105,7 @@ class ExpertParallelExperts(nn.Module):
         out = sorted_experts(rows[:, :d].contiguous(), rows[:, d:], received.sum(0), self.w1.to(dtype), self.w2.to(dtype),
                              self.w3.to(dtype))
         out = out.new_empty(out.shape).index_copy_(0, by_expert, out)  # back to source-major order
-        back = all_to_all(out, send, recv, self.group)  # (N*K, d) in `order`
+        back = all_to_all(out, send, recv, self.group, backward_group=self.backward_group)  # (N*K, d) in `order`
         tiles = -(-(d + 1) // TILE)
         row_bytes = tiles * (TILE + 4) if self.fp8_dispatch else (d + 1) * payload.element_size()
         self.bytes_sent += (row_bytes * (sum(send) - send[self.rank])  # dispatch: our rows to other ranks

@@ -71,6 +71,9 @@ def resolve(model_cfg: ModelConfig, train_cfg: TrainConfig, world: int) -> Layou
         errors.append(f"ep={ep} needs routed experts, and this model has no MoE layer; use --ep 1")
     elif ep > 1 and model_cfg.n_routed_experts % ep:
         errors.append(f"n_routed_experts={model_cfg.n_routed_experts} must divide by ep={ep}")
+    if train_cfg.overlap and (pp == 1 or train_cfg.pp_schedule != "dualpipev"):
+        errors.append("overlap runs DualPipeV's forward-and-backward pairs concurrently: it needs --pp > 1 with "
+                      "pp_schedule=dualpipev")
     if train_cfg.fp8_dispatch and ep == 1:
         errors.append("fp8_dispatch compresses the expert-parallel all-to-all and needs ep > 1")
     if train_cfg.grad_accum % layout.data_ranks:
@@ -90,9 +93,9 @@ def resolve(model_cfg: ModelConfig, train_cfg: TrainConfig, world: int) -> Layou
             errors.append(f"{train_cfg.pp_schedule} with pp={pp} needs >= {need} micro-batches per data rank, "
                           f"and grad_accum={train_cfg.grad_accum} over {layout.data_ranks} data ranks gives {chunks}; "
                           f"raise grad_accum to {need * layout.data_ranks}")
-        if layout.data_ranks > 1:
-            errors.append(f"pp={pp} with ep * dp = {layout.data_ranks} is not built yet: pipeline stages run one "
-                          "data rank each; use --ep 1 --dp 1 with --pp, or --pp 1")
+        if dp > 1:
+            errors.append(f"pp={pp} with dp={dp} is not built yet (FSDP inside pipeline stages); use --dp 1 with "
+                          "--pp (--ep may be > 1), or --pp 1")
         if train_cfg.pp_schedule == "1f1b" and model_cfg.n_mtp:
             errors.append("pp_schedule=1f1b puts the MTP module (which reads the embedding) on another rank than "
                           "the embedding; use dualpipev or zbv (V-shaped: both on rank 0), or --set n_mtp=0")

@@ -134,11 +134,12 @@ class Pipeline:
     """This rank's stages and the schedule that runs them, for one model and one micro-batch count."""
 
     def __init__(self, model: nn.Module, pp: int, rank: int, group, schedule: str, n_microbatches: int,
-                 micro_shape: tuple[int, int], device: str = "cpu"):
+                 micro_shape: tuple[int, int], device: str = "cpu", after_backward=None, overlap: bool = False):
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleDualPipeV, ScheduleZBVZeroBubble
 
         self.model, self.pp, self.rank, self.group, self.schedule_name = model, pp, rank, group, schedule
+        self.after_backward = after_backward  # e.g. sum the dense gradients over a stage's EP ranks
         self.n_stages = 2 * pp if schedule in V_SCHEDULES else pp
         self.feed = Feed()
         layers = stage_layers(model.config.n_layers, self.n_stages)
@@ -160,6 +161,10 @@ class Pipeline:
         self.schedule = kind(pipes, n_microbatches, loss_fn=loss_fn, scale_grads=False) if schedule in V_SCHEDULES \
             else kind(pipes[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
         self.owned = {id(p) for st in self.stages.values() for p in st.parameters()}
+        if overlap:  # DualPipeV's forward-and-backward pairs run concurrently (overlap.py)
+            from .overlap import enable
+
+            enable(self.schedule)
 
     @property
     def has_first(self) -> bool:
@@ -179,6 +184,8 @@ class Pipeline:
         args = (batch,) if self.has_first else ()
         kwargs = {"target": torch.zeros(batch.shape[0])} if self.has_last else {}
         self.schedule.step(*args, **kwargs)
+        if self.after_backward is not None:
+            self.after_backward()
         return dict(self.feed.parts)
 
     @torch.no_grad()

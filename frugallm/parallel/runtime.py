@@ -8,7 +8,9 @@ identity, and a run on ranks must match it (tests/test_parallel.py).
 `Distributed.parallelize` applies parallelism from outside the model, in one documented order (as
 torchtitan's `parallelize`):
   1. expert parallelism: each MoE layer's routed experts -> this rank's E/ep slice (expert.py);
-  2. (pipeline parallelism: not built yet; layout.py refuses pp > 1);
+  2. pipeline parallelism (pipeline.py): this rank's stages of the model, with their EP slices; the
+     EP ranks of a stage read their own micro-batches and sum their dense gradients after the
+     schedule (dp must be 1: FSDP inside pipeline stages is not built); or
   3. data parallelism with FSDP2 (`fully_shard`, which runs on gloo): the expert slices sharded over
      the dp ranks holding the same slice, each Block and then the root over all ep * dp data ranks.
      Gradients are summed, not averaged (set_gradient_divide_factor(1)): each rank's loss is already
@@ -125,17 +127,27 @@ class Distributed(Local):
         from .expert import ExpertParallelExperts, apply_expert_parallel
 
         self._model = model
-        if self.layout.pp > 1:  # stages of the whole model; layout.py keeps ep = dp = 1 with pp
-            from .pipeline import Pipeline
-
-            a = self.pipeline_args
-            self.pipeline = Pipeline(model, self.layout.pp, self.mesh["pp"].get_local_rank(), self.pp_group,
-                                     a["schedule"], a["n_microbatches"], a["micro_shape"], self.device)
-            return model
         if self.layout.ep > 1:
             apply_expert_parallel(model, self.ep_group, self.fp8_dispatch)
         self.expert_names = {f"{name}.{p}" for name, m in model.named_modules()
                              if isinstance(m, ExpertParallelExperts) for p in ("w1", "w2", "w3")}
+        if self.layout.pp > 1:  # stages of the whole model, EP slices inside them; layout.py keeps dp = 1
+            from .pipeline import Pipeline
+
+            a = self.pipeline_args
+            overlap = bool(a.get("overlap"))
+            if overlap and self.layout.ep > 1:  # the backward's all-to-alls get their own group (overlap.py)
+                from torch.distributed.device_mesh import init_device_mesh
+
+                second = init_device_mesh(self.device, (self.layout.pp, self.layout.dp, self.layout.ep),
+                                          mesh_dim_names=("pp", "dp", "ep"))["ep"].get_group()
+                for m in model.modules():
+                    if isinstance(m, ExpertParallelExperts):
+                        m.backward_group = second
+            self.pipeline = Pipeline(model, self.layout.pp, self.mesh["pp"].get_local_rank(), self.pp_group,
+                                     a["schedule"], a["n_microbatches"] // self.data_ranks, a["micro_shape"],
+                                     self.device, after_backward=self._sum_replicated_grads, overlap=overlap)
+            return model
         if self.data_ranks > 1:
             experts = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
             ignored = set()
@@ -166,13 +178,29 @@ class Distributed(Local):
         dist.broadcast(t, src=0)
         return int(t.item())
 
+    def _sum_replicated_grads(self) -> None:
+        """Pipeline with ep > 1 (no FSDP): the EP ranks of a stage hold the same dense parameters and
+        read different micro-batches; sum those gradients over them (one flat all-reduce)."""
+        if self.data_ranks == 1:
+            return
+        grads = [p.grad for n, p in self._model.named_parameters() if p.grad is not None and n not in self.expert_names]
+        if grads:
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat, group=self.data_group)
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """clip_grad_norm_ over the whole model. Every gradient element lives on exactly one rank
-        (FSDP shards, EP slices), so the global squared norm is the sum over ranks of the local ones;
-        the parameters sit on meshes of different sizes, which torch's own clip cannot mix."""
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        sq = torch.stack([g.double().pow(2).sum() for g in local]).sum() if local else torch.zeros((), dtype=torch.float64, device=self.device)
+        (FSDP shards, EP slices, pipeline stages), so the global squared norm is the sum over ranks of
+        the local ones (the parameters sit on meshes of different sizes, which torch's own clip cannot
+        mix); a pipeline's dense gradients, the same on the stage's ep ranks, count once."""
+        once = 1.0 / self.data_ranks if self.pipeline is not None else 1.0
+        named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+        local = [g.to_local() if hasattr(g, "to_local") else g for _, g in named]
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for (name, _), g in zip(named, local):
+            sq += g.double().pow(2).sum() * (1.0 if name in self.expert_names else once)
         if self.world > 1:
             dist.all_reduce(sq)
         norm = sq.sqrt()
@@ -187,9 +215,9 @@ class Distributed(Local):
         dist.all_reduce(load)
 
     def sum_stages(self, values: list[float]) -> list[float]:
-        """Element-wise sums over the pipeline ranks (each stage's part of the logged loss)."""
+        """Element-wise sums over every rank: each holds its stages' parts of its micro-batches' loss."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=self.pp_group)
+        dist.all_reduce(t)
         return t.tolist()
 
     def eval_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -190,7 +190,7 @@ def _run_file(name: str) -> bool:
 # what a resumed run may change: its length and its cadence, nothing its numbers depend on
 RESUMABLE = ("steps", "time_budget", "save_every", "eval_every", "log_every", "keep_last", "skip_nonfinite",
              "sample_tokens", "sample_prompt", "threads", "ep", "pp", "dp", "pp_schedule",
-             "trace_step")
+             "trace_step", "overlap")
 
 
 def resume_conflicts(saved_model: ModelConfig, saved_train: TrainConfig, model_cfg: ModelConfig,
@@ -244,7 +244,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     # alone logs and writes, and the others follow it through the set-up that fills shared caches
     world = runtime_for(parallel_layout.resolve(model_cfg, train_cfg, parallel_layout.world_from_env()),
                         train_cfg.fp8_dispatch, dict(schedule=train_cfg.pp_schedule, n_microbatches=train_cfg.grad_accum,
-                                                     micro_shape=(train_cfg.batch_size, train_cfg.seq_len)))
+                                                     micro_shape=(train_cfg.batch_size, train_cfg.seq_len),
+                                                     overlap=train_cfg.overlap))
     if not world.is_main:
         log = _silent
     run_dir.mkdir(parents=True, exist_ok=True)
