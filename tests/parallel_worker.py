@@ -53,7 +53,7 @@ def run(world: Local) -> dict[str, torch.Tensor]:
             counts = [float((targets[i] != -100).sum()) for i in mine]
             parts = world.pipeline.step([data[i, :, :-1] for i in mine], [targets[i] for i in mine],
                                         [total / c for c in counts], cfg.mtp_lambda)
-            losses.append(sum(world.sum_stages(list(parts.values()))))
+            losses.append(world.sum([sum(world.sum_stages(list(parts.values())))])[0])
         else:
             step_loss = 0.0
             for i in mine:

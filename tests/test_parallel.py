@@ -256,6 +256,13 @@ def test_train_with_dualpipev_matches_one_process_and_resumes_on_one(tmp_path, c
     summary = __import__("json").loads((trace / "timeline.json").read_text())
     assert len(summary["ranks"]) == 2 and all(0 <= r["bubble"] < 1 for r in summary["ranks"])
     assert all({"F", "FB"} <= set(r["mean_ms"]) for r in summary["ranks"])
+    # pipeline x expert parallel, with DualPipeV's pairs overlapped: 4 ranks, the same steps
+    eight = [*four, "--set", "grad_accum=8"]  # DualPipeV: >= 4 micro-batches for each of the 2 pipelines
+    one8 = train_cli(tmp_path / "one8", corpus, 3, *eight)
+    ppep = train_cli(tmp_path / "ppep", corpus, 3, *eight, "--nproc", "4", "--pp", "2", "--ep", "2", "--dp", "1",
+                     "--set", "overlap=true")
+    close(one8, ppep, range(1, 4))
+    assert ppep[1]["ep_bytes_per_step"] > 0
     shutil.copytree(tmp_path / "pp", tmp_path / "on1")
     shutil.rmtree(tmp_path / "on1" / "checkpoints" / "step_0000006")
     (tmp_path / "on1" / "metrics.jsonl").write_text("")  # rebuilt from step 3 on by the resume

@@ -215,9 +215,10 @@ class Distributed(Local):
         dist.all_reduce(load)
 
     def sum_stages(self, values: list[float]) -> list[float]:
-        """Element-wise sums over every rank: each holds its stages' parts of its micro-batches' loss."""
+        """Element-wise sums over the pipeline ranks (each holds its stages' parts of the loss of its
+        micro-batches); `sum` then adds the data ranks' micro-batches."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self.pp_group)
         return t.tolist()
 
     def eval_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -255,7 +256,7 @@ class Distributed(Local):
             if isinstance(m, ExpertParallelExperts):
                 t += m.bytes_sent
                 m.bytes_sent = 0
-        dist.all_reduce(t, group=self.data_group)
+        dist.all_reduce(t)  # every rank: with a pipeline, each holds some of the layers
         return int(t.item())
 
     def barrier(self) -> None:

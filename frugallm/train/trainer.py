@@ -372,6 +372,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
                     parts = world.pipeline.step([x for x, _, _ in micro_batches], [y for _, y, _ in micro_batches],
                                                 [total / c if c else 0.0 for c in counts], mtp_lambda)
                 lm, mtp, bal = world.sum_stages([parts["lm_loss"], parts["mtp_loss"], parts["balance_loss"]])
+                # (summed over the data ranks below, with every layout's parts)
                 sums = {"loss": lm + mtp + bal, "lm_loss": lm, "mtp_loss": mtp, "balance_loss": bal}
                 finite = math.isfinite(sums["loss"])
                 micro_batches = []
