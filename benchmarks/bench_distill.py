@@ -136,7 +136,7 @@ def common_val_loss(run: Path, data: Path, tokenizer_dir: Path, val_fraction: fl
     """The run's loss on the subset's val split: the same windows for every run, the host's prefill dtype."""
     from frugallm import load, load_tokenizer
     from frugallm.train import data as fdata
-    from frugallm.train.trainer import evaluate
+    from frugallm.train.telemetry import evaluate
 
     model, tok = load(run), load_tokenizer(tokenizer_dir)
     splits = fdata.prepare(str(data), tok, val_fraction)

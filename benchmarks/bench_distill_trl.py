@@ -265,7 +265,7 @@ def main() -> None:
     from frugallm.config import TrainConfig
     from frugallm.distill.losses import kd_divergence
     from frugallm.train import data as fdata
-    from frugallm.train.trainer import evaluate
+    from frugallm.train.telemetry import evaluate
 
     work = Path(args.work)
     teacher_run, data_dir = work / args.teacher, work / "data"

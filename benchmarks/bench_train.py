@@ -2,7 +2,7 @@
 
 Rows: the `tiny` and `small` presets (MTP on, as trained) x fp32 / bf16 autocast x eager / torch.compile,
 each a full step (forward with loss, backward, clip, AdamW, bias update) on random token batches. MFU =
-tokens/s x train FLOPs per token (trainer.train_flops_per_token) / a measured matmul peak in that dtype.
+tokens/s x train FLOPs per token (telemetry.train_flops_per_token) / a measured matmul peak in that dtype.
 The fp32 / bf16 rows compare the two precisions on purpose (--precisions picks them); the one the
 host profile's `auto` takes for training (frugallm/host.py choose_dtype("train")) is marked.
 Then frugallm vs transformers training the same config (tiny, n_mtp=0) on the same weights, both in
@@ -28,7 +28,7 @@ import transformers
 import frugallm
 from frugallm.model.moe import update_expert_bias
 from frugallm.train.optim import build_optimizer
-from frugallm.train.trainer import matmul_peak, train_flops_per_token
+from frugallm.train.telemetry import matmul_peak, train_flops_per_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _host import add_host_args, pick_dtype, print_host_header, save_output  # noqa: E402

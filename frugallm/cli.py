@@ -172,7 +172,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .config import TrainConfig
     from .train import data
     from .host import choose_dtype
-    from .train.trainer import evaluate
+    from .train.telemetry import evaluate
     from .train.checkpoint import latest
 
     ckpt = latest(args.run)

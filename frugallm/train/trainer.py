@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +37,10 @@ from ..tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from ..io import write_file
 from . import budget, checkpoint, data
 from .optim import ExpertBiasUpdate, build_optimizer, lr_at
+from .telemetry import Progress, eval_batch_count, evaluate, matmul_peak, train_flops_per_token
 from ..parallel import layout as parallel_layout
 from ..parallel import timeline
-from ..parallel.runtime import Local, runtime_for
+from ..parallel.runtime import runtime_for
 
 
 class NonFiniteLoss(RuntimeError):
@@ -92,87 +92,6 @@ def _sample_texts(train_cfg: TrainConfig):
         if not data.is_val(doc_id, train_cfg.val_fraction):  # never fit the tokenizer on val text
             yield text[:budget]
             budget -= len(text)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 1024) -> float:
-    """Measured FLOP/s of an n^3 matmul in `dtype`: the denominator of the MFU estimate."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(3):
-        a @ b
-    return 3 * 2 * n**3 / (time.perf_counter() - t)
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6 x matmul parameters a token activates (embedding lookup excluded, head counted per MTP
-    depth) + causal attention scores/values, forward and backward."""
-    c = count_params(cfg)
-    head = cfg.vocab_size * cfg.dim
-    matmul = c["active"] - head + c["mtp_active"] + cfg.n_mtp * head
-    attention = 2 * cfg.n_heads * (seq_len / 2) * (cfg.qk_head_dim + cfg.v_head_dim) * (cfg.n_layers + cfg.n_mtp)
-    return 6 * matmul + 3 * attention
-
-
-def evaluate(model: Transformer, batches: data.Batches, n_batches: int, autocast, world: Local = Local()) -> float:
-    """Mean main-head loss over the first `n_batches` val batches (the same ones every time). On
-    several data ranks each reads every R-th batch; a rank past the end runs batch 0 and counts
-    nothing, since every forward is collective (FSDP gathers, EP all-to-alls)."""
-    n = eval_batch_count(batches, n_batches)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    R = world.data_ranks
-    with torch.no_grad(), autocast():
-        for i in range(world.data_rank, -(-n // R) * R, R):
-            x, y = batches.get(i if i < n else 0)
-            targets = int((y != -100).sum()) if i < n else 0  # a mean over target tokens (SFT masks)
-            total += world.eval_loss(model, x, y) * targets
-            count += targets
-    total, count = world.sum([total, count])
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-def eval_batch_count(batches: data.Batches, n_batches: int) -> int:
-    """How many of `n_batches` val batches exist; a ValueError naming the fix when none does."""
-    n = min(n_batches, batches.windows // batches.batch_size)
-    if n <= 0:
-        raise ValueError(f"cannot evaluate {n_batches} batches: the val split holds {batches.windows} windows of "
-                         f"{batches.seq_len + 1} tokens, fewer than one batch of {batches.batch_size}; use more "
-                         "data, a larger val_fraction, or a smaller seq_len or batch_size")
-    return n
-
-
-class _Progress:
-    """A tqdm bar on a terminal; plain lines every `log_every` steps otherwise (CI, pipes)."""
-
-    def __init__(self, total: int, initial: int, log, bar: bool = True):
-        self.bar = None
-        self.log = log
-        self.start, self.initial = time.perf_counter(), initial
-        if bar and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-    def set_total(self, total: int) -> None:  # a time budget's plan
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.refresh()
-
-    def update(self, step: int, total: int, metrics: dict) -> None:
-        text = f"loss {metrics['loss']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s"
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix_str(text, refresh=True)
-        else:
-            elapsed = time.perf_counter() - self.start
-            eta = elapsed / max(step - self.initial, 1) * (total - step)
-            self.log(f"step {step}/{total} | {text} | lr {metrics['lr']:.2e} | {elapsed:.0f}s, ETA {eta:.0f}s")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _print(line: str) -> None:
@@ -330,7 +249,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
         interrupted = True
 
     previous = signal.signal(signal.SIGINT, on_sigint)
-    progress = _Progress(train_cfg.steps, start, log, bar=world.is_main)
+    progress = Progress(train_cfg.steps, start, log, bar=world.is_main)
     last_ckpt, val_loss = ckpt, None
     t_last, tok_last = time.perf_counter(), tokens
 
