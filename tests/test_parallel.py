@@ -129,6 +129,7 @@ def test_layout_errors_name_the_fields():
     assert "pp_schedule=1f1b puts the MTP module" in bad(2, pp=2, pp_schedule="1f1b", grad_accum=4)
     assert "pp_schedule='gpipe'" in bad(2, pp=2, pp_schedule="gpipe", grad_accum=4)
     assert "distillation" in bad(2, dp=2, grad_accum=2, teacher="runs/x")
+    assert "fp8 training runs in one process" in bad(2, dp=2, grad_accum=2, fp8=True)
     assert "ep=2 needs routed experts" in str(pytest.raises(LayoutError, resolve, get_preset(
         "tiny", n_routed_experts=0), TrainConfig(ep=2, grad_accum=2), 2).value)
     assert "does not divide by ep * pp" in bad(3, ep=2, grad_accum=2)

@@ -170,8 +170,10 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(train_cfg.threads or torch.get_num_threads())
     choice = choose_dtype("train", train_cfg.precision)  # a resumed run's is already resolved: honoured
-    if world.world > 1:  # every rank computes in rank 0's choice
+    if world.world > 1 and not world.is_main:  # every rank computes in rank 0's choice (and rank 0 says why)
         choice = choose_dtype("train", ("fp32", "bf16")[world.broadcast(int(choice.name == "bf16"))])
+    elif world.world > 1:
+        world.broadcast(int(choice.name == "bf16"))
         log(f"{world.layout} ({'gloo' if world.device == 'cpu' else 'nccl'}); micro-batches per rank per step: "
             f"{train_cfg.grad_accum // world.data_ranks}")
     log(choice.reason)
