@@ -104,6 +104,18 @@ def test_fp8_dispatch_is_close_not_exact(tmp_path, reference):
     assert 0 < diff < 2e-2 * reference["losses"].abs().max()  # e4m3 in 1x128 tiles: ~3 significant bits
 
 
+def test_fp8_wire_round_trip():
+    from frugallm.parallel.expert import fp8_decode, fp8_encode
+
+    x = torch.randn(5, 129, dtype=torch.float64) * torch.logspace(-3, 3, 5, dtype=torch.float64)[:, None]
+    wire = fp8_encode(x)
+    assert wire.dtype == torch.uint8 and wire.shape == (5, 129 + 4 * 2)  # codes, then 2 tiles' fp32 scales
+    back = fp8_decode(wire, 129, torch.float64)
+    assert torch.equal(fp8_decode(fp8_encode(x[1:2]), 129, torch.float64), back[1:2])  # one row: a 4-byte aligned view
+    assert back.dtype == torch.float64
+    assert ((back - x).abs() <= x.abs() * 2 ** -3 + 1e-12 * x.abs().amax(1, keepdim=True)).all()  # e4m3: 3 mantissa bits
+
+
 def test_micro_batches_partition_the_step():
     class Two(Local):
         data_ranks = 2

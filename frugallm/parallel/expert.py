@@ -30,6 +30,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..model.moe import MoE, RoutedExperts, sorted_experts
+from ..numerics.fp8 import BLOCK, act_dequant, act_quant
 from .timeline import COMM
 
 
@@ -106,8 +107,7 @@ class ExpertParallelExperts(nn.Module):
                              self.w3.to(dtype))
         out = out.new_empty(out.shape).index_copy_(0, by_expert, out)  # back to source-major order
         back = all_to_all(out, send, recv, self.group, backward_group=self.backward_group)  # (N*K, d) in `order`
-        tiles = -(-(d + 1) // TILE)
-        row_bytes = tiles * (TILE + 4) if self.fp8_dispatch else (d + 1) * payload.element_size()
+        row_bytes = (d + 1) + 4 * -(-(d + 1) // BLOCK) if self.fp8_dispatch else (d + 1) * payload.element_size()
         self.bytes_sent += (row_bytes * (sum(send) - send[self.rank])  # dispatch: our rows to other ranks
                             + d * out.element_size() * (sum(recv) - recv[self.rank]))  # combine: theirs back
         y = back.new_empty(N * K, d).index_copy_(0, order, back)
@@ -131,25 +131,15 @@ def apply_expert_parallel(model: nn.Module, group, fp8_dispatch: bool = False) -
 
 # ------------------------------------------------------------------ FP8 dispatch (V3 §3.3.3)
 
-TILE = 128  # 1x128 activation tiles, as in the FP8 GEMMs (numerics/fp8.py)
-E4M3_MAX = 448.0
-
-
 def fp8_encode(x: torch.Tensor) -> torch.Tensor:
-    """(M, c) float -> (M, 128 t + 4 t) uint8, t = ceil(c / 128): each 1x128 tile scaled into the
-    e4m3 range and cast, then the tiles' fp32 scales, all as bytes (a uint8 view moves on any backend)."""
-    M, c = x.shape
-    t = -(-c // TILE)
-    padded = torch.nn.functional.pad(x.float(), (0, t * TILE - c)).view(M, t, TILE)
-    scale = padded.abs().amax(-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX  # (M, t, 1)
-    q = (padded / scale).to(torch.float8_e4m3fn).view(M, t * TILE).view(torch.uint8)
-    return torch.cat([q, scale.view(M, t).contiguous().view(torch.uint8)], dim=1)
+    """(M, c) float -> (M, c + 4 t) uint8, t = ceil(c / 128): numerics/fp8.py's 1x128 activation tiles
+    (e4m3 codes, then the tiles' fp32 scales), as bytes, so any backend moves them."""
+    q, scale = act_quant(x)
+    return torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=1)
 
 
 def fp8_decode(wire: torch.Tensor, columns: int, dtype: torch.dtype) -> torch.Tensor:
-    """fp8_encode's inverse: (M, bytes) uint8 -> (M, columns) in dtype."""
-    M = wire.shape[0]
-    t = -(-columns // TILE)
-    q = wire[:, :t * TILE].contiguous().view(torch.float8_e4m3fn).float().view(M, t, TILE)
-    scale = wire[:, t * TILE:].contiguous().view(torch.float32).view(M, t, 1)
-    return (q * scale).view(M, t * TILE)[:, :columns].to(dtype)
+    """fp8_encode's inverse: (M, c + 4 t) uint8 -> (M, c) in dtype."""
+    q = wire[:, :columns].contiguous().view(torch.float8_e4m3fn)
+    scale = wire[:, columns:].clone(memory_format=torch.contiguous_format).view(torch.float32)  # offset 0: aligned
+    return act_dequant(q, scale, dtype=dtype)

@@ -74,11 +74,12 @@ class _WithAux(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, aux):
+        ctx.aux_dtype = aux.dtype
         return h.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, torch.ones((), dtype=torch.float32, device=grad.device)
+        return grad, torch.ones((), dtype=ctx.aux_dtype, device=grad.device)
 
 
 class Stage(nn.Module):
@@ -145,8 +146,14 @@ class Pipeline:
         layers = stage_layers(model.config.n_layers, self.n_stages)
         self.stage_ids = [s for s in range(self.n_stages) if stage_owner(s, pp, schedule) == rank]
         self.stages = {s: Stage(model, layers[s], s == 0, s == self.n_stages - 1, self.feed) for s in self.stage_ids}
+        # each parameter's pipeline rank (the V puts the embedding, which MTP reads too, on one rank)
+        self.owner = {}
+        for s in range(self.n_stages):
+            modules = [model.layers[i] for i in layers[s]] + ([model.embed] if s == 0 else [])
+            modules += [model.norm, model.head, model.mtp] if s == self.n_stages - 1 else []
+            self.owner |= {id(p): stage_owner(s, pp, schedule) for m in modules for p in m.parameters()}
         # example inputs and outputs, so torch does not infer shapes by running a stage (ours read the Feed)
-        dtype = model.embed.weight.dtype
+        dtype = self._hidden_dtype()
         # (requires_grad: torch makes the receive buffers of a stage's inputs like its example)
         hidden = torch.zeros(self._hidden_shape(torch.zeros(micro_shape)), dtype=dtype, device=device,
                              requires_grad=True)
@@ -160,7 +167,6 @@ class Pipeline:
         loss_fn = _identity_loss
         self.schedule = kind(pipes, n_microbatches, loss_fn=loss_fn, scale_grads=False) if schedule in V_SCHEDULES \
             else kind(pipes[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
-        self.owned = {id(p) for st in self.stages.values() for p in st.parameters()}
         if overlap:  # DualPipeV's forward-and-backward pairs run concurrently (overlap.py)
             from .overlap import enable
 
@@ -221,13 +227,8 @@ class Pipeline:
     def sync_full(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Copy every stage's parameters and AdamW moments from its owner to every pipeline rank, so
         any rank holds the whole, current model (before a checkpoint is written from rank 0)."""
-        owner_of = {}
-        for s in range(self.n_stages):
-            for p in Stage(model, stage_layers(model.config.n_layers, self.n_stages)[s], s == 0,
-                           s == self.n_stages - 1, self.feed).parameters():
-                owner_of.setdefault(id(p), stage_owner(s, self.pp, self.schedule_name))
         for p in model.parameters():
-            src = owner_of.get(id(p), 0)
+            src = self.owner[id(p)]
             dist.broadcast(p.data, group_src=src, group=self.group)
             state = optimizer.state.get(p)
             has = torch.tensor([1 if state else 0])

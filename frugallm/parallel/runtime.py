@@ -63,7 +63,7 @@ class Local:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
     def all_reduce_load(self, load: torch.Tensor) -> None:
-        """Sum the per-expert token counters in place across the data ranks (the bias update's input)."""
+        """Sum the per-expert token counters in place across every rank (the bias update's input)."""
 
     def full(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The whole tensor behind `name` (a parameter, buffer, or one of its optimizer moments)."""

@@ -178,13 +178,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
             f"{train_cfg.grad_accum // world.data_ranks}")
     log(choice.reason)
     train_cfg = dataclasses.replace(train_cfg, precision=choice.name)  # recorded: a resume repeats it
-    for turn in ("main", "others"):
-        if (turn == "main") == world.is_main:
-            if world.is_main:
-                model_cfg.to_json(run_dir / "config.json")
-                train_cfg.to_json(run_dir / "train_config.json")
-            tokenizer = _tokenizer_for(run_dir, model_cfg, train_cfg, log, write=world.is_main)
-            splits = data.prepare(train_cfg.data, tokenizer, train_cfg.val_fraction, train_cfg.text_field)
+    if not world.is_main:
+        world.barrier()  # rank 0 first: it trains or caches the tokenizer and the data shards once
+    else:
+        model_cfg.to_json(run_dir / "config.json")
+        train_cfg.to_json(run_dir / "train_config.json")
+    tokenizer = _tokenizer_for(run_dir, model_cfg, train_cfg, log, write=world.is_main)
+    splits = data.prepare(train_cfg.data, tokenizer, train_cfg.val_fraction, train_cfg.text_field)
+    if world.is_main:
         world.barrier()
     m = splits.manifest
     if m["replaced_bytes"]:
