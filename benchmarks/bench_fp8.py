@@ -40,7 +40,7 @@ import torch
 
 from frugallm.config import TrainConfig, get_preset
 from frugallm.model.transformer import Transformer
-from frugallm.numerics.fp8 import convert_to_fp8
+from frugallm.kernels.fp8 import convert_to_fp8
 from frugallm.train.optim import build_optimizer
 from frugallm.train.trainer import train
 

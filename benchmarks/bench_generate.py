@@ -36,10 +36,10 @@ import torch
 
 import frugallm
 from frugallm.infer import KVCache
-from frugallm.infer.compiled import compile_decode
+from frugallm.kernels.compiled import compile_decode
 from frugallm.infer.generate import generate
 from frugallm.model.moe import MoE
-from frugallm.numerics.prepack import prepack, unavailable_reason
+from frugallm.kernels.prepack import prepack, unavailable_reason
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _host import add_host_args, dtype_name, pick_dtype, print_host_header, save_output  # noqa: E402
@@ -226,7 +226,7 @@ def held_out_texts(run: Path, n: int) -> list[str]:
     """The first n documents of the run's validation split (never trained on)."""
     from frugallm.config import TrainConfig
     from frugallm.train import data
-    from frugallm.train.checkpoint import latest
+    from frugallm.formats.checkpoint import latest
 
     cfg = TrainConfig.from_json(latest(run) / "train_config.json")
     docs = (text for doc_id, text in data.iter_documents(cfg.data, cfg.text_field)
@@ -350,7 +350,7 @@ def section_quant(args) -> None:
     run = Path(args.run)
     if not run.exists():
         return
-    from frugallm.train.checkpoint import latest
+    from frugallm.formats.checkpoint import latest
 
     models = variants(frugallm.load(run, dtype=torch.float32))
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Weight-only int8 / fp8 (numerics/quantize.py) against fp32 and bf16, on a trained model: bytes per
+"""Weight-only int8 / fp8 (kernels/quantize.py) against fp32 and bf16, on a trained model: bytes per
 parameter, decode speed (batch 1, one token per forward over the latent KV cache, absorbed MLA)
 and val perplexity, side by side in one table.
 
@@ -37,8 +37,8 @@ import torch
 
 import frugallm
 from frugallm.infer import KVCache
-from frugallm.numerics.prepack import prepack, unavailable_reason
-from frugallm.numerics.quantize import quantize_model, weight_bytes
+from frugallm.kernels.prepack import prepack, unavailable_reason
+from frugallm.kernels.quantize import quantize_model, weight_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _host import (add_host_args, host_record, pick_dtype, print_host_header, results_path,  # noqa: E402
@@ -48,7 +48,7 @@ from _host import (add_host_args, host_record, pick_dtype, print_host_header, re
 def variants(model: frugallm.Transformer) -> dict[str, frugallm.Transformer]:
     """fp32 model -> the variants (deep copies; the codes come from the fp32 weights)."""
     out = {"fp32": model.float().eval(), "bf16": copy.deepcopy(model).to(torch.bfloat16)}
-    if unavailable_reason(out["bf16"]) is None:  # numerics/prepack.py: what `frugallm generate` runs for bf16
+    if unavailable_reason(out["bf16"]) is None:  # kernels/prepack.py: what `frugallm generate` runs for bf16
         out["bf16 prepacked"] = copy.deepcopy(out["bf16"])
         prepack(out["bf16 prepacked"])
     for fmt in ("int8", "fp8"):

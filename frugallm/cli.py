@@ -13,7 +13,9 @@ import torch
 
 
 def _info(args: argparse.Namespace) -> int:
-    from . import Transformer, count_params, get_preset
+    from .config import get_preset
+    from .model import Transformer
+    from .model.count import count_params
     from .config import ModelConfig
 
     if args.host:
@@ -57,7 +59,7 @@ def _train(args: argparse.Namespace, extra: list[str] = (), model_from=None) -> 
 
     saved = None
     if args.resume:  # a resume starts from the run's own settings: only what is given counts as a change
-        from .train.checkpoint import latest
+        from .formats.checkpoint import latest
 
         saved = latest(args.out)
         if saved is None:
@@ -114,7 +116,8 @@ def _distill(args: argparse.Namespace) -> int:
         return _distill_generate(args)
     if not args.teacher:
         raise ValueError("frugallm distill needs --teacher DIR (a frugallm run or Hugging Face DeepSeek directory)")
-    from . import load, load_tokenizer
+    from .plan import load
+    from .tokenizer import load_tokenizer
 
     student_tokenizer = load_tokenizer(args.init_from or args.teacher)
     extra = [f"teacher={args.teacher}", f"tokenizer={args.init_from or args.teacher}"]
@@ -155,7 +158,8 @@ def _parallel_simulate(args: argparse.Namespace) -> int:
 
 
 def _print_sample(run: str, prompt: str, n_tokens: int) -> None:
-    from . import load, load_tokenizer
+    from .plan import load
+    from .tokenizer import load_tokenizer
     from .infer.generate import generate
 
     model, tok = load(run), load_tokenizer(run)
@@ -168,12 +172,13 @@ def _print_sample(run: str, prompt: str, n_tokens: int) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from . import load, load_tokenizer
+    from .plan import load
+    from .tokenizer import load_tokenizer
     from .config import TrainConfig
     from .train import data
     from .host import choose_dtype
     from .train.telemetry import evaluate
-    from .train.checkpoint import latest
+    from .formats.checkpoint import latest
 
     ckpt = latest(args.run)
     if ckpt is None:
@@ -226,7 +231,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from . import load_tokenizer
+    from .tokenizer import load_tokenizer
     from .infer.chat import chat_repl
 
     if sys.stdin.isatty():
@@ -241,8 +246,8 @@ def _chat(args: argparse.Namespace) -> int:
 def _load_for_inference(args: argparse.Namespace):
     """The model for generate / chat, in the dtype --dtype asks for (auto: the host profile's
     choice), after one line on stderr that says what was chosen and why."""
-    from . import inference_dtype, load_for_inference
-    from .numerics.kernels import kernels_in_use
+    from .plan import inference_dtype, load_for_inference
+    from .kernels.swap import kernels_in_use
 
     print(f"frugallm: {inference_dtype(args.dtype).reason}", file=sys.stderr)
     model = load_for_inference(args.run, args.dtype, prepack=not args.compile)
@@ -254,7 +259,7 @@ def _compile(model, args: argparse.Namespace):
     """With --compile, the compiled decode step, its batch-1 shapes compiled before the first prompt."""
     if not args.compile:
         return None
-    from .infer.compiled import compile_decode
+    from .kernels.compiled import compile_decode
 
     print("compiling the decode step (once per shape; later runs reuse inductor's cache) ...", file=sys.stderr)
     return compile_decode(model, warmup=True, speculative=args.speculative)
@@ -263,7 +268,7 @@ def _compile(model, args: argparse.Namespace):
 def _generate(args: argparse.Namespace) -> int:
     import time
 
-    from . import load_tokenizer
+    from .tokenizer import load_tokenizer
     from .infer.generate import generate_stream
 
     model = _load_for_inference(args)
@@ -290,9 +295,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from . import load
-    from .numerics.quantize import weight_bytes
-    from .numerics.quantized_checkpoint import quantize_checkpoint
+    from .plan import load
+    from .kernels.quantize import weight_bytes
+    from .export import quantize_checkpoint
 
     out = quantize_checkpoint(args.run, args.to, args.out, layout=args.layout)
     sizes = weight_bytes(load(out))

@@ -295,7 +295,7 @@ class TrainConfig:
     # --- precision and speed
     precision: str = "auto"  # auto (host.py measures: bf16 only where clearly faster) | bf16 (autocast,
     # fp32 master weights) | fp32. A run's train_config.json records the resolved dtype, never "auto".
-    fp8: bool = False  # V3 fine-grained FP8 GEMMs in every Linear and routed expert (numerics/fp8.py)
+    fp8: bool = False  # V3 fine-grained FP8 GEMMs in every Linear and routed expert (kernels/fp8.py)
     optim_state_dtype: str = "fp32"  # AdamW moments: fp32 (torch's AdamW) | bf16 (fp32 master weights)
     compile: bool = False
     threads: int = 0  # 0 = all cores

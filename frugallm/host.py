@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from .io import cache_root
+
 BF16_MIN_SPEEDUP = 1.5  # bf16 must be this much faster than fp32 to be chosen by `auto`
 GEMM_SHAPE = (64, 512, 512)  # (M, K, N): a training micro-batch slice through a projection
 GEMV_SHAPE = (2048, 2048)  # (N, K) weight of one decode GEMV ...
@@ -61,7 +63,7 @@ class HostProfile:
     capability: str  # torch.backends.cpu.get_cpu_capability(): the ISA torch's own kernels use
     flags: list[str]  # the SHOWN_FLAGS this CPU has
     bf16_native: bool  # the CPU has bf16 instructions (flags)
-    bf16_prepack: bool  # oneDNN packs bf16 weights here (numerics/prepack.py, inductor's freezing)
+    bf16_prepack: bool  # oneDNN packs bf16 weights here (kernels/prepack.py, inductor's freezing)
     torch_version: str
     gemm_gflops: dict[str, float]  # {"fp32": ..., "bf16": ...}
     gemv_gflops: dict[str, float]  # GEMV FLOP/s: 2 per weight element read
@@ -151,7 +153,7 @@ def _time(fn) -> float:
 def _measure(bf16_prepack: bool) -> tuple[dict[str, float], dict[str, float]]:
     """GFLOP/s of a GEMM and of GEMVs, fp32 and bf16, through the kernels frugallm
     runs (2 FLOPs per weight element; a GEMV's time is the reading of its weights): F.linear, and for a bf16 GEMV with prepacking available, the packed oneDNN call
-    (numerics/prepack.py), since an unpacked bf16 F.linear reorders its weight on every call.
+    (kernels/prepack.py), since an unpacked bf16 F.linear reorders its weight on every call.
     The GEMVs sweep GEMV_MATRICES weights (128 MB in fp32), more than a last-level cache holds,
     as a decode step's weights are: one repeated 16 MB matrix would be served from L3."""
     F = torch.nn.functional
@@ -193,8 +195,6 @@ def _identity() -> dict:
 
 
 def cache_dir() -> Path:
-    from .train.data import cache_root
-
     return cache_root() / "host"
 
 

@@ -36,6 +36,11 @@ FIX = {"checkpoint": "frugallm.load(run) and --resume use the newest checkpoint 
        "data-cache": "delete the directory; the next run rebuilds it"}
 
 
+def cache_root() -> Path:
+    """Where frugallm caches what it derives (token shards, tokenizers, the host profile): FRUGALLM_CACHE."""
+    return Path(os.environ.get("FRUGALLM_CACHE", Path.home() / ".cache" / "frugallm"))
+
+
 class OutputError(ValueError):
     """A write refused because it would replace data frugallm did not write, or the data being read."""
 

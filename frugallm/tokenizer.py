@@ -27,6 +27,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>"]
 ROLES = ("system", "user", "assistant")
+TOKENIZER = "tokenizer.json"  # the file name, in a run, a checkpoint or a Hugging Face directory
 # frugallm's chat template as Jinja, for exports (`hf_config`): the same ids as encode_chat's own
 # template, so a Hugging Face tokenizer, vLLM or lm-eval reading the export builds the same prompts
 CHAT_TEMPLATE = (
@@ -95,7 +96,7 @@ class Tokenizer:
     def save(self, directory: str | os.PathLike) -> Path:
         from .io import write_file
 
-        return write_file(Path(directory) / "tokenizer.json", self.to_str())
+        return write_file(Path(directory) / TOKENIZER, self.to_str())
 
     def hf_config(self, model_max_length: int) -> dict:
         """tokenizer_config.json for a Hugging Face export: the special tokens and the chat template
@@ -271,7 +272,7 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load tokenizer.json from a file or a directory (frugallm run or Hugging Face checkpoint)."""
     path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
+    file = path / TOKENIZER if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"no tokenizer.json at {path}; train one with `frugallm tokenizer train`")
     tok = _HFTokenizer.from_file(str(file))

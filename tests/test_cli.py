@@ -56,7 +56,7 @@ def test_generate_and_quantize_commands(tiny_run, tmp_path, capsys, monkeypatch,
 
 def test_generate_compiled(tiny_run, capsys):
     from frugallm import load
-    from frugallm.infer.compiled import unavailable_reason
+    from frugallm.kernels.compiled import unavailable_reason
 
     reason = unavailable_reason(load(tiny_run))
     if reason:

@@ -1,4 +1,4 @@
-"""Compiled decoding (infer/compiled.py) against its eager twin, and the static-shape pieces it
+"""Compiled decoding (kernels/compiled.py) against its eager twin, and the static-shape pieces it
 is made of: the gathered / dense experts against the loop, the static cache against the dynamic one."""
 
 import pytest
@@ -6,11 +6,11 @@ import torch
 
 from frugallm import Transformer
 from frugallm.infer import KVCache
-from frugallm.infer.compiled import GemvLinear, compile_decode, unavailable_reason
+from frugallm.kernels.compiled import GemvLinear, compile_decode, unavailable_reason
 from frugallm.infer.generate import generate
 from frugallm.model.moe import MoE, dense_experts, gathered_experts, loop_experts
-from frugallm.numerics.prepack import prepack
-from frugallm.numerics.quantize import quantize_model
+from frugallm.kernels.prepack import prepack
+from frugallm.kernels.quantize import quantize_model
 
 from conftest import tiny_config
 

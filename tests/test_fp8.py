@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frugallm.numerics.fp8 import E4M3, act_dequant, act_quant, weight_dequant, weight_quant
+from frugallm.kernels.fp8 import E4M3, act_dequant, act_quant, weight_dequant, weight_quant
 
 
 # --- an independent re-derivation of the reference quantiser, one element at a time -------------
@@ -107,7 +107,7 @@ def test_saturation_and_range():
     q, s = act_quant(torch.randn(4, 128))
     assert (q.float().abs().amax(-1) == 448).all()
     # the cast clamps explicitly: +-inf inside x/s would otherwise be a CPU-only saturation
-    from frugallm.numerics.fp8 import _cast
+    from frugallm.kernels.fp8 import _cast
     assert _cast(torch.tensor([1e3, -1e9, float("inf"), 447.0])).float().tolist() == [448.0, -448.0, 448.0, 448.0]
 
 
@@ -172,7 +172,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
 @pytest.mark.parametrize("shape", [(2, 150, 512, 384), (1, 37, 200, 130)])  # (B, S, K, N); the 2nd ragged
 def test_fp8_linear_output_and_all_gradients_close_to_fp64(shape, scale_fmt):
-    from frugallm.numerics.fp8 import fp8_linear
+    from frugallm.kernels.fp8 import fp8_linear
 
     B, S, K, N = shape
     x = torch.randn(B, S, K, dtype=torch.float64)
@@ -194,7 +194,7 @@ def test_fp8_linear_output_and_all_gradients_close_to_fp64(shape, scale_fmt):
 
 def test_fp8_linear_is_really_quantised():
     """Not a disguised fp32 linear: the output equals the dequantised-operand product exactly."""
-    from frugallm.numerics.fp8 import Fp8Linear
+    from frugallm.kernels.fp8 import Fp8Linear
 
     lin = nn.Linear(256, 128, bias=False)
     x = torch.randn(8, 256)
@@ -205,7 +205,7 @@ def test_fp8_linear_is_really_quantised():
 
 
 def test_fp8_linear_saves_fp8_input_only():
-    from frugallm.numerics.fp8 import fp8_linear
+    from frugallm.kernels.fp8 import fp8_linear
 
     x = torch.randn(64, 256, requires_grad=True)
     w = torch.randn(128, 256, requires_grad=True)
@@ -216,7 +216,7 @@ def test_fp8_linear_saves_fp8_input_only():
 
 
 def test_fp8_linear_under_bf16_autocast():
-    from frugallm.numerics.fp8 import Fp8Linear
+    from frugallm.kernels.fp8 import Fp8Linear
 
     lin = nn.Linear(256, 96)
     f8 = Fp8Linear.from_linear(lin)
@@ -235,7 +235,7 @@ def test_fp8_linear_under_bf16_autocast():
 def test_cuda_fast_path_matches_emulation():
     import warnings
 
-    from frugallm.numerics import fp8
+    from frugallm.kernels import fp8
 
     a, b = torch.randn(256, 512, device="cuda"), 0.02 * torch.randn(384, 512, device="cuda")
     qa, sa = act_quant(a)
@@ -254,7 +254,7 @@ def test_cuda_fast_path_matches_emulation():
 def test_convert_to_fp8_honours_its_filter(cfg):
     from frugallm.model.moe import MoE, RoutedExperts
     from frugallm.model.transformer import Transformer
-    from frugallm.numerics.fp8 import Fp8Experts, Fp8Linear, convert_to_fp8
+    from frugallm.kernels.fp8 import Fp8Experts, Fp8Linear, convert_to_fp8
 
     model = Transformer(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -279,7 +279,7 @@ def test_convert_to_fp8_honours_its_filter(cfg):
 
 def test_fp8_experts_match_loop_experts():
     from frugallm.model.moe import loop_experts
-    from frugallm.numerics.fp8 import fp8_experts, fp8_linear
+    from frugallm.kernels.fp8 import fp8_experts, fp8_linear
 
     N, K, E, d, I = 64, 2, 4, 256, 160
     x = torch.randn(N, d)
@@ -307,7 +307,7 @@ def test_fp8_experts_match_loop_experts():
 
 def _train_losses(cfg, fp8: bool, state_dtype: str, steps: int = 6) -> list[float]:
     from frugallm.model.transformer import Transformer
-    from frugallm.numerics.fp8 import convert_to_fp8
+    from frugallm.kernels.fp8 import convert_to_fp8
     from frugallm.train.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -382,7 +382,7 @@ def test_trainer_fp8_bf16_moments_resume_and_plain_checkpoint(tmp_path, corpus):
 
     import frugallm
     from frugallm.config import TrainConfig, apply_overrides, get_preset
-    from frugallm.numerics.fp8 import Fp8Linear
+    from frugallm.kernels.fp8 import Fp8Linear
     from frugallm.train import checkpoint
     from frugallm.train.trainer import train
 
@@ -421,7 +421,7 @@ def test_emulation_dtype_follows_the_host_and_bf16_stays_close(cfg, monkeypatch)
     """convert_to_fp8's CPU emulation multiplies in the host's training dtype (auto), and the bf16
     emulation is within bf16 rounding of the fp32 one (both on the same FP8 codes)."""
     from frugallm.model.transformer import Transformer
-    from frugallm.numerics.fp8 import Fp8Experts, Fp8Linear, convert_to_fp8, fp8_linear
+    from frugallm.kernels.fp8 import Fp8Experts, Fp8Linear, convert_to_fp8, fp8_linear
 
     for host, want in (("no-bf16", torch.float32), ("bf16", torch.bfloat16)):
         monkeypatch.setenv("FRUGALLM_HOST", host)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCa
 
 import frugallm
 from frugallm import Transformer
-from frugallm.convert import hf_key
+from frugallm.formats.hf import hf_key
 
 from conftest import tiny_config
 
@@ -88,7 +88,7 @@ def _declare_mtp(path, n=1) -> dict:
 def test_hf_checkpoint_with_mtp_tensors_loads_them(tmp_path):
     make_hf("v3", 16, tmp_path)  # transformers itself drops the MTP layer; add one as V3 ships it
     config = _declare_mtp(tmp_path)
-    donor = Transformer(frugallm.convert.config_from_hf(config))
+    donor = Transformer(frugallm.formats.hf.config_from_hf(config))
     tensors = load_file(tmp_path / "model.safetensors")
     for name, t in donor.state_dict().items():
         if name.startswith("mtp."):
@@ -123,7 +123,7 @@ def test_fp8_block_quantized_weights_are_dequantized(tmp_path):
 
 
 def test_block_dequant_with_ragged_edges():
-    from frugallm.numerics.fp8 import weight_dequant
+    from frugallm.kernels.fp8 import weight_dequant
 
     q = torch.randn(200, 130).to(torch.float8_e4m3fn)
     s = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
@@ -175,7 +175,7 @@ def test_bf16_load_keeps_gate_bias_fp32(tmp_path):
 def test_rope_frequencies_and_attention_factor_match_transformers(rope):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from frugallm.convert import config_from_hf
+    from frugallm.formats.hf import config_from_hf
     from frugallm.model.rope import inv_freq, rope_attn_factor
 
     hf_config = DeepseekV3Config(**{**COMMON, "rope_scaling": rope, "max_position_embeddings": 640})

@@ -13,7 +13,7 @@ import torch
 
 from frugallm import Transformer, host, inference_dtype, load_for_inference
 from frugallm.cli import main
-from frugallm.numerics.prepack import PackedLinear, prepack, unavailable_reason
+from frugallm.kernels.prepack import PackedLinear, prepack, unavailable_reason
 
 from conftest import tiny_config
 

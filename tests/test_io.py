@@ -18,7 +18,7 @@ import frugallm
 from frugallm import Transformer, convert, io
 from frugallm.cli import main
 from frugallm.config import TrainConfig
-from frugallm.numerics.quantized_checkpoint import quantize_checkpoint
+from frugallm.export import quantize_checkpoint
 from frugallm.tokenizer import train_tokenizer
 from frugallm.train import checkpoint, data
 

@@ -1,4 +1,4 @@
-"""numerics/prepack.py: oneDNN-prepacked bf16 weights give the SAME outputs as the plain modules."""
+"""kernels/prepack.py: oneDNN-prepacked bf16 weights give the SAME outputs as the plain modules."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ from torch import nn
 from frugallm import Transformer
 from frugallm.infer.generate import generate
 from frugallm.model.moe import MLP, MoE
-from frugallm.numerics.prepack import PackedExperts, PackedLinear, PackedMLP, prepack, unavailable_reason
+from frugallm.kernels.prepack import PackedExperts, PackedLinear, PackedMLP, prepack, unavailable_reason
 
 from conftest import tiny_config
 

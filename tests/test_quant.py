@@ -1,4 +1,4 @@
-"""Weight-only int8 / fp8 quantization (numerics/quantize.py, quantized_checkpoint.py): kernels vs their reference twins,
+"""Weight-only int8 / fp8 quantization (kernels/quantize.py, quantized_checkpoint.py): kernels vs their reference twins,
 the converter's filter, bytes per parameter, checkpoints in DeepSeek's FP8 and frugallm's int8
 layouts (keep-codes and dequantized loads), and the loss change against fp32 on a trained model."""
 
@@ -16,17 +16,17 @@ from torch import nn
 import frugallm
 from frugallm import Transformer
 from frugallm.model.moe import Gate, MoE, RoutedExperts
-from frugallm.numerics.fp8 import weight_dequant, weight_quant
-from frugallm.numerics.quantize import (FORMATS, LINEAR, LINEAR_REF, QuantExperts, QuantLinear, _e4m3_dequant,
+from frugallm.kernels.fp8 import weight_dequant, weight_quant
+from frugallm.kernels.quantize import (FORMATS, LINEAR, LINEAR_REF, QuantExperts, QuantLinear, _e4m3_dequant,
                                         dequantize, quantize, quantize_model, weight_bytes)
-from frugallm.numerics.quantized_checkpoint import quantize_checkpoint
+from frugallm.export import quantize_checkpoint
 
 from conftest import tiny_config
 
 # Loss change against fp32 on the trained tiny model below (mean CE over 2048 val tokens, loss
 # ~4.85-5.1 nats, unigram ~5.2). Measured with fp32 activations: int8 +0.00001, fp8 +0.0003 nats; with
 # bf16 activations: int8 -0.0001, fp8 +0.0002 (bf16 alone +0.0002). Bounds, ~20x margin (also in
-# numerics/quantize.py):
+# kernels/quantize.py):
 LOSS_BOUND = {"int8": 0.005, "fp8": 0.01}
 
 

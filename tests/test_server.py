@@ -278,7 +278,7 @@ def test_engine_with_a_compiled_decoder_equals_eager(tiny_run):
     """The compiled step runs on the engine's worker thread, on batches padded to powers of two; fp32, so
     greedy text must not change."""
     from frugallm import load, load_tokenizer
-    from frugallm.infer.compiled import compile_decode, unavailable_reason
+    from frugallm.kernels.compiled import compile_decode, unavailable_reason
 
     model, tok = load(tiny_run), load_tokenizer(tiny_run)
     reason = unavailable_reason(model)

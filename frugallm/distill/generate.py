@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 
-DEEPSEEK_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
 def read_prompts(path: str | os.PathLike) -> list[str | list[dict]]:
@@ -187,12 +186,10 @@ def _fsync_dir(path: Path) -> None:
 # --- teachers: encode a prompt, complete a batch ---------------------------------------------------
 
 def _load_teacher(path: Path):
-    from ..train.checkpoint import locate
+    from ..formats.open import open as open_model
 
-    config = path / "config.json"
-    if locate(path) is None and config.exists() and \
-            json.loads(config.read_text()).get("model_type") not in DEEPSEEK_TYPES:
-        return _TransformersTeacher(path)  # not something frugallm.load opens
+    if not open_model(path).deepseek:
+        return _TransformersTeacher(path)  # a Hugging Face model frugallm's Transformer cannot hold
     return _FrugallmTeacher(path)
 
 
@@ -206,10 +203,11 @@ class _FrugallmTeacher:
     kind = "frugallm"
 
     def __init__(self, path: Path):
-        import frugallm
+        from ..plan import load_for_inference
+        from ..tokenizer import load_tokenizer
 
-        self.model = frugallm.load_for_inference(path)
-        self.tokenizer = frugallm.load_tokenizer(path)
+        self.model = load_for_inference(path)
+        self.tokenizer = load_tokenizer(path)
         self.context = self.model.config.max_seq_len
 
     def encode(self, prompt: str | list[dict]) -> list[int]:

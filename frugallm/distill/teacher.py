@@ -93,11 +93,9 @@ def checkpoint_hash(path: str | Path) -> str | None:
     """A hash of what `frugallm.load(path)` reads, from its manifest (each file's sha256: no weight is
     read again); None where frugallm wrote no manifest (a downloaded Hugging Face directory)."""
     from .. import io
-    from ..train.checkpoint import locate
+    from ..formats.open import open as open_model
 
-    path = Path(path)
-    directory = locate(path) or path
-    manifest = io.read_manifest(directory)
+    manifest = io.read_manifest(open_model(path).weights)
     if manifest is None:
         return None
     files = {name: entry["sha256"] for name, entry in manifest["files"].items()}
@@ -130,10 +128,11 @@ class Teacher:
              dtype="auto") -> "Teacher":
         """The teacher at `path` (a frugallm run, checkpoint or Hugging Face directory), its vocabulary
         checked against the student's (match_vocab: a ValueError if they differ)."""
-        import frugallm
+        from ..plan import load
+        from ..tokenizer import load_tokenizer
 
-        teacher_tokenizer = frugallm.load_tokenizer(path)
-        model = frugallm.load(path)
+        teacher_tokenizer = load_tokenizer(path)
+        model = load(path)
         keep = match_vocab(student_tokenizer, teacher_tokenizer, model.config.vocab_size, student_vocab_size)
         return cls(model, keep=keep, dtype=dtype, source_hash=checkpoint_hash(path))
 

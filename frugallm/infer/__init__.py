@@ -1,5 +1,5 @@
 """Generation state and inference paths."""
 
-from .kv_cache import KVCache
+from ..model.kv_cache import KVCache
 
 __all__ = ["KVCache"]

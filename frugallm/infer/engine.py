@@ -16,7 +16,7 @@ A request's output does not depend on what else runs with it: its cache row hold
 attention sees only its own positions (the cache's per-row mask), sampling uses its own generator (`seed`)
 and its own penalties; only the matmuls' blocking changes with the batch size, at the level of rounding.
 
-The cache (infer/kv_cache.py) is one (rows, T) block per layer: decoding jobs in rows [0, n_dec), prefilling
+The cache (model/kv_cache.py) is one (rows, T) block per layer: decoding jobs in rows [0, n_dec), prefilling
 jobs in the rows after them, so that each forward runs on a slice (a view, no copy); moving a job is a row
 swap. T is the longest reservation (prompt + max_tokens) among the jobs admitted. A job waits until
 (running jobs + 1) * T fits `max_cache_tokens`, the budget of all jobs together; the block grows (and shrinks
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..tokenizer import TextStream, Tokenizer
-from .kv_cache import KVCache
+from ..model.kv_cache import KVCache
 from .sampling import adjust, choose, entry, greedy
 
 log = logging.getLogger("frugallm.server")
@@ -111,7 +111,7 @@ class Engine:
     def __init__(self, model, tokenizer: Tokenizer, slots: int = 16, decoder=None, max_cache_tokens: int | None = None,
                  max_queue: int = 64, prefill_chunk: int = 256, policy: str = "batch", metrics=None):
         """slots: jobs running at once. max_cache_tokens: the cache budget of all jobs together (default: slots
-        full contexts). decoder: runs the decode forwards instead of the eager model (infer/compiled.py).
+        full contexts). decoder: runs the decode forwards instead of the eager model (kernels/compiled.py).
         policy: "batch" (continuous batching) or "round-robin" (one job per forward; the reference).
         metrics: an object with `observe(name, value)` and `count(name, n)` (server.py Metrics), or None."""
         max_cache_tokens = max_cache_tokens or slots * model.config.max_seq_len

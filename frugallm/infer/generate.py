@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .kv_cache import KVCache
+from ..model.kv_cache import KVCache
 from .sampling import check_sampling, sample
 from .speculative import Drafter, accept
 
@@ -31,7 +31,7 @@ def generate_stream(model, input_ids, max_new_tokens: int, temperature: float = 
     stats: a dict to fill with counters: prompt_tokens, new_tokens, forwards, drafted, accepted,
         acceptance, tokens_per_forward, prefill_s (time to first token) and decode_s.
     decoder: runs the decode / verify forwards (`decoder(ids, cache)`) and the MTP drafts
-        (`decoder.mtp_step`) instead of the eager model: a compiled step, infer/compiled.py
+        (`decoder.mtp_step`) instead of the eager model: a compiled step, kernels/compiled.py
         compile_decode(model). Prefill stays eager.
     Closing the generator early releases its cache.
     """

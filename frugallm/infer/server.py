@@ -407,16 +407,17 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: s
           prefill_chunk: int = 256, insecure_no_api_key: bool = False, policy: str = "batch") -> None:
     """Load RUN (a frugallm run or a Hugging Face DeepSeek dir) and serve it until interrupted.
     policy: "batch" (continuous batching) or "round-robin" (one request per forward; engine.py).
-    compile: compile the decode step (infer/compiled.py) before listening. dtype: "auto" (the
+    compile: compile the decode step (kernels/compiled.py) before listening. dtype: "auto" (the
     host profile's inference choice, host.py) or a dtype name. The limits are in the module docstring;
     a non-loopback `host` needs `api_key` or `insecure_no_api_key` (else InsecureServe, before loading)."""
     check_exposure(host, api_key, insecure_no_api_key)
     import torch
     import uvicorn
 
-    from .. import inference_dtype, load_for_inference, load_tokenizer
-    from ..numerics.kernels import kernels_in_use
-    from .compiled import compile_decode
+    from ..plan import inference_dtype, load_for_inference
+    from ..tokenizer import load_tokenizer
+    from ..kernels.swap import kernels_in_use
+    from ..kernels.compiled import compile_decode
 
     # one core stays with the event loop (HTTP, JSON, streaming): on a 2-core Zen 4 (benchmarks/bench_serve.py)
     # one torch thread gave 103 vs 63 tok/s at 1 client and 560 vs 361 at 16 clients against two

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import KVCache
+from ..model.kv_cache import KVCache
 from .sampling import greedy, probs
 
 

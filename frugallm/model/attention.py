@@ -26,7 +26,7 @@ from .rope import apply_rope, softmax_scale
 
 class MLA(nn.Module):
     # the absorbed path reads wkv_b's weight matrix itself (W^UK, W^UV per head), not through its
-    # forward: a kernel twin of wkv_b must keep `.weight` cheap (numerics/kernels.py)
+    # forward: a kernel twin of wkv_b must keep `.weight` cheap (kernels/swap.py)
     reads_weight = ("wkv_b",)
 
     def __init__(self, cfg: ModelConfig):
@@ -52,7 +52,7 @@ class MLA(nn.Module):
         """x (B, S, dim); cos/sin (S, dr/2) or (B, S, dr/2), the RoPE tables at the tokens' positions.
 
         Without a cache the S tokens are positions 0..S-1 under a causal mask (training).
-        With a cache (infer/kv_cache.py), positions (B, S) are each token's absolute position,
+        With a cache (model/kv_cache.py), positions (B, S) are each token's absolute position,
         `cache.update(positions, c_kv, k_pe)` returns the latents of all T cached positions, and
         mask (B, S, T) says which of them each token sees (None: all of them, i.e. one new token
         per row and every row of the same length).

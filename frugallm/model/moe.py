@@ -91,7 +91,7 @@ class RoutedExperts(nn.Module):
     w2 (E, d, I). x (N, d), routing weights (N, K) and expert ids (N, K) -> sum_k w_k E_k(x) (N, d).
 
     A module of its own, like nn.Linear, for the same reason: it is where a matmul runs, so a
-    numerics or compile converter swaps it for a twin (numerics/kernels.py), as it swaps Linears."""
+    numerics or compile converter swaps it for a twin (kernels/swap.py), as it swaps Linears."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, impl: str = "grouped"):
         super().__init__()
@@ -262,7 +262,7 @@ def per_expert(x, weights, idx, n_experts: int, expert) -> torch.Tensor:
     the (token, expert) pairs sorted by expert so each expert's rows are contiguous, the routing
     weight on the output, then the un-sort (a scatter-copy to each pair's row) and a sum over the
     K slots. Shared by the grouped path's small-batch fallback and the numerics converters
-    (numerics/quantize.py, numerics/prepack.py), which bring their own expert kernels."""
+    (kernels/quantize.py, kernels/prepack.py), which bring their own expert kernels."""
     N, K = idx.shape
     flat = idx.flatten()
     order = flat.argsort(stable=True)
@@ -298,7 +298,7 @@ def dense_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
 
 
 def static_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
-    """The experts of compiled decode steps (infer/compiled.py StaticExperts): under torch.compile, no
+    """The experts of compiled decode steps (kernels/compiled.py StaticExperts): under torch.compile, no
     data-dependent shapes (no sort, no per-expert split): gathered with fewer pairs than experts
     (batch-1 decode), dense otherwise. Eager calls (prefill) keep the grouped path."""
     if not torch.compiler.is_compiling():

@@ -111,7 +111,7 @@ class Transformer(nn.Module):
 
         targets (B, S): next-token labels (-100 = ignore); with them the output carries the main
         loss, the weighted MTP loss and the balance loss separately, and their sum as `loss`.
-        cache: a KVCache (infer/kv_cache.py). Row b's tokens go to positions lengths[b]..+S-1,
+        cache: a KVCache (model/kv_cache.py). Row b's tokens go to positions lengths[b]..+S-1,
             and its lengths advance by S.
         attn_impl overrides the config's: 'naive', 'absorbed' or 'auto' (absorbed iff cached decode).
         logits_at (B, k): compute logits only at these indices into S (e.g. each prompt's last

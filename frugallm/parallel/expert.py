@@ -30,7 +30,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..model.moe import MoE, RoutedExperts, sorted_experts
-from ..numerics.fp8 import BLOCK, act_dequant, act_quant
+from ..kernels.fp8 import BLOCK, act_dequant, act_quant
 from .timeline import COMM
 
 
@@ -132,7 +132,7 @@ def apply_expert_parallel(model: nn.Module, group, fp8_dispatch: bool = False) -
 # ------------------------------------------------------------------ FP8 dispatch (V3 §3.3.3)
 
 def fp8_encode(x: torch.Tensor) -> torch.Tensor:
-    """(M, c) float -> (M, c + 4 t) uint8, t = ceil(c / 128): numerics/fp8.py's 1x128 activation tiles
+    """(M, c) float -> (M, c + 4 t) uint8, t = ceil(c / 128): kernels/fp8.py's 1x128 activation tiles
     (e4m3 codes, then the tiles' fp32 scales), as bytes, so any backend moves them."""
     q, scale = act_quant(x)
     return torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=1)

@@ -48,13 +48,10 @@ import numpy as np
 import torch
 
 from .. import io
+from ..io import cache_root
 from ..tokenizer import ROLES, Tokenizer
 
 TEXT_SUFFIXES_SKIPPED = {".jsonl"}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FRUGALLM_CACHE", Path.home() / ".cache" / "frugallm"))
 
 
 # --- documents -------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from ..model.count import count_params
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from ..io import write_file
-from . import budget, checkpoint, data
+from . import budget, data
+from ..formats import checkpoint
 from .optim import ExpertBiasUpdate, build_optimizer, lr_at
 from .telemetry import Progress, eval_batch_count, evaluate, matmul_peak, train_flops_per_token
 from ..parallel import layout as parallel_layout
@@ -201,11 +202,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     torch.manual_seed(train_cfg.seed)
     model = Transformer(model_cfg)
     if train_cfg.fp8:  # applied from outside the model, before compile; parameters stay fp32 masters
-        from ..numerics.fp8 import convert_to_fp8
+        from ..kernels.fp8 import convert_to_fp8
 
         convert_to_fp8(model, gemm_dtype=choice.dtype)  # the emulation multiplies in the run's dtype
     if train_cfg.init_from and ckpt is None:  # the student starts from existing weights
-        from .. import load as load_model
+        from ..plan import load as load_model
 
         model.load_state_dict(load_model(train_cfg.init_from).float().state_dict())
         log(f"student initialised from {train_cfg.init_from}")

@@ -5,20 +5,20 @@ MLP (dense FFN, shared experts; its w1 and w3 read the same input, so a kernel m
 RoutedExperts (model/moe.py: the stacked routed experts). A kernel or precision is a *twin* of such
 a module: the same forward signature, the same state-dict names, a class attribute `kernel` that
 names it. `swap_matmuls(model, make)` is the one mechanism that puts twins in, from outside the
-model (model/ never imports numerics/):
+model (model/ never imports kernels/):
 
-    numerics/fp8.py       Fp8Linear, Fp8Experts                fine-grained FP8 training
-    numerics/quantize.py  QuantLinear, QuantExperts            weight-only int8 / fp8 codes
-    numerics/prepack.py   PackedLinear, PackedMLP, PackedExperts  oneDNN-packed bf16 weights
-    infer/compiled.py     GemvLinear, StaticExperts            traced decode steps (torch.compile)
+    kernels/fp8.py       Fp8Linear, Fp8Experts                fine-grained FP8 training
+    kernels/quantize.py  QuantLinear, QuantExperts            weight-only int8 / fp8 codes
+    kernels/prepack.py   PackedLinear, PackedMLP, PackedExperts  oneDNN-packed bf16 weights
+    kernels/compiled.py     GemvLinear, StaticExperts            traced decode steps (torch.compile)
 
 A module whose weight the model reads directly (MLA's absorbed decode path reads
 `wkv_b.weight`, declared by the model in `MLA.reads_weight`) is offered to `make` with
 reads_weight=True, so a twin whose weight is costly to rebuild (a packed one) leaves it plain.
 
-`apply_inference_kernels` is where the host decides, for a model about to generate: bf16 weights
-are prepacked only where the host profile (host.py) says oneDNN packs bf16; fp32 weights stay
-plain (MKL's fp32 GEMM/GEMV reads an (N, K) weight as it is: no per-call reorder to save).
+Which twins a model gets is decided by the execution plan (plan.py), never here: bf16 weights are
+prepacked only where the host profile (host.py) says oneDNN packs bf16; fp32 weights stay plain
+(MKL's fp32 GEMM/GEMV reads an (N, K) weight as it is: no per-call reorder to save).
 """
 
 from __future__ import annotations
@@ -71,12 +71,3 @@ def converted(model: nn.Module) -> list[str]:
     """Names of the modules already swapped for a twin."""
     return [name for name, m in model.named_modules() if getattr(type(m), "kernel", None)]
 
-
-def apply_inference_kernels(model: nn.Module, prepack: bool = True) -> list[str]:
-    """The kernels for eager generation on this host, applied in place: a plain bf16 model's
-    matmuls are prepacked for oneDNN where the host profile says it packs bf16 (prepack.py's
-    `unavailable_reason` asks it); fp32 and already converted (quantized) models stay as they
-    are. Returns the names swapped."""
-    from .prepack import prepack as _prepack
-
-    return _prepack(model) if prepack and not converted(model) else []

@@ -26,8 +26,11 @@ from torch import nn
 from .. import io
 from ..config import ModelConfig, TrainConfig
 from ..model.moe import upgrade_expert_name
+from ..tokenizer import TOKENIZER
 
-PREFIX = "step_"
+CHECKPOINTS = "checkpoints"  # a run's folder of checkpoints
+PREFIX = "step_"  # checkpoints/step_000100
+CONFIG, TRAIN_CONFIG, WEIGHTS = "config.json", "train_config.json", "model.safetensors"
 CorruptCheckpoint = io.CorruptOutput  # the name callers catch
 
 
@@ -82,28 +85,28 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
     Sharded runs (parallel/runtime.py) call this on every rank: full(name, tensor) gathers each
     tensor whole (a collective), and only the rank with write=True writes. So a checkpoint is the
     same files whatever the world size, and loads on any other."""
-    final = Path(run_dir) / "checkpoints" / f"{PREFIX}{step:07d}"
+    final = Path(run_dir) / CHECKPOINTS / f"{PREFIX}{step:07d}"
     state = {k: full(k, v).contiguous() for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = optimizer_tensors(model, optimizer, full)
     if not write:
         return final
     # re-saving a step after a resume swaps the new copy in; there is never a moment without one
     with io.write_directory(final, "checkpoint") as tmp:
-        save_file(state, tmp / "model.safetensors")
+        save_file(state, tmp / WEIGHTS)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2))
-        (tmp / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2))
-        (tmp / "train_config.json").write_text(json.dumps(train_cfg.to_dict(), indent=2))
-        (tmp / "tokenizer.json").write_text(tokenizer_json)
+        model_cfg.to_json(tmp / CONFIG)  # the one way a config.json is written (config.py)
+        train_cfg.to_json(tmp / TRAIN_CONFIG)
+        (tmp / TOKENIZER).write_text(tokenizer_json)
     for old in checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     return sorted(root.glob(f"{PREFIX}*")) if root.exists() else []
 
 
@@ -123,20 +126,17 @@ def latest(run_dir: Path) -> Path | None:
     return None
 
 
-def locate(path: Path) -> Path | None:
-    """The frugallm directory `frugallm.load(path)` reads: a run's newest checkpoint that verifies, or
-    `path` itself if frugallm wrote a checkpoint or a frugallm-layout quantized export there; None for
-    anything else (a Hugging Face directory, frugallm's HF exports included)."""
-    path = Path(path)
-    if (path / "checkpoints").exists():
-        return latest(path)
-    kind = io.manifest_kind(path)
-    if kind == "checkpoint":
-        verify(path)
-        return path
-    if kind == "quantized" and (path / "quantization.json").exists():
-        return path  # load_quantized verifies it
-    return None
+def load_model(path: Path, dtype: torch.dtype | None = None, quantized: bool | None = None):
+    """The Transformer of a verified checkpoint directory, in `dtype` (None: fp32, as trained).
+    quantized=True is an error: a training checkpoint holds no codes (formats/hf.py keep_quantized)."""
+    from ..model.transformer import Transformer
+    from .hf import keep_quantized
+
+    keep_quantized(False, dtype, quantized, path)  # quantized=True on a plain checkpoint: an error
+    model = Transformer.from_state_dict(ModelConfig.from_json(path / CONFIG), load_file(path / WEIGHTS))
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
 
 
 def load(path: Path, model: nn.Module | None, optimizer: torch.optim.Optimizer | None, shard=None,
@@ -146,7 +146,7 @@ def load(path: Path, model: nn.Module | None, optimizer: torch.optim.Optimizer |
     the trainer state dict."""
     verify(path)
     if model is not None:
-        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+        model.load_state_dict(load_file(path / WEIGHTS), strict=True)
     if optimizer is not None:
         load_optimizer(params_of or model, optimizer, load_file(path / "optimizer.safetensors"),
                        json.loads((path / "optimizer.json").read_text()), shard)

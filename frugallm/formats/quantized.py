@@ -1,6 +1,6 @@
 """Quantized checkpoints on disk: write one from a trained model, load one keeping its codes.
 
-Two layouts, both holding numerics/quantize.py's state dict (codes under the weight's own name,
+Two layouts, both holding kernels/quantize.py's state dict (codes under the weight's own name,
 fp32 NAME_scale_inv beside it):
 
 layout="deepseek" (fp8 only; the default for fp8): a Hugging Face DeepSeek-V2/V3 directory as
@@ -8,7 +8,7 @@ layout="deepseek" (fp8 only; the default for fp8): a Hugging Face DeepSeek-V2/V3
     `X.weight_scale_inv` (ceil(out/128), ceil(in/128)), quantization_config in config.json, the
     other tensors in `dtype`. HC/mHC models have no HF form: use layout="frugallm" for them.
 layout="frugallm" (the default for int8; any model): a frugallm checkpoint directory,
-    config.json        ModelConfig, as in train/checkpoint.py
+    config.json        ModelConfig, as in formats/checkpoint.py
     quantization.json  {"format": "int8" | "fp8", "layout": "frugallm", "scale_suffix": "_scale_inv", ...}
     model.safetensors  the quantized model's state dict
     tokenizer files, and manifest.json (frugallm/io.py: kind "quantized", sha256 of every file, last)
@@ -25,30 +25,27 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .. import io
-from .fp8 import DEFAULT_SKIP
-from .quantize import FORMATS, SUFFIX, dequantize_state_dict, from_quantized_state_dict, quantize_model
+from ..config import ModelConfig
+from ..model.transformer import Transformer
+from ..tokenizer import TOKENIZER
+from .checkpoint import CHECKPOINTS, CONFIG, WEIGHTS, latest
+from .hf import hf_format, keep_quantized, to_hf
+from ..kernels.fp8 import DEFAULT_SKIP
+from ..kernels.quantize import FORMATS, SUFFIX, dequantize_state_dict, from_quantized_state_dict, quantize_model
 
 LAYOUTS = ("deepseek", "frugallm")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+META = "quantization.json"  # frugallm layout: {"format", "layout", "scale_suffix", ...}
+TOKENIZER_FILES = (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja")
 
 
-def quantize_checkpoint(src, to: str, out, *, layout: str | None = None, skip=DEFAULT_SKIP,
-                        dtype: torch.dtype = torch.bfloat16):
-    """Write a weight-only quantized copy of `src` to `out` for inference; returns out's Path.
-
-    src: a frugallm run dir (its last good checkpoint), a checkpoint dir, or a Hugging Face
-        DeepSeek dir (FP8 or quantized sources are dequantized first), read with frugallm.load.
-    to: "int8" (per output channel) or "fp8" (e4m3, 128x128 blocks).
-    layout: "deepseek" or "frugallm" (see above); None = "deepseek" for fp8, "frugallm" for int8.
-    skip: name patterns kept high precision (quantize_model); dtype: of the tensors kept so.
-    The tokenizer files of src are copied, so frugallm.load_tokenizer(out) works.
-    """
-    from .. import load
-    from ..convert import hf_format, to_hf
-
+def check_request(src, to: str, out, layout: str | None) -> tuple[str, dict]:
+    """The layout a quantized export of `src` to `to` gets, and the output guard, checked before the
+    minutes of loading and quantizing: an unknown format or layout, or a bad --out (the run itself,
+    `.`, ...) is refused first."""
     if to not in FORMATS:
         raise ValueError(f"unknown quantization format {to!r}; choose one of {FORMATS}")
     layout = layout or ("deepseek" if to == "fp8" else "frugallm")
@@ -56,32 +53,36 @@ def quantize_checkpoint(src, to: str, out, *, layout: str | None = None, skip=DE
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     if layout == "deepseek" and to != "fp8":
         raise ValueError("the DeepSeek (Hugging Face) layout holds FP8 only; use layout='frugallm' for int8")
-    # refuse a bad --out (the run itself, `.`, ...) before the minutes of loading and quantizing
     guard = dict(sources=[src], suggest=f"{Path(src)}-{to}" if Path(src).name else None)
     io.check_output(out, "quantized", **guard)
-    model = load(src, dtype=torch.float32, quantized=False)
+    return layout, guard
+
+
+def check_layout(model, layout: str) -> None:
+    """The DeepSeek layout is a Hugging Face directory: refuse a model it cannot represent."""
     if layout == "deepseek":
         try:
             hf_format(model.config)
         except ValueError as e:
             raise ValueError(f"{e}. Pass layout='frugallm' to write it in frugallm's own quantized layout") from None
-    quantize_model(model, to, skip)
-    model.to(dtype)
+
+
+def write_quantized(model, out, to: str, layout: str, src, guard: dict, skip=DEFAULT_SKIP,
+                    dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write a model already quantized to `to` (kernels/quantize.py quantize_model) and cast to
+    `dtype` in `layout`, with the tokenizer files of `src`; returns out's Path."""
     files = _tokenizer_files(Path(src))
     if not files:
         warnings.warn(f"{src} holds no tokenizer files; {out} will have none")
     if layout == "deepseek":
         return to_hf(model, out, dtype=dtype, files=files, kind="quantized", **guard)
-
-    from safetensors.torch import save_file
-
     out = Path(out)
     with io.write_directory(out, "quantized", **guard) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS,
                   metadata={"format": "pt"})
-        model.config.to_json(tmp / "config.json")
+        model.config.to_json(tmp / CONFIG)
         granularity = "per output channel" if to == "int8" else "128x128 blocks"
-        (tmp / "quantization.json").write_text(json.dumps(
+        (tmp / META).write_text(json.dumps(
             {"format": to, "layout": "frugallm", "scale_suffix": SUFFIX, "granularity": granularity,
              "skip": list(skip), "dtype": str(dtype).removeprefix("torch.")}, indent=2) + "\n")
         for f in files:
@@ -91,9 +92,7 @@ def quantize_checkpoint(src, to: str, out, *, layout: str | None = None, skip=DE
 
 def _tokenizer_files(src) -> list:
     """Tokenizer files of a run (its last checkpoint first, then the run dir) or of a model dir."""
-    from ..train.checkpoint import latest
-
-    dirs = [latest(src), src] if (src / "checkpoints").exists() else [src]
+    dirs = [latest(src), src] if (src / CHECKPOINTS).exists() else [src]
     found = {}
     for d in filter(None, dirs):
         for name in TOKENIZER_FILES:
@@ -105,19 +104,13 @@ def _tokenizer_files(src) -> list:
 def load_quantized(ckpt, dtype: torch.dtype | None = None, quantized: bool | None = None):
     """A model from frugallm's quantized layout (frugallm.load calls this when quantization.json
     is there): codes kept, or dequantized into dtype, by convert.keep_quantized's rule."""
-    from safetensors.torch import load_file
-
-    from ..config import ModelConfig
-    from ..convert import keep_quantized
-    from ..model.transformer import Transformer
-
     io.verify(ckpt, "quantized")
-    meta = json.loads((ckpt / "quantization.json").read_text())
+    meta = json.loads((ckpt / META).read_text())
     if meta.get("format") not in FORMATS or meta.get("scale_suffix") != SUFFIX:
         raise ValueError(f"{ckpt}/quantization.json: {meta} is not a layout this frugallm reads "
                          f"(format in {FORMATS}, scale_suffix {SUFFIX!r})")
-    cfg = ModelConfig.from_json(ckpt / "config.json")
-    state = load_file(ckpt / "model.safetensors")
+    cfg = ModelConfig.from_json(ckpt / CONFIG)
+    state = load_file(ckpt / WEIGHTS)
     if keep_quantized(True, dtype, quantized, ckpt):
         model = from_quantized_state_dict(cfg, state)
         return model if dtype is None else model.to(dtype)

@@ -14,7 +14,7 @@ What makes the step traceable as one graph with no data-dependent shapes:
   - routed experts are `StaticExperts` (model/moe.py static_experts): per-pair gathered GEMVs at
     batch 1, every expert densely for a batch; no sort, no per-expert split;
   - freezing treats the weights as constants, so inductor prepacks them itself (the eager
-    `numerics/prepack.py` is not applied to a model that is compiled).
+    `kernels/prepack.py` is not applied to a model that is compiled).
 What keeps the per-step overhead down (a batch-1 step takes ~3.2 ms on the 100M model of
 benchmarks/bench_generate.py, one thread):
   - at batch 1, every linear but the output head is an inductor multiply-and-sum GEMV
@@ -48,8 +48,8 @@ from torch._inductor.fx_passes import decompose_mem_bound_mm
 
 from ..model.moe import RoutedExperts, static_experts
 from ..model.transformer import ModelOutput
-from ..numerics.kernels import converted, swap_matmuls
-from .kv_cache import KVCache
+from .swap import converted, swap_matmuls
+from ..model.kv_cache import KVCache
 
 
 def unavailable_reason(model) -> str | None:
@@ -128,7 +128,7 @@ class CompiledDecode:
                 return GemvLinear.from_linear(m)
             return StaticExperts.from_experts(m) if type(m) is RoutedExperts else None
 
-        swap_matmuls(model, make)  # numerics/kernels.py: the one mechanism
+        swap_matmuls(model, make)  # kernels/swap.py: the one mechanism
         # Set around every call, not passed as torch.compile(options=): dynamo reads `freezing` too,
         # while tracing (to keep the weights as constants instead of graph inputs), and options
         # only reach inductor; without it the step ran ~1.6x slower. Costs ~16 us a call.
@@ -213,7 +213,7 @@ def _own_code(method):
 
 def compile_decode(model, cpp_wrapper: bool = True, warmup: bool = False, speculative: bool = False) -> CompiledDecode:
     """The model's decode step, compiled (see the module docstring); the model's routed experts
-    become `StaticExperts` and its linears `GemvLinear` (numerics/kernels.py swap_matmuls), for
+    become `StaticExperts` and its linears `GemvLinear` (kernels/swap.py swap_matmuls), for
     traced calls; eager calls behave as before.
     warmup: compile batch 1's decode step now (and, with `speculative`, its D+1-token verify step)
     rather than on the first request."""

@@ -16,7 +16,7 @@ Fusions that need no new numerics: SwiGLU's w1 and w3 read the same input, so th
 one [w1; w3] (2I, d) matrix: one GEMM instead of two, per dense FFN, shared expert and routed
 expert. Everything else (norms, RoPE, attention, routing) is the model's own code.
 
-`prepack(model)` swaps modules in place, from outside the model (numerics/kernels.py swap_matmuls):
+`prepack(model)` swaps modules in place, from outside the model (kernels/swap.py swap_matmuls):
     PackedLinear   nn.Linear twin (not wkv_b: MLA's absorbed path reads wkv_b.weight)
     PackedMLP      model/moe.py's MLP with [w1; w3] fused
     PackedExperts  RoutedExperts as per-expert packed [w1; w3] and w2; only experts with tokens run
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import MLP, RoutedExperts, per_expert
-from .kernels import swap_matmuls
+from .swap import swap_matmuls
 
 DTYPE = torch.bfloat16
 
@@ -145,7 +145,7 @@ class PackedExperts(nn.Module):
 
 def prepack(model: nn.Module) -> list[str]:
     """Swap every nn.Linear, MLP and RoutedExperts of a bf16 CPU model for its prepacked twin, in
-    place (numerics/kernels.py swap_matmuls); a Linear whose weight the model reads directly
+    place (kernels/swap.py swap_matmuls); a Linear whose weight the model reads directly
     (MLA's wkv_b) stays plain, as rebuilding a packed weight costs a copy. Returns the names
     swapped; [] (and nothing changed) when `unavailable_reason(model)` says it does not apply."""
     if unavailable_reason(model):

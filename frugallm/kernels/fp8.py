@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import RoutedExperts
-from .kernels import swap_matmuls
+from .swap import swap_matmuls
 
 BLOCK = 128
 E4M3 = torch.float8_e4m3fn
@@ -316,7 +316,7 @@ class Fp8Experts(RoutedExperts):
 def convert_to_fp8(model: nn.Module, skip=DEFAULT_SKIP, experts: bool = True,
                    scale_fmt: str | None = None, gemm_dtype="auto") -> list[str]:
     """Swap every nn.Linear not matched by `skip` for an Fp8Linear, and with `experts` every
-    RoutedExperts (named '<moe>.experts') for an Fp8Experts, in place (numerics/kernels.py
+    RoutedExperts (named '<moe>.experts') for an Fp8Experts, in place (kernels/swap.py
     swap_matmuls). The twins hold the same parameter objects, so an optimizer built before still
     holds them. gemm_dtype: what the CPU emulation dequantises to, "auto" = the host's training
     choice (host.py), or a dtype. Returns the converted names."""

@@ -3,7 +3,7 @@
 That is (kv_lora_rank + qk_rope_head_dim) values per token per layer, e.g. 576 for V3, instead
 of the H * (192 + 128) a naive K/V cache holds (REFERENCE §2.4). Buffers are preallocated at a
 static shape and reused across requests (`reset`). Each layer has buffers of its own, not a slice
-of one stacked tensor: a compiled step (infer/compiled.py) then writes its new latents in place,
+of one stacked tensor: a compiled step (kernels/compiled.py) then writes its new latents in place,
 where slices of a shared base made the traced graph copy every layer's buffer each step.
 
 Rows keep their own lengths, so a batch may hold prompts of different lengths: row b's next
@@ -11,7 +11,7 @@ tokens go to positions lengths[b], lengths[b] + 1, ... Slots past a row's length
 latents (right padding of a shorter prompt, rejected speculative drafts); the mask of `window`
 hides them, and the next write overwrites them. Rewinding a row is just lowering its length.
 
-A `static` cache (`KVCache.over`, for compiled decode steps, infer/compiled.py) never reads its
+A `static` cache (`KVCache.over`, for compiled decode steps, kernels/compiled.py) never reads its
 lengths on the host: every step attends over all the buffer's slots under a mask, so the traced
 graph has no data-dependent shapes. The caller checks the bounds instead.
 """

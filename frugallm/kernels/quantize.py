@@ -5,19 +5,19 @@ fp32 for exactness checks). Two formats, one storage rule:
 
     int8  W (N, K) ~= q * s[:, None]      q int8 in [-127, 127], s = amax(|W[n, :]|) / 127  (N,) fp32
     fp8   W (N, K) ~= q * s[i//128, j//128]  q float8_e4m3fn, s (ceil(N/128), ceil(K/128)) fp32
-          (REFERENCE §8.3: DeepSeek's `weight_scale_inv`, from numerics/fp8.py's weight_quant)
+          (REFERENCE §8.3: DeepSeek's `weight_scale_inv`, from kernels/fp8.py's weight_quant)
 
 A quantized weight keeps its own state-dict name and shape, holding the codes, and its scale
 (always the DEQUANT multiplier) sits beside it as NAME + "_scale_inv", e.g.
 `layers.0.attn.wq_a.weight` + `layers.0.attn.wq_a.weight_scale_inv`, or, for the stacked routed
 experts, `layers.1.ffn.w1` (E, I, d) + `layers.1.ffn.w1_scale_inv` ((E, I) int8, (E, ceil(I/128),
-ceil(d/128)) fp8). That is DeepSeek's FP8 checkpoint layout, so convert.py maps it to HF keys with
+ceil(d/128)) fp8). That is DeepSeek's FP8 checkpoint layout, so formats/hf.py maps it to HF keys with
 the same table as plain weights.
 
 Modules (swapped in from outside; model/ never imports this file):
     QuantLinear  nn.Linear stand-in; `.weight` dequantizes on access (MLA's absorbed path reads it)
     QuantExperts RoutedExperts twin whose w1/w2/w3 are codes
-(both swapped in by numerics/kernels.py swap_matmuls)
+(both swapped in by kernels/swap.py swap_matmuls)
 Kernels, each with a reference twin (dequantize, then F.linear) that tests compare it with:
     int8: torch._weight_int8pack_mm for bf16/fp16 activations at up to INT8PACK_MAX_ROWS rows
           and K % 16 == 0 (it crashes or is wrong otherwise, measured on torch 2.13 CPU); else the
@@ -28,7 +28,7 @@ Kernels, each with a reference twin (dequantize, then F.linear) that tests compa
           positions with three integer passes is ~10x faster (see _e4m3_dequant). FP8 storage
           halves memory against bf16; it is NOT a CPU speed-up (benchmarks/bench_quant.py).
 
-Default skip (as DeepSeek ships V3 and as numerics/fp8.py's convert_to_fp8): the embedding, the
+Default skip (as DeepSeek ships V3 and as kernels/fp8.py's convert_to_fp8): the embedding, the
 output head (kept high precision: it is one big matrix whose errors hit every logit directly;
 DeepSeek keeps it bf16), the MoE gate (routing must stay exact; it is not an nn.Linear anyway),
 norms and HC/mHC coefficients. Pass skip=() to quantize the head as well.
@@ -37,7 +37,7 @@ Loss change against fp32, measured: tests/test_quant.py's tiny model (100 steps,
 int8 +0.00001, fp8 +0.0003 nats with fp32 activations; the tests bound |dloss| by 0.005 (int8) and
 0.01 (fp8) nats, +0.005 with bf16 activations. benchmarks/bench_quant.py on the tiny preset (val loss
 3.98 after 500 steps): |dloss| <= 0.0002 nats for both (LOG.md). Checkpoints on disk:
-numerics/quantized_checkpoint.py.
+formats/quantized.py.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from torch import nn
 
 from ..model.moe import RoutedExperts, loop_experts, per_expert
 from .fp8 import BLOCK, DEFAULT_SKIP, E4M3, _skipped, weight_dequant, weight_quant
-from .kernels import swap_matmuls
+from .swap import swap_matmuls
 
 FORMATS = ("int8", "fp8")
 SUFFIX = "_scale_inv"
@@ -289,7 +289,7 @@ class QuantExperts(nn.Module):
 def _swap(model: nn.Module, fmt: str, want) -> list[str]:
     """Replace each nn.Linear `name` with want(name + '.weight') and each RoutedExperts `name`
     (e.g. 'layers.1.ffn.experts') with want(name) by its quantized twin, in place
-    (numerics/kernels.py swap_matmuls). Returns the converted names."""
+    (kernels/swap.py swap_matmuls). Returns the converted names."""
     def make(name, m, reads_weight):  # QuantLinear's .weight dequantizes on access: wkv_b is fine
         if type(m) is nn.Linear and want(name + ".weight"):
             return QuantLinear.from_linear(m, fmt)
@@ -303,7 +303,7 @@ def _swap(model: nn.Module, fmt: str, want) -> list[str]:
 def quantize_model(model: nn.Module, to: str, skip=DEFAULT_SKIP) -> list[str]:
     """Quantize a model's weights in place for inference (`to` = "int8" or "fp8"): every nn.Linear
     and every MoE's stacked routed experts whose name no `skip` pattern matches. Patterns match
-    whole dotted components (numerics/fp8.py `_skipped`): "head", "ffn.gate", "mtp", "layers.0";
+    whole dotted components (kernels/fp8.py `_skipped`): "head", "ffn.gate", "mtp", "layers.0";
     routed experts are named "<moe>.experts", so "experts" keeps them all high precision.
     Returns the quantized names. Quantize from the fp32 (or bf16) weights; cast the model with
     .to(dtype) before or after: codes and scales are left as they are."""

@@ -6,7 +6,7 @@ HF layer `num_hidden_layers + k` (REFERENCE §5.2): its block uses the ordinary 
 enorm / hnorm / eh_proj / shared_head.norm, and physical copies of the embedding and head.
 
 FP8 (REFERENCE §8.3): a quantized weight NAME holds e4m3 codes and NAME_scale_inv its fp32 block
-scales, in frugallm's state dict (numerics/quantize.py) as in DeepSeek's checkpoints, so one key
+scales, in frugallm's state dict (kernels/quantize.py) as in DeepSeek's checkpoints, so one key
 rule maps both. from_hf keeps the codes (quantized=True) or dequantizes them per block.
 """
 
@@ -23,11 +23,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import io
-from .config import ModelConfig, yarn_mscale
-from .model.transformer import Transformer
-from .numerics.fp8 import E4M3, weight_dequant
-from .tokenizer import load_tokenizer
+from .. import io
+from ..config import ModelConfig, yarn_mscale
+from ..model.transformer import Transformer
+from ..kernels.fp8 import E4M3, weight_dequant
+from ..kernels.quantize import SUFFIX
+from ..tokenizer import load_tokenizer
 
 TOP_KEYS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
             "head.weight": "lm_head.weight"}
@@ -58,7 +59,9 @@ LAYER_KEYS = {
 MTP_KEYS = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
             "eh_proj.weight": "eh_proj.weight", "norm.weight": "shared_head.norm.weight"}
 MTP_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
-SCALE = "_scale_inv"  # NAME_scale_inv: the dequant multiplier of the codes in NAME, on both sides
+SCALE = SUFFIX  # NAME_scale_inv: the dequant multiplier of the codes in NAME, on both sides
+CONFIG = "config.json"
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3")  # the Hugging Face model types frugallm's Transformer holds
 FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
 
@@ -81,7 +84,7 @@ def hf_key(name: str, n_layers: int) -> str:
 
 def config_from_hf(d: dict) -> ModelConfig:
     model_type = d.get("model_type")
-    if model_type not in ("deepseek_v3", "deepseek_v2"):
+    if model_type not in MODEL_TYPES:
         raise ValueError(f"config.json has model_type={model_type!r}; frugallm loads 'deepseek_v3' or 'deepseek_v2'")
     for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("tie_word_embeddings", False)):
         if d.get(key, want) != want:
@@ -242,7 +245,7 @@ def keep_quantized(declared: bool, dtype: torch.dtype | None, quantized: bool | 
     True: keep them (an error if there are none). False: dequantize into dtype (fp32 by default)."""
     if quantized and not declared:
         raise ValueError(f"{path} is not a quantized checkpoint (no quantization declared); "
-                         f"write one with frugallm.numerics.quantized_checkpoint.quantize_checkpoint / `frugallm quantize`")
+                         f"write one with frugallm.export.quantize_checkpoint / `frugallm quantize`")
     return declared and dtype is None if quantized is None else quantized
 
 
@@ -255,17 +258,17 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
     dtype: parameter dtype (default float32); the gate bias always stays float32.
     quantized (see keep_quantized): for a DeepSeek FP8 directory (config.json declares
     quantization_config), keep each FP8 weight as e4m3 codes + block scales in the model
-    (numerics/quantize.py QuantLinear / QuantExperts; the other tensors as stored, or in `dtype`),
+    (kernels/quantize.py QuantLinear / QuantExperts; the other tensors as stored, or in `dtype`),
     never materialising the dequantized model; or dequantize each tensor on its own, per
     128x128 block, into `dtype` (for training). Without a declaration, FP8 tensors that carry
     a weight_scale_inv are dequantized.
     """
     path = Path(path)
-    if not (path / "config.json").exists():
+    if not (path / CONFIG).exists():
         raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face DeepSeek-V2/V3 model directory")
     if io.read_manifest(path) is not None:
         io.verify(path)
-    hf_config = json.loads((path / "config.json").read_text())
+    hf_config = json.loads((path / CONFIG).read_text())
     cfg = config_from_hf(hf_config)
     qc = hf_config.get("quantization_config")
     keep = keep_quantized(qc is not None, dtype, quantized, path)
@@ -309,11 +312,11 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     used.add(key)
                     if not torch.equal(ckpt.get(key).float(), ckpt.get(TOP_KEYS[ours]).float()):
                         warnings.warn(f"{key} differs from the main {ours}; frugallm shares the main one")
-        unused = [k for k in ckpt.where if k not in used and not k.endswith("_scale_inv")]
+        unused = [k for k in ckpt.where if k not in used and not k.endswith(SCALE)]
         if unused:
             raise ValueError(f"checkpoint {path} has {len(unused)} tensor(s) frugallm does not map, e.g. {unused[:3]}")
     if keep:
-        from .numerics.quantize import from_quantized_state_dict
+        from ..kernels.quantize import from_quantized_state_dict  # noqa: E402
 
         model = from_quantized_state_dict(cfg, state)
         return model if dtype is None else model.to(dtype)
@@ -326,7 +329,7 @@ def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None
     """Write `model` as a HF DeepSeek directory that transformers.AutoModelForCausalLM loads.
 
     Refuses configurations the format cannot represent. A model quantized to fp8 by
-    numerics/quantize.py is written in DeepSeek's FP8 layout (e4m3 weight + fp32
+    kernels/quantize.py is written in DeepSeek's FP8 layout (e4m3 weight + fp32
     weight_scale_inv, and quantization_config in config.json); int8 has no HF DeepSeek layout
     and is refused. `files` (e.g. tokenizer.json) are copied in. Written through frugallm/io.py:
     atomically, with a manifest of `kind` ("quantized" from quantize_checkpoint), and never over
@@ -338,7 +341,7 @@ def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None
     state = model.state_dict()
     if any(t.dtype == torch.int8 for t in state.values()):
         raise ValueError("an int8-quantized model has no Hugging Face DeepSeek layout; save it in frugallm's "
-                         "(numerics/quantized_checkpoint.py quantize_checkpoint, layout='frugallm')")
+                         "(formats/quantized.py quantize_checkpoint, layout='frugallm')")
     if any(t.dtype == E4M3 for t in state.values()):
         hf_config["quantization_config"] = dict(FP8_CONFIG)
     tensors = {}
@@ -360,7 +363,7 @@ def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None
     path = Path(path)
     with io.write_directory(path, kind, sources=sources, suggest=suggest) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        (tmp / CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
         for f in files:
             shutil.copyfile(f, tmp / Path(f).name)
         if (tmp / "tokenizer.json").exists() and not (tmp / "tokenizer_config.json").exists():

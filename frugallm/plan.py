@@ -1,0 +1,175 @@
+"""How a model runs: decided once (`resolve`), applied once (`apply`). See docs/architecture.md.
+
+A model is loaded as the paper defines it (model/, from formats/). Everything about *how* it then runs
+on this machine is an execution plan, and every rule that combines the options lives here:
+
+    option        decided from                                   applied as
+    dtype         the host profile (host.py) or the user's flag  model.to(dtype), or bf16 autocast (train)
+    fp8           --set fp8=true (V3 §3.3 fine-grained FP8)       kernels/fp8.py convert_to_fp8
+    prepack       bf16 weights on a host whose oneDNN packs them  kernels/prepack.py prepack
+    compile       --compile                                      torch.compile (train) / kernels/compiled.py
+    parallel      --ep/--pp/--dp under torchrun (parallel/)       world.parallelize: EP, then PP or FSDP2
+
+The rules: a model whose weights are quantized codes runs them as they are (they dequantize to the plan's
+dtype as they run), so it gets no other kernel; a compiled decode packs its own weights, so compile and
+prepack exclude each other; prepacking needs bf16 weights and a host that packs them. `apply` is the only
+caller of model.to(dtype) for execution, swap_matmuls' converters, parallelize and torch.compile, and it
+applies them in one order (as torchtitan's parallelize does): dtype, numerics (fp8), parallelism,
+prepacking, compile. `frugallm info --plan` prints a plan with the reason for each part.
+
+The format layer may read weights in a storage dtype the caller asked for (`load(path, dtype)`); that is
+a loading choice, not an execution one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .formats.open import open as open_model
+from .host import DtypeChoice, HostProfile, choose_dtype, host_profile
+from .kernels import compiled as compiled_decode
+from .kernels import prepack as prepacking
+from .kernels.fp8 import convert_to_fp8
+from .kernels.quantize import weight_bytes
+from .kernels.swap import converted
+
+PURPOSES = ("train", "inference", "prefill")  # prefill: evaluation and a distillation teacher
+
+
+@dataclass(frozen=True)
+class Plan:
+    purpose: str
+    dtype: torch.dtype
+    reasons: tuple[str, ...]  # one line per decision, the dtype's first
+    cast: bool = False  # inference / prefill: the weights cast to dtype; train keeps fp32 masters
+    autocast: bool = False  # train / prefill in bf16 over fp32 weights
+    fp8: bool = False  # train: V3's fine-grained FP8 GEMMs (kernels/fp8.py)
+    prepack: bool = False  # inference: bf16 weights packed for oneDNN (kernels/prepack.py)
+    compile: bool = False  # train: torch.compile(model); inference: the decode step (kernels/compiled.py)
+    speculative: bool = False  # inference + compile: the verify step's shapes compiled too
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def autocast_context(self):
+        """A context for the forward passes: bf16 autocast where the plan says so, else nothing."""
+        return torch.autocast("cpu", dtype=self.dtype) if self.autocast else contextlib.nullcontext()
+
+    def describe(self) -> str:
+        parts = [f"{self.purpose}: {self.dtype_name}"] + [name for name in ("cast", "autocast", "fp8", "prepack",
+                                                                           "compile") if getattr(self, name)]
+        return " + ".join(parts) + "\n" + "\n".join(f"  - {r}" for r in self.reasons)
+
+
+@dataclass
+class Applied:
+    """What `apply` returns: the model, what to call for a forward (compiled or not), and for a
+    compiled inference plan the decoder to pass to generate(decoder=)."""
+
+    model: nn.Module
+    forward: nn.Module
+    decoder: object | None = None
+    swapped: list[str] = field(default_factory=list)
+
+
+def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", compile: bool = False,
+            prepack: bool = True, fp8: bool = False, quantized: bool = False, speculative: bool = False) -> Plan:
+    """Every rule in one place. quantized: the model holds int8/fp8 weight codes (kernels/quantize.py)."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose={purpose!r} must be one of {PURPOSES}")
+    profile = profile or host_profile()
+    choice: DtypeChoice = choose_dtype(purpose, dtype, profile)
+    reasons = [choice.reason]
+    if purpose == "train":
+        bf16 = choice.dtype == torch.bfloat16
+        if bf16:
+            reasons.append("bf16 autocast over fp32 master weights")
+        if fp8:
+            reasons.append(f"fp8: V3's 1x128 / 128x128 scaled GEMMs, emulated in {choice.name}")
+        if compile:
+            reasons.append("compile: torch.compile of the whole model")
+        return Plan(purpose, choice.dtype, tuple(reasons), autocast=bf16, fp8=fp8, compile=compile)
+    if fp8:
+        raise ValueError("fp8 is a training plan (V3's FP8 GEMMs); for FP8 inference weights, quantize: "
+                         "`frugallm quantize RUN --to fp8`")
+    if purpose == "prefill":
+        return Plan(purpose, choice.dtype, tuple(reasons), cast=True)
+    if quantized:
+        if compile:
+            raise ValueError("compiled decoding takes a plain model and this one holds quantized weight codes: "
+                             "drop --compile, or load a plain checkpoint")
+        reasons.append(f"quantized weights kept as codes, dequantized to {choice.name} as they run: no other kernel")
+        return Plan(purpose, choice.dtype, tuple(reasons), cast=True)
+    packs = prepack and not compile and choice.dtype == torch.bfloat16 and profile.bf16_prepack
+    if compile:
+        reasons.append("compile: the decode step as one torch.compile graph (it packs its own weights: no prepack)")
+    elif packs:
+        reasons.append("prepack: bf16 weights packed once for oneDNN (the same outputs, faster GEMVs)")
+    elif prepack and choice.dtype == torch.bfloat16:
+        reasons.append(f"no prepack: this host's oneDNN does not pack bf16 weights ({profile.capability})")
+    return Plan(purpose, choice.dtype, tuple(reasons), cast=True, prepack=packs, compile=compile,
+                speculative=speculative)
+
+
+def apply(model: nn.Module, plan: Plan, world=None) -> Applied:
+    """Apply `plan` to `model` in place, in the documented order: dtype, numerics, parallelism,
+    prepacking, compile. world: a parallel runtime (parallel/runtime.py) for training, else None."""
+    swapped: list[str] = []
+    if plan.cast:
+        model.to(plan.dtype)
+    if plan.fp8:  # before parallelism and compile; parameters stay fp32 masters
+        swapped += convert_to_fp8(model, gemm_dtype=plan.dtype)  # the emulation multiplies in the run's dtype
+    if world is not None:
+        model = world.parallelize(model)  # EP, then FSDP2 or pipeline stages; one process: unchanged
+    if plan.prepack and not converted(model):
+        swapped += prepacking.prepack(model)
+    forward, decoder = model, None
+    if plan.compile and plan.purpose == "train":
+        forward = torch.compile(model)
+    elif plan.compile:
+        decoder = compiled_decode.compile_decode(model, warmup=True, speculative=plan.speculative)
+    return Applied(model, forward, decoder, swapped)
+
+
+# --- opening a model for a purpose ----------------------------------------------------------------
+
+def load(path, dtype: torch.dtype | None = None, quantized: bool | None = None):
+    """A model from a frugallm run directory (its last good checkpoint), a checkpoint, a quantized
+    export or a Hugging Face DeepSeek directory (formats/open.py). Quantized weights keep their
+    codes when no dtype is asked for; a dtype, or quantized=False, gives a plain model with the
+    weights dequantized into it (formats/hf.py keep_quantized)."""
+    return open_model(path).model(dtype=dtype, quantized=quantized)
+
+
+def inference_dtype(dtype="auto") -> DtypeChoice:
+    """The host's dtype for generation (host.py `choose_dtype("inference")`), with its reason."""
+    return choose_dtype("inference", dtype)
+
+
+def prepare_inference(path, dtype="auto", *, prepack: bool = True, compile: bool = False,
+                      speculative: bool = False) -> tuple[Applied, Plan]:
+    """Open `path` and apply the inference plan: what generate, chat and serve run."""
+    explicit = dtype not in (None, "auto")
+    choice = inference_dtype(dtype)
+    # an explicit dtype reads (and dequantizes) the weights into it; auto keeps quantized codes
+    model = load(path, dtype=choice.dtype, quantized=False) if explicit else load(path)
+    quantized = not explicit and bool(weight_bytes(model)["quantized_params"])
+    plan = resolve("inference", dtype=dtype, prepack=prepack, compile=compile, quantized=quantized,
+                   speculative=speculative)
+    if explicit:
+        plan = dataclasses.replace(plan, cast=False)  # already read in that dtype
+    return apply(model, plan), plan
+
+
+def load_for_inference(path, dtype="auto", prepack: bool = True):
+    """`load` for generation on this machine: the inference plan's dtype (auto: bf16 only where it
+    measures clearly faster here) and, for bf16 weights on a host whose oneDNN packs them,
+    prepacked matmuls. Pass prepack=False for a model to compile (kernels/compiled.py)."""
+    return prepare_inference(path, dtype, prepack=prepack)[0].model
+
