@@ -38,7 +38,9 @@ from .kernels.fp8 import convert_to_fp8
 from .kernels.quantize import weight_bytes
 from .kernels.swap import converted
 
-PURPOSES = ("train", "inference", "prefill")  # prefill: evaluation and a distillation teacher
+# train: fp32 master weights, bf16 by autocast; inference: generate / chat / serve (weights cast);
+# prefill: a distillation teacher's logits (weights cast); eval: validation loss (autocast over fp32 weights)
+PURPOSES = ("train", "inference", "prefill", "eval")
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", c
     if purpose not in PURPOSES:
         raise ValueError(f"purpose={purpose!r} must be one of {PURPOSES}")
     profile = profile or host_profile()
-    choice: DtypeChoice = choose_dtype(purpose, dtype, profile)
+    choice: DtypeChoice = choose_dtype("prefill" if purpose == "eval" else purpose, dtype, profile)
     reasons = [choice.reason]
     if purpose == "train":
         bf16 = choice.dtype == torch.bfloat16
@@ -100,6 +102,8 @@ def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", c
                          "`frugallm quantize RUN --to fp8`")
     if purpose == "prefill":
         return Plan(purpose, choice.dtype, tuple(reasons), cast=True)
+    if purpose == "eval":
+        return Plan(purpose, choice.dtype, tuple(reasons), autocast=choice.dtype == torch.bfloat16)
     if quantized:
         if compile:
             raise ValueError("compiled decoding takes a plain model and this one holds quantized weight codes: "

@@ -383,7 +383,7 @@ def test_trainer_fp8_bf16_moments_resume_and_plain_checkpoint(tmp_path, corpus):
     import frugallm
     from frugallm.config import TrainConfig, apply_overrides, get_preset
     from frugallm.kernels.fp8 import Fp8Linear
-    from frugallm.train import checkpoint
+    from frugallm.formats import checkpoint
     from frugallm.train.trainer import train
 
     sets = ["dim=128", "n_layers=2", "n_heads=2", "q_lora_rank=0", "kv_lora_rank=32", "qk_nope_head_dim=16",

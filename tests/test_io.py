@@ -15,12 +15,14 @@ import torch
 from conftest import tiny_config
 
 import frugallm
-from frugallm import Transformer, convert, io
+from frugallm import Transformer, io
+from frugallm.formats import hf as convert
 from frugallm.cli import main
 from frugallm.config import TrainConfig
 from frugallm.export import quantize_checkpoint
 from frugallm.tokenizer import train_tokenizer
-from frugallm.train import checkpoint, data
+from frugallm.formats import checkpoint
+from frugallm.train import data
 
 
 @pytest.fixture(scope="module")
@@ -224,14 +226,22 @@ def test_old_manifests_still_load(run, tmp_path):
     quantize_checkpoint(run, "int8", q)  # an old quantized export is frugallm's: replaced
 
 
-def test_locate_tells_frugallm_dirs_from_hf_exports(run, tmp_path):
-    """frugallm.load reads what checkpoint.locate finds, and a Hugging Face directory otherwise."""
+def test_open_tells_every_kind_of_directory(run, tmp_path):
+    """formats.open is the one answer to "what is this?": a run, a checkpoint, a quantized export,
+    a Hugging Face directory (frugallm's exports included), and one error for anything else."""
+    from frugallm.formats.open import open as open_model
+
     ckpt = run / "checkpoints" / "step_0000001"
-    assert checkpoint.locate(run) == ckpt and checkpoint.locate(ckpt) == ckpt
+    assert (open_model(run).kind, open_model(run).weights) == ("run", ckpt)
+    assert (open_model(ckpt).kind, open_model(ckpt).weights) == ("checkpoint", ckpt)
     q = quantize_checkpoint(run, "int8", tmp_path / "q")
-    assert checkpoint.locate(q) == q
+    assert open_model(q).kind == "quantized" and open_model(q).quantization["format"] == "int8"
     hf = frugallm.to_hf(Transformer(tiny_config()), tmp_path / "hf")  # has a manifest, is read by from_hf
-    assert io.manifest_kind(hf) == "hf" and checkpoint.locate(hf) is None
+    assert io.manifest_kind(hf) == "hf" and open_model(hf).kind == "hf" and open_model(hf).deepseek
+    assert open_model(hf).config.dim == tiny_config().dim
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a frugallm run"):
+        open_model(tmp_path / "notes")
 
 
 def test_from_hf_closes_its_files(tmp_path):

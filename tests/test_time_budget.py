@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from frugallm.cli import main
 from frugallm.config import TrainConfig, apply_overrides, duration_seconds, get_preset
-from frugallm.train import budget, checkpoint, trainer
+from frugallm.formats import checkpoint
+from frugallm.train import budget, trainer
 from frugallm.train.budget import plan_steps
 from frugallm.train.trainer import RunResult
 

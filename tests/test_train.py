@@ -14,7 +14,8 @@ import torch
 
 from frugallm.cli import main
 from frugallm.config import TrainConfig, apply_overrides, get_preset
-from frugallm.train import checkpoint, data
+from frugallm.formats import checkpoint
+from frugallm.train import data
 from frugallm.train.optim import build_optimizer, lr_at
 
 SMALL = ["dim=64", "n_layers=2", "n_heads=2", "q_lora_rank=0", "kv_lora_rank=32", "qk_nope_head_dim=16",

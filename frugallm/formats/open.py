@@ -25,7 +25,8 @@ import torch
 
 from .. import io
 from ..config import ModelConfig
-from . import checkpoint, hf, quantized
+from . import checkpoint, hf
+from . import quantized as quantized_layout
 
 KINDS = ("run", "checkpoint", "quantized", "hf")
 
@@ -64,7 +65,7 @@ class Opened:
         if not self.deepseek:
             self.config  # raises, naming the model type
         if self.kind != "hf" and self.quantization is not None:
-            return quantized.load_quantized(self.weights, dtype=dtype, quantized=quantized)
+            return quantized_layout.load_quantized(self.weights, dtype=dtype, quantized=quantized)
         if self.kind == "hf":
             return hf.from_hf(self.path, dtype=dtype, quantized=quantized)
         return checkpoint.load_model(self.weights, dtype, quantized)
@@ -83,7 +84,7 @@ def open(path) -> Opened:  # noqa: A001 - the format layer's one entry point, as
     if kind == "checkpoint":
         checkpoint.verify(path)
         return _local(path, path, "checkpoint")
-    if kind == "quantized" and (path / quantized.META).exists():
+    if kind == "quantized" and (path / quantized_layout.META).exists():
         return _local(path, path, "quantized")
     if (path / hf.CONFIG).exists():
         hf_config = json.loads((path / hf.CONFIG).read_text())
@@ -94,5 +95,5 @@ def open(path) -> Opened:  # noqa: A001 - the format layer's one entry point, as
 
 def _local(path: Path, weights: Path, kind: str) -> Opened:
     """A directory frugallm wrote itself: a checkpoint, or a quantized export in frugallm's layout."""
-    meta = json.loads((weights / quantized.META).read_text()) if (weights / quantized.META).exists() else None
+    meta = json.loads((weights / quantized_layout.META).read_text()) if (weights / quantized_layout.META).exists() else None
     return Opened(kind, path, weights, None, meta)
