@@ -117,7 +117,6 @@ class Transformer(nn.Module):
         logits_at (B, k): compute logits only at these indices into S (e.g. each prompt's last
             token), giving logits (B, k, vocab); `hidden` stays (B, S, d).
         """
-        cfg = self.config
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
             raise ValueError(f"input_ids must be (batch, seq) integer token ids, got {tuple(input_ids.shape)} "
                              f"{input_ids.dtype}")
@@ -125,22 +124,37 @@ class Transformer(nn.Module):
             raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         S = input_ids.shape[1]
         block_kwargs = self._positions(S, cache, attn_impl)
-
-        h = self.embed(input_ids)
-        if cfg.residual != "plain":
-            h = expand_streams(h, cfg.hc_streams)  # (B, S, n, d)
-        balance = None
-        for i, layer in enumerate(self.layers):
-            h, bal = layer(h, cache=cache.layer(i) if cache is not None else None, **block_kwargs)
-            balance = _add(balance, bal)
-        if cfg.residual != "plain":
-            h = collapse_streams(h)  # (B, S, d)
+        h = self.embed_streams(input_ids)
+        h, balance = self.run_layers(h, enumerate(self.layers), block_kwargs, cache)
         if cache is not None:
             cache.advance(S)
+        return self.finish(h, input_ids, targets, balance, block_kwargs, mtp_lambda, logits_at)
+
+    # The pieces of forward, in order. Pipeline stages (parallel/pipeline.py) call them on their share of
+    # the layers: the first stage embeds, every stage runs its layers, the last finishes.
+    def embed_streams(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, S) ids -> h (B, S, d), or (B, S, n, d) as n residual streams with HC / mHC."""
+        h = self.embed(input_ids)
+        return h if self.config.residual == "plain" else expand_streams(h, self.config.hc_streams)
+
+    def run_layers(self, h: torch.Tensor, layers, block_kwargs: dict, cache=None):
+        """h through `layers` ((index, Block) pairs, in order) -> (h, their summed balance loss or None)."""
+        balance = None
+        for i, layer in layers:
+            h, bal = layer(h, cache=cache.layer(i) if cache is not None else None, **block_kwargs)
+            balance = _add(balance, bal)
+        return h, balance
+
+    def finish(self, h: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor | None, balance,
+               block_kwargs: dict, mtp_lambda: float | None = None, logits_at: torch.Tensor | None = None) -> ModelOutput:
+        """The last layer's h -> logits, and with targets the main, MTP and balance losses (balance:
+        the layers' so far, to which the MTP blocks' is added) and their sum `loss`."""
+        cfg = self.config
+        if cfg.residual != "plain":
+            h = collapse_streams(h)  # (B, S, d)
         logits = self.head(self.norm(_pick(h, logits_at)))
         if targets is None:
             return ModelOutput(logits=logits, hidden=h, balance_loss=balance)
-
         lm_loss = cross_entropy(logits, targets)
         loss, mtp = lm_loss, None
         if cfg.n_mtp > 0:

@@ -24,8 +24,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.hyperconn import collapse_streams, expand_streams
-from ..model.mtp import cross_entropy, mtp_loss
 
 V_SCHEDULES = ("dualpipev", "zbv")
 
@@ -101,34 +99,18 @@ class Stage(nn.Module):
         model, feed = self._model[0], self.feed
         m = self.calls
         self.calls += 1
-        cfg = model.config
         kwargs = model._positions(feed.inputs[m].shape[1], None, None)
         if self.first:
-            h = self.embed(h)
-            if cfg.residual != "plain":
-                h = expand_streams(h, cfg.hc_streams)
-        balance = None
-        for layer in self.layers:
-            h, bal = layer(h, **kwargs)
-            balance = bal if balance is None else balance if bal is None else balance + bal
+            h = model.embed_streams(h)  # the model's own forward, in pieces (model/transformer.py)
+        h, balance = model.run_layers(h, enumerate(self.layers), kwargs)
         if not self.last:
             feed.add("balance_loss", balance, m)
             return h if balance is None or not torch.is_grad_enabled() else _WithAux.apply(h, feed.scale(balance, m))
-        if cfg.residual != "plain":
-            h = collapse_streams(h)
-        ids, targets = feed.inputs[m], feed.targets[m]
-        lm = cross_entropy(self.head(self.norm(h)), targets)
-        loss, mtp = lm, None
-        if cfg.n_mtp > 0:
-            mtp, bal = mtp_loss(self.mtp, self.embed, self.head, h, ids, targets, feed.mtp_lambda, **kwargs)
-            balance = bal if balance is None else balance if bal is None else balance + bal
-            loss = loss + mtp
-        if balance is not None:
-            loss = loss + balance
-        feed.add("lm_loss", lm.detach(), m)
-        feed.add("mtp_loss", None if mtp is None else mtp.detach(), m)
-        feed.add("balance_loss", None if balance is None else balance.detach(), m)
-        return feed.scale(loss, m).reshape(1)  # (1,): the schedule concatenates the micro-batches' outputs
+        out = model.finish(h, feed.inputs[m], feed.targets[m], balance, kwargs, feed.mtp_lambda)
+        feed.add("lm_loss", out.lm_loss.detach(), m)
+        feed.add("mtp_loss", None if out.mtp_loss is None else out.mtp_loss.detach(), m)
+        feed.add("balance_loss", None if out.balance_loss is None else out.balance_loss.detach(), m)
+        return feed.scale(out.loss, m).reshape(1)  # (1,): the schedule concatenates the micro-batches' outputs
 
 
 class Pipeline:
