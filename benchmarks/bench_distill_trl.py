@@ -262,7 +262,7 @@ def main() -> None:
           "two trainers of one seed run back to back, so their ratio is the steadier number", flush=True)
 
     from frugallm import from_hf, load, load_tokenizer
-    from frugallm.config import TrainConfig
+    from frugallm.train.config import TrainConfig
     from frugallm.distill.losses import kd_divergence
     from frugallm.train import data as fdata
     from frugallm.train.telemetry import evaluate

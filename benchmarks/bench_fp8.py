@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-from frugallm.config import TrainConfig, get_preset
+from frugallm.config import get_preset
+from frugallm.train.config import TrainConfig
 from frugallm.model.transformer import Transformer
 from frugallm.kernels.fp8 import convert_to_fp8
 from frugallm.train.optim import build_optimizer

@@ -207,7 +207,7 @@ def section_bandwidth_and_hf(args) -> None:
     ours_kv = KVCache(ours.config, 1, 8, dtype=dtype).bytes_per_token()
     hf_kv = hf_cache_bytes_per_token(hf, 64)
     print(f"{'KV cache bytes / token':26}{ours_kv:12,}{hf_kv:14,}{hf_kv / ours_kv:7.1f}x smaller")
-    c = ours.config  # what a per-head K/V cache of the same model would hold (REFERENCE §2.4)
+    c = ours.config  # what a per-head K/V cache of the same model would hold (docs/design/kv-cache.md)
     full_kv = c.n_layers * c.n_heads * (c.qk_head_dim + c.v_head_dim) * torch.empty(0, dtype=dtype).element_size()
     print(f"  (a per-head K/V cache would hold {full_kv:,} bytes/token, {full_kv / ours_kv:.1f}x the latent; "
           f"transformers {transformers.__version__} caches the latent too)")
@@ -224,7 +224,7 @@ def _hf_has_impl(name: str) -> bool:
 
 def held_out_texts(run: Path, n: int) -> list[str]:
     """The first n documents of the run's validation split (never trained on)."""
-    from frugallm.config import TrainConfig
+    from frugallm.train.config import TrainConfig
     from frugallm.train import data
     from frugallm.formats.checkpoint import latest
 

@@ -1,6 +1,6 @@
 """Plain vs HC vs mHC (n = 4) residuals: the same tiny MoE, the same bytes, two learning rates.
 
-The stability evidence for issue 3 (REFERENCE §6-7). For each learning rate (a normal one and an
+The stability evidence for issue 3 (docs/design/hyper-connections.md). For each learning rate (a normal one and an
 aggressive one) it trains three models that start from identical shared weights (HC/mHC add only
 their connection coefficients) on identical batches:
   * data: the Python standard library's own *.py sources (sysconfig's stdlib path), byte-level

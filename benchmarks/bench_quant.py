@@ -7,7 +7,7 @@ fast CPU setting; embedding, head and gate high precision, the default skip); in
 head quantized too; int8 and fp8 with fp32 activations (the weights' quantization error alone).
 Timings alternate the variants within one process and report medians, so machine drift hits
 them alike. FP8 on a CPU is storage, not speed: no CPU FP8 GEMM exists, each forward
-dequantizes (REFERENCE §8.4).
+dequantizes (docs/design/fp8.md).
 
     python benchmarks/bench_quant.py [--run RUN_DIR] [--steps 200] [--speed-preset small] [--prompt 64]
                                      [--new 32] [--rounds 5] [--dtype auto|fp32|bf16] [--save [VARIANT]]
@@ -88,7 +88,7 @@ def val_loss(model, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
 
 
 def val_data(run: Path, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from frugallm.config import TrainConfig
+    from frugallm.train.config import TrainConfig
     from frugallm.train import data
 
     cfg = TrainConfig.from_json(run / "train_config.json")
@@ -98,7 +98,7 @@ def val_data(run: Path, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor
 
 
 def train_tiny(out: Path, steps: int, precision: str = "bf16") -> Path:
-    from frugallm.config import TrainConfig
+    from frugallm.train.config import TrainConfig
     from frugallm.train.trainer import train
 
     cfg = TrainConfig(steps=steps, batch_size=8, seq_len=256, eval_every=10**9, save_every=steps, sample_tokens=0,

@@ -20,7 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from frugallm.config import TrainConfig, get_preset
+from frugallm.config import get_preset
+from frugallm.train.config import TrainConfig
 from frugallm.train.trainer import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

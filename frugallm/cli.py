@@ -3,106 +3,68 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import os
 import sys
 from pathlib import Path
 
-import torch
+from .config import ModelConfig, get_preset
+from .host import host_profile
+from .plan import PURPOSES, explain, load, prepare_inference
+from .train import launch
+from .train.launch import DEFAULT_PRESET, DEFAULT_TIME
+
+
+def _pick(args: argparse.Namespace, names) -> dict:
+    """The flags `names` as keyword arguments for the library call a command makes."""
+    return {name: getattr(args, name) for name in names}
+
+
+def _say(line: str) -> None:
+    """A line about the set-up, on stderr (stdout holds the command's output)."""
+    print(f"frugallm: {line}", file=sys.stderr)
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .config import get_preset
-    from .model import Transformer
-    from .model.count import count_params
-    from .config import ModelConfig
-
     if args.host:
-        from .host import host_profile
-
         print(host_profile().describe())
         return 0
+    if args.plan is not None:
+        print(explain(args.purpose, args.plan or None, dtype=args.dtype, compile=args.compile,
+                      prepack=args.prepack, fp8=args.fp8).describe())
+        return 0
+    from .model.count import summary
 
     cfg = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset)
-    counts = count_params(cfg)
-    print(f"frugallm model: {'--config ' + args.config if args.config else 'preset ' + args.preset}")
-    width = max(len(k) for k in counts)
-    for k, v in counts.items():
-        print(f"  {k:<{width}}  {v:>17,}  ({v / 1e6:,.2f}M)")
-    if counts["total"] > args.max_build_params:
-        print(f"  (not built: {counts['total']:,} parameters exceed --max-build-params; counted on the meta device)")
-        return 0
-    torch.manual_seed(0)
-    model = Transformer(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (1, min(16, cfg.max_seq_len)))
-    with torch.no_grad():
-        logits = model(ids).logits
-    print(f"  forward pass: input {tuple(ids.shape)} -> logits {tuple(logits.shape)}, "
-          f"finite={bool(torch.isfinite(logits).all())}")
-    print("  parameters by module:")
-    rows: dict[str, int] = {}
-    for name, p in model.named_parameters():
-        key = ".".join(name.split(".")[:3]) if name.startswith(("layers", "mtp")) else name.split(".")[0]
-        rows[key] = rows.get(key, 0) + p.numel()
-    w = max(len(k) for k in rows)
-    for k, v in rows.items():
-        print(f"    {k:<{w}}  {v:>12,}")
+    for line in summary(cfg, "--config " + args.config if args.config else "preset " + args.preset,
+                        args.max_build_params):
+        print(line)
     return 0
+
+
+RUN_FLAGS = ("config", "preset", "train_config", "resume", "data", "steps", "time", "save_every", "ep", "pp", "dp")
 
 
 def _train(args: argparse.Namespace, extra: list[str] = (), model_from=None) -> int:
     """`frugallm train`, and `frugallm distill` with its flags as `extra` key=value pairs and, for
     --init-from, the student's ModelConfig as `model_from`."""
-    from .config import ModelConfig, TrainConfig, apply_overrides, get_preset
     from .train.trainer import train
 
-    saved = None
-    if args.resume:  # a resume starts from the run's own settings: only what is given counts as a change
-        from .formats.checkpoint import latest
-
-        saved = latest(args.out)
-        if saved is None:
-            raise FileNotFoundError(f"--resume: {args.out} holds no valid checkpoint; drop --resume to start a "
-                                    "new run there, or pass the run's directory with --out")
-    model_cfg = ModelConfig.from_json(args.config) if args.config else get_preset(args.preset) if args.preset \
-        else model_from if model_from else ModelConfig.from_json(saved / "config.json") if saved \
-        else get_preset(DEFAULT_PRESET)
-    train_cfg = TrainConfig.from_json(args.train_config) if args.train_config else \
-        TrainConfig.from_json(saved / "train_config.json") if saved else TrainConfig()
-    # the length: --time (steps a cap), or --steps alone (no budget), or neither: DEFAULT_TIME, capped at
-    # TrainConfig.steps; a --train-config file or --set steps=/time_budget= says it instead (and a
-    # resumed run keeps its own)
-    time_budget = args.time
-    if time_budget is None and args.steps is not None:
-        time_budget = ""
-    elif time_budget is None and not saved and not args.train_config and not any(
-            p.startswith(("steps=", "time_budget=")) for p in args.set or []):
-        time_budget = DEFAULT_TIME
-    flags = {"data": args.data, "steps": args.steps, "time_budget": time_budget, "save_every": args.save_every,
-             "ep": args.ep, "pp": args.pp, "dp": args.dp}
-    if saved:  # the layout belongs to this launch, not to the run: a resume on other ranks starts from none
-        flags |= {k: v for k, v in (("ep", 1), ("pp", 1), ("dp", 0)) if flags[k] is None}
-    pairs = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(extra) + list(args.set or [])
-    model_cfg, train_cfg = apply_overrides(model_cfg, train_cfg, pairs)
+    model_cfg, train_cfg = launch.run_configs(args.out, **_pick(args, RUN_FLAGS),
+                                              sets=args.set or [], extra=extra, model_from=model_from)
     if args.nproc:  # check the layout here, before any process starts, then hand over to torchrun
-        from .parallel.layout import resolve, torchrun_command
-
-        resolve(model_cfg, train_cfg, args.nproc * args.nnodes)
-        cmd = torchrun_command(args.nproc, _without_launch_flags(sys.argv[1:]), args.nnodes, args.node_rank,
-                               args.rdzv_endpoint)
-        sys.stdout.flush()
-        os.execv(cmd[0], cmd)
+        launch.torchrun(model_cfg, train_cfg, args.nproc, sys.argv[1:], args.nnodes, args.node_rank,
+                        args.rdzv_endpoint)
     result = train(model_cfg, train_cfg, args.out, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return 0
     if result.interrupted:
         return 130
-    if result.val_loss is not None:
-        print(f"val loss {result.val_loss:.3f} (perplexity {math.exp(result.val_loss):.1f}) vs unigram baseline "
-              f"{result.unigram_loss:.3f} (perplexity {math.exp(result.unigram_loss):.1f})")
+    if (line := launch.val_line(result)) is not None:
+        print(line)
     if args.sample and train_cfg.sample_tokens > 0:
-        _print_sample(args.out, train_cfg.sample_prompt, train_cfg.sample_tokens)
+        from .infer.console import print_sample
+
+        print_sample(args.out, train_cfg.sample_prompt, train_cfg.sample_tokens)
     return 0
 
 
@@ -113,32 +75,17 @@ def _distill(args: argparse.Namespace) -> int:
     by token); for a teacher with another tokenizer, sample it (`frugallm distill generate`) and train
     on the samples (`frugallm train --data FILE.jsonl`)."""
     if args.distill_command == "generate":
-        return _distill_generate(args)
-    if not args.teacher:
-        raise ValueError("frugallm distill needs --teacher DIR (a frugallm run or Hugging Face DeepSeek directory)")
-    from .plan import load
-    from .tokenizer import load_tokenizer
+        from .distill.sequences import generate_samples
 
-    student_tokenizer = load_tokenizer(args.init_from or args.teacher)
-    extra = [f"teacher={args.teacher}", f"tokenizer={args.init_from or args.teacher}"]
-    extra += [f"{key}={value}" for key, value in (
-        ("kd_loss", args.loss), ("kd_beta", args.beta), ("kd_temperature", args.temperature),
-        ("kd_weight", args.kd_weight), ("kd_topk", args.topk), ("on_policy", args.on_policy),
-        ("init_from", args.init_from)) if value is not None]
-    model_from = load(args.init_from).config if args.init_from else None
-    if model_from is None and not args.config and not args.resume:
-        extra.append(f"vocab_size={student_tokenizer.vocab_size}")  # a preset student speaks the teacher's tokens
+        stats = generate_samples(args.teacher, args.prompts, args.out, samples_per_prompt=args.samples,
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature_sample,
+                                 top_p=args.top_p, batch_size=args.batch_size, seed=args.seed)
+        print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+        return 0
+    kd = _pick(args, ("loss", "beta", "temperature", "kd_weight", "topk", "on_policy"))
+    extra, model_from = launch.distill_overrides(args.teacher, args.init_from, config=args.config,
+                                                 resume=args.resume, **kd)
     return _train(args, extra, model_from)
-
-
-def _distill_generate(args: argparse.Namespace) -> int:
-    from .distill.generate import generate_samples
-
-    stats = generate_samples(args.teacher, args.prompts, args.out, samples_per_prompt=args.samples,
-                             max_new_tokens=args.max_new_tokens, temperature=args.temperature_sample,
-                             top_p=args.top_p, batch_size=args.batch_size, seed=args.seed)
-    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
-    return 0
 
 
 def _parallel_simulate(args: argparse.Namespace) -> int:
@@ -157,46 +104,10 @@ def _parallel_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_sample(run: str, prompt: str, n_tokens: int) -> None:
-    from .plan import load
-    from .tokenizer import load_tokenizer
-    from .infer.generate import generate
-
-    model, tok = load(run), load_tokenizer(run)
-    ids = torch.tensor([[tok.bos_id, *tok.encode(prompt)]])
-    n_tokens = min(n_tokens, model.config.max_seq_len - ids.shape[1])
-    new = generate(model, ids, n_tokens, temperature=0.8, top_k=40, seed=0, stop=tok.eos_id)
-    print(f"--- sample ({n_tokens} tokens max, temperature 0.8, top-k 40) ---")
-    print(prompt + tok.decode(new[0].tolist()))
-    print("---")
-
-
 def _eval(args: argparse.Namespace) -> int:
-    from .plan import load
-    from .tokenizer import load_tokenizer
-    from .config import TrainConfig
-    from .train import data
-    from .host import choose_dtype
-    from .train.telemetry import evaluate
-    from .formats.checkpoint import latest
+    from .train.telemetry import evaluate_run
 
-    ckpt = latest(args.run)
-    if ckpt is None:
-        raise FileNotFoundError(f"{args.run} holds no valid checkpoint")
-    cfg = TrainConfig.from_json(ckpt / "train_config.json")
-    model, tok = load(args.run), load_tokenizer(args.run)
-    source = cfg.data if args.data is None else args.data
-    splits = data.prepare(source, tok, cfg.val_fraction, cfg.text_field)
-    batches = data.val_batches(splits.val, cfg.seq_len, cfg.batch_size, mask=splits.val_mask)
-    masks = splits.train_mask, splits.val_mask  # SFT records: only target tokens count
-    choice = choose_dtype("prefill")  # eval is a prefill: the host's measured choice
-    print(f"frugallm: {choice.reason}", file=sys.stderr)
-    autocast = (lambda: torch.autocast("cpu", dtype=choice.dtype)) if choice.dtype == torch.bfloat16 \
-        else contextlib.nullcontext
-    loss = evaluate(model, batches, args.batches, autocast)
-    print(f"{args.run} ({ckpt.name}) on {splits.manifest['source']} val: loss {loss:.4f}, "
-          f"perplexity {math.exp(loss):.2f}, unigram baseline "
-          f"{data.unigram_loss(splits.train, splits.val, model.config.vocab_size, *masks):.4f}")
+    print(evaluate_run(args.run, args.data, args.batches, log=_say))
     return 0
 
 
@@ -219,15 +130,27 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_FLAGS = ("host", "port", "api_key", "model_name", "slots", "policy", "threads", "compile", "dtype",
+               "max_cache_tokens", "max_queue", "request_timeout", "default_max_tokens", "insecure_no_api_key")
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .infer.server import serve
 
-    serve(args.run, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-          slots=args.slots, policy=args.policy, threads=args.threads, compile=args.compile,
-          dtype=args.dtype, max_cache_tokens=args.max_cache_tokens, max_queue=args.max_queue,
-          request_timeout=args.request_timeout, default_max_tokens=args.default_max_tokens,
-          insecure_no_api_key=args.insecure_no_api_key)
+    serve(args.run, **_pick(args, SERVE_FLAGS))
     return 0
+
+
+SAMPLE_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "speculative")
+COMPILING = "compiling the decode step (once per shape; later runs reuse inductor's cache) ..."
+
+
+def _prepare(args: argparse.Namespace):
+    """generate / chat's model (plan.prepare_inference), its set-up told on stderr: the dtype and why,
+    the matmul kernels, and with --compile the compile of batch 1's decode step, before the first prompt."""
+    return prepare_inference(args.run, args.dtype, prepack=not args.compile, compile=args.compile,
+                             speculative=args.speculative, log=_say,
+                             before_compile=lambda: print(COMPILING, file=sys.stderr))[0]
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -236,66 +159,22 @@ def _chat(args: argparse.Namespace) -> int:
 
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
-    model = _load_for_inference(args)
-    decoder = _compile(model, args)
-    return chat_repl(model, load_tokenizer(args.run), system=args.system,
-                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                     top_p=args.top_p, seed=args.seed, speculative=args.speculative, decoder=decoder)
-
-
-def _load_for_inference(args: argparse.Namespace):
-    """The model for generate / chat, in the dtype --dtype asks for (auto: the host profile's
-    choice), after one line on stderr that says what was chosen and why."""
-    from .plan import inference_dtype, load_for_inference
-    from .kernels.swap import kernels_in_use
-
-    print(f"frugallm: {inference_dtype(args.dtype).reason}", file=sys.stderr)
-    model = load_for_inference(args.run, args.dtype, prepack=not args.compile)
-    print(f"frugallm: matmul kernels: {kernels_in_use(model)}", file=sys.stderr)
-    return model
-
-
-def _compile(model, args: argparse.Namespace):
-    """With --compile, the compiled decode step, its batch-1 shapes compiled before the first prompt."""
-    if not args.compile:
-        return None
-    from .kernels.compiled import compile_decode
-
-    print("compiling the decode step (once per shape; later runs reuse inductor's cache) ...", file=sys.stderr)
-    return compile_decode(model, warmup=True, speculative=args.speculative)
+    applied = _prepare(args)
+    return chat_repl(applied.model, load_tokenizer(args.run), system=args.system, decoder=applied.decoder,
+                     **_pick(args, SAMPLE_FLAGS))
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import time
-
     from .tokenizer import load_tokenizer
-    from .infer.generate import generate_stream
+    from .infer.console import stream_completion
 
-    model = _load_for_inference(args)
-    decoder = _compile(model, args)
-    tok = load_tokenizer(args.run)
-    ids = [tok.bos_id, *tok.encode(args.prompt)] if tok.bos_id is not None else tok.encode(args.prompt)
-    stats, text, t0 = {}, tok.stream(), time.perf_counter()
-    print(args.prompt, end="", flush=True)
-    for step in generate_stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, stop=tok.eos_id, speculative=args.speculative,
-                                stats=stats, decoder=decoder):
-        print(text.push(step[0].tolist()), end="", flush=True)
-    print(text.flush())
-    wall = time.perf_counter() - t0
-    line = (f"[{stats['new_tokens']} tokens in {wall:.2f} s: {stats['new_tokens'] / wall:.1f} tokens/s; "
-            f"first token after {stats['prefill_s'] * 1e3:.0f} ms ({stats['prompt_tokens']}-token prompt)")
-    if stats.get("decode_s") and stats["new_tokens"] > 1:
-        line += f", decode {(stats['new_tokens'] - 1) / stats['decode_s']:.1f} tokens/s"
-    if args.speculative:
-        line += (f"; speculative: acceptance {stats['acceptance']:.2f}, "
-                 f"{stats['tokens_per_forward']:.2f} tokens per forward")
-    print(line + "]", file=sys.stderr)
+    applied = _prepare(args)
+    print(stream_completion(applied.model, load_tokenizer(args.run), args.prompt, decoder=applied.decoder,
+                            **_pick(args, SAMPLE_FLAGS)), file=sys.stderr)  # the speeds, once it is written
     return 0
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .plan import load
     from .kernels.quantize import weight_bytes
     from .export import quantize_checkpoint
 
@@ -304,56 +183,6 @@ def _quantize(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({args.to}, {args.layout or 'default'} layout): {sizes['params']:,} parameters, "
           f"{sizes['bytes'] / 2**20:.1f} MiB, {sizes['bytes_per_param']:.2f} bytes/param")
     return 0
-
-
-DEFAULT_TIME = "8m"  # `frugallm train` with neither --steps nor --time: the main job fits in 10 minutes
-DEFAULT_PRESET = "tiny"  # `frugallm train` with neither --preset nor --config
-DTYPE_CHOICES = ["auto", "fp32", "bf16", "float32", "bfloat16", "float64"]
-DTYPE_HELP = ("compute dtype (default auto: bf16 only where this host measures it clearly faster than fp32, "
-              "see `frugallm info --host`); an explicit dtype dequantizes a quantized checkpoint")
-SPECULATIVE_HELP = ("draft with the MTP modules, verify in one forward (exact; on a CPU at batch 1 it gains "
-                    "little, and with --compile it can be slower: see the README)")
-COMPILE_HELP = ("compile the decode step with torch.compile (1.9-2.6x faster decoding here; tens of seconds of "
-                "compiling first, needs a C++ compiler; a quantized checkpoint cannot be compiled)")
-
-
-def _run_args(p: argparse.ArgumentParser, out: str) -> None:
-    """The flags of a training run, shared by `train` and `distill`."""
-    p.add_argument("--train-config", help="a TrainConfig JSON file")
-    p.add_argument("--data", help="text files, a folder, a glob, JSONL, or hf:NAME (default: the Python stdlib)")
-    p.add_argument("--out", default=out, help=f"run directory (default {out})")
-    p.add_argument("--steps", type=int, help="the run's length; with --time, the most it may plan (default 500)")
-    p.add_argument("--time", help="a time budget for the whole command, e.g. 90s, 8m, 1h: steps are planned from "
-                                  f"the measured throughput (default {DEFAULT_TIME} unless --steps is given)")
-    p.add_argument("--save-every", type=int)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any ModelConfig or TrainConfig field")
-    p.add_argument("--no-sample", dest="sample", action="store_false", help="do not print a sample at the end")
-    par = p.add_argument_group("parallelism (torch.distributed; world = ep x pp x dp ranks)")
-    par.add_argument("--ep", type=int, help="expert parallelism: shard the routed experts over this many ranks")
-    par.add_argument("--pp", type=int, help="pipeline ranks (--set pp_schedule=dualpipev|zbv|1f1b; not with ep/dp)")
-    par.add_argument("--dp", type=int, help="data parallelism (FSDP2); default: the world / (ep x pp)")
-    par.add_argument("--nproc", type=_positive_int, help="launch this many processes per node with torchrun "
-                     "(same as `torchrun --nproc-per-node N -m frugallm train ...`); the layout is checked first")
-    par.add_argument("--nnodes", type=_positive_int, default=1, help="machines taking part (with --nproc)")
-    par.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
-    par.add_argument("--rdzv-endpoint", default="", help="HOST:PORT every node meets at (--nnodes > 1)")
-
-
-LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint")
-
-
-def _without_launch_flags(argv: list[str]) -> list[str]:
-    """argv minus the flags that start torchrun (the ranks must not start it again)."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in LAUNCH_FLAGS:
-            skip = True
-        elif not arg.startswith(tuple(f + "=" for f in LAUNCH_FLAGS)):
-            out.append(arg)
-    return out
 
 
 def _positive_int(text: str) -> int:
@@ -366,6 +195,181 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# --- the parser, as a table -------------------------------------------------------------------------
+
+DTYPE_CHOICES = ["auto", "fp32", "bf16", "float32", "bfloat16", "float64"]
+DTYPE_HELP = ("compute dtype (default auto: bf16 only where this host measures it clearly faster than fp32, "
+              "see `frugallm info --host`); an explicit dtype dequantizes a quantized checkpoint")
+SPECULATIVE_HELP = ("draft with the MTP modules, verify in one forward (exact; on a CPU at batch 1 it gains "
+                    "little, and with --compile it can be slower: see the README)")
+COMPILE_HELP = ("compile the decode step with torch.compile (1.9-2.6x faster decoding here; tens of seconds of "
+                "compiling first, needs a C++ compiler; a quantized checkpoint cannot be compiled)")
+
+
+def _a(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
+    """One argument: add_argument's flags and keywords, plus `exclusive=NAME` (joins that mutually
+    exclusive group of its parser) or `section=TITLE` (listed under that titled group)."""
+    return flags, kwargs
+
+
+SOURCE = {"exclusive": "source"}  # where the model comes from: one of these flags
+PARALLEL = {"section": "parallelism (torch.distributed; world = ep x pp x dp ranks)"}
+RUN_DIR = _a("run", help="a frugallm run directory or a Hugging Face DeepSeek directory")
+SAMPLING = [_a("--top-k", type=int), _a("--top-p", type=float), _a("--seed", type=int),
+            _a("--speculative", action="store_true", help=SPECULATIVE_HELP)]
+DTYPE = _a("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
+COMPILE = _a("--compile", action="store_true", help=COMPILE_HELP)
+
+
+def _run_args(out: str) -> list:
+    """The flags of a training run, shared by `train` and `distill`."""
+    return [
+        _a("--train-config", help="a TrainConfig JSON file"),
+        _a("--data", help="text files, a folder, a glob, JSONL, or hf:NAME (default: the Python stdlib)"),
+        _a("--out", default=out, help=f"run directory (default {out})"),
+        _a("--steps", type=int, help="the run's length; with --time, the most it may plan (default 500)"),
+        _a("--time", help="a time budget for the whole command, e.g. 90s, 8m, 1h: steps are planned from "
+                          f"the measured throughput (default {DEFAULT_TIME} unless --steps is given)"),
+        _a("--save-every", type=int),
+        _a("--resume", action="store_true", help="continue the run in --out from its last good checkpoint"),
+        _a("--set", action="append", metavar="KEY=VALUE", help="any ModelConfig or TrainConfig field"),
+        _a("--no-sample", dest="sample", action="store_false", help="do not print a sample at the end"),
+        _a("--ep", type=int, help="expert parallelism: shard the routed experts over this many ranks", **PARALLEL),
+        _a("--pp", type=int, help="pipeline ranks (--set pp_schedule=dualpipev|zbv|1f1b; not with ep/dp)", **PARALLEL),
+        _a("--dp", type=int, help="data parallelism (FSDP2); default: the world / (ep x pp)", **PARALLEL),
+        _a("--nproc", type=_positive_int, help="launch this many processes per node with torchrun (same as "
+           "`torchrun --nproc-per-node N -m frugallm train ...`); the layout is checked first", **PARALLEL),
+        _a("--nnodes", type=_positive_int, default=1, help="machines taking part (with --nproc)", **PARALLEL),
+        _a("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1", **PARALLEL),
+        _a("--rdzv-endpoint", default="", help="HOST:PORT every node meets at (--nnodes > 1)", **PARALLEL),
+    ]
+
+
+# (the subcommand's path, its help, its handler (None: a group of subcommands), its arguments in order)
+COMMANDS = [
+    (("info",), "count parameters, build the model and run one forward pass", _info, [
+        _a("--preset", default="tiny", help="preset name (tiny, small, v2-lite, v3)", **SOURCE),
+        _a("--config", help="a ModelConfig JSON file", **SOURCE),
+        _a("--host", action="store_true",
+           help="print this machine's profile: ISA, bf16 support, measured fp32/bf16 speeds, auto choices"),
+        _a("--max-build-params", type=float, default=2e9,
+           help="only count, do not build, models larger than this (default 2e9)"),
+        _a("--plan", nargs="?", const="", metavar="RUN", help="print the execution plan for --purpose on this "
+           "host and why each part was chosen (with RUN: for its weights, quantized or not)"),
+        _a("--purpose", choices=PURPOSES, default="inference", help="with --plan (default inference)"),
+        _a("--dtype", choices=DTYPE_CHOICES, default="auto", help="with --plan (default auto)"),
+        _a("--compile", action="store_true", help="with --plan"), _a("--fp8", action="store_true", help="with --plan"),
+        _a("--no-prepack", dest="prepack", action="store_false", help="with --plan"),
+    ]),
+    (("train",), "train a model (default: the tiny preset on the built-in corpus)", _train, [
+        _a("--preset", help=f"a named model (default {DEFAULT_PRESET}; with --resume, the run's own)", **SOURCE),
+        _a("--config", help="a ModelConfig JSON file", **SOURCE),
+        *_run_args("runs/tiny"),
+    ]),
+    (("distill",), "train a student on a teacher's next-token distribution (token-level KD, offline top-k, "
+                   "on-policy); `distill generate` samples a teacher for SFT", _distill, [
+        _a("--teacher", help="a frugallm run or Hugging Face DeepSeek directory (the student uses its tokenizer)"),
+        _a("--student-preset", dest="preset", help=f"the student's preset (default {DEFAULT_PRESET})", **SOURCE),
+        _a("--student-config", dest="config", help="the student's ModelConfig JSON file", **SOURCE),
+        _a("--init-from", help="start the student from this run or Hugging Face directory", **SOURCE),
+        *_run_args("runs/distill"),
+        _a("--loss", choices=["fkl", "rkl", "jsd", "tvd"], help="the divergence D (default fkl)"),
+        _a("--beta", type=float, help="jsd's beta: 0 = forward KL, 1 = reverse KL (default 0.5)"),
+        _a("--temperature", type=float, help="tau, softening both distributions (default 1)"),
+        _a("--kd-weight", type=float, help="w in (1-w) CE + w tau^2 D (default 0.5)"),
+        _a("--topk", type=int, help="offline teacher: cache its top-k log-probs once (default 0: online)"),
+        _a("--on-policy", type=float, help="fraction of micro-batches the student samples itself (GKD)"),
+    ]),
+    (("distill", "generate"), "sample a teacher on prompts into prompt/completion or messages JSONL (the R1 "
+                              "recipe: then `frugallm train --data FILE.jsonl`); resumes", None, [
+        _a("--teacher", required=True, help="a frugallm run, Hugging Face DeepSeek dir or any transformers "
+                                            "causal-LM directory"),
+        _a("--prompts", required=True, help="JSONL with 'prompt' or 'messages' per line, or a .txt file"),
+        _a("--samples", type=_positive_int, default=1, help="samples per prompt (default 1)"),
+        _a("--out", required=True, help="the JSONL file to write (appended to: a rerun resumes)"),
+        _a("--max-new-tokens", type=_positive_int, default=256),
+        _a("--temperature", dest="temperature_sample", type=float, default=0.7),
+        _a("--top-p", type=float, default=0.95),
+        _a("--batch-size", type=_positive_int, default=8),
+        _a("--seed", type=int, default=0),
+    ]),
+    (("eval",), "validation loss and perplexity of a run", _eval, [
+        _a("run"),
+        _a("--data", help="evaluate on this data's val split instead of the run's"),
+        _a("--batches", type=_positive_int, default=16, help="val batches to average (default 16)"),
+    ]),
+    (("tokenizer",), "tokenizer tools", None, []),
+    (("tokenizer", "train"), "train a byte-level BPE with special tokens", _tokenizer_train, [
+        _a("data", nargs="?", default="", help="text/JSONL path or glob (default: the Python stdlib)"),
+        _a("--vocab", type=int, default=4096),
+        _a("--out", required=True),
+        _a("--text-field", default="text"),
+    ]),
+    (("plot",), "write PNG plots of a run's metrics", _plot, [_a("run")]),
+    (("serve",), "an OpenAI-compatible HTTP server (needs the [serve] extra)", _serve, [
+        RUN_DIR,
+        _a("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)"),
+        _a("--port", type=int, default=8000),
+        _a("--api-key", help="require 'Authorization: Bearer KEY' on every request"),
+        _a("--model-name", help="the model id clients ask for (default: the run directory's name)"),
+        _a("--slots", type=int, default=16, help="requests generated at once; the rest wait in order"),
+        _a("--policy", choices=("batch", "round-robin"), default="batch",
+           help="batch: every running request in one forward per step (continuous batching); "
+           "round-robin: one request per forward, in turn (the reference, for comparison)"),
+        _a("--threads", type=int, help="torch threads (default: the cores less one, which is left to "
+           "the HTTP event loop)"),
+        COMPILE,
+        DTYPE,
+        _a("--max-cache-tokens", type=int, help="KV-cache budget of all requests together, in tokens; "
+           "each reserves prompt + max_tokens (default: half the free memory, at most slots contexts)"),
+        _a("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429"),
+        _a("--request-timeout", type=float, default=600.0, help="seconds per request, queueing included; "
+           "past it: 503, or an error event mid-stream (default 600)"),
+        _a("--default-max-tokens", type=int, default=1024, help="chat max_tokens when a request gives none"),
+        _a("--insecure-no-api-key", action="store_true",
+           help="allow a non-loopback --host without --api-key (anyone who reaches it can use it)"),
+    ]),
+    (("chat",), "an interactive chat in the terminal (/reset, /system TEXT, /exit)", _chat, [
+        RUN_DIR,
+        _a("--system", help="a system prompt"),
+        _a("--max-new-tokens", type=int, default=256),
+        _a("--temperature", type=float, default=0.8),
+        *SAMPLING, COMPILE, DTYPE,
+    ]),
+    (("generate",), "continue a prompt, streaming to the terminal, then report tokens/s", _generate, [
+        RUN_DIR,
+        _a("--prompt", required=True),
+        _a("--max-new-tokens", type=int, default=128),
+        _a("--temperature", type=float, default=0.0, help="0 = greedy (default)"),
+        *SAMPLING, DTYPE, COMPILE,
+    ]),
+    (("parallel",), "pipeline-parallel tools", None, []),
+    (("parallel", "simulate"), "simulate 1F1B, ZB-V and DualPipeV op orders: makespan, bubble, peak "
+                               "activations, beside DeepSeek-V3 Table 2", _parallel_simulate, [
+        _a("--schedule", choices=["all", "1f1b", "zbv", "dualpipev"], default="all"),
+        _a("--pp", type=int, required=True, help="pipeline ranks (V schedules hold 2 stages per rank)"),
+        _a("--chunks", type=int, required=True, help="micro-batches per step (dualpipev: >= 2*pp)"),
+        _a("--f", type=float, default=1.0, help="forward time of one micro-batch on one stage (default 1)"),
+        _a("--b", type=float, default=1.0, help="input-grad backward time (default 1)"),
+        _a("--w", type=float, default=1.0, help="weight-grad backward time (default 1; 0 = no split)"),
+        _a("--fb", type=float, help="time of an overlapped F&B pair (default F+B+W: no overlap gain)"),
+        _a("--json", action="store_true", help="print the results as JSON"),
+        _a("--trace", metavar="FILE.json", help="write a Chrome trace of the timelines (one pid per rank)"),
+    ]),
+    (("quantize",), "write a weight-only int8 or fp8 copy of a model for CPU inference", _quantize, [
+        RUN_DIR,
+        _a("--to", required=True, choices=["int8", "fp8"],
+           help="int8: per output channel; fp8: e4m3 in 128x128 blocks with weight_scale_inv"),
+        _a("--out", required=True, help="output directory (written atomically)"),
+        _a("--layout", choices=["deepseek", "frugallm"],
+           help="deepseek: a Hugging Face DeepSeek FP8 dir (fp8 only, the fp8 default); "
+                "frugallm: frugallm's quantized checkpoint (the int8 default)"),
+    ]),
+]
+# the dest of each group's subcommand, and whether one must be named (`distill` alone trains)
+SUBCOMMANDS = {(): ("command", True), ("distill",): ("distill_command", False),
+               ("tokenizer",): ("tokenizer_command", True), ("parallel",): ("parallel_command", True)}
+
 # a missing optional dependency -> the extra that installs it
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "transformers": "hf", "datasets": "data", "jinja2": "hf"}
 
@@ -373,145 +377,24 @@ EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frugallm", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="count parameters, build the model and run one forward pass")
-    src = info.add_mutually_exclusive_group()
-    src.add_argument("--preset", default="tiny", help="preset name (tiny, small, v2-lite, v3)")
-    src.add_argument("--config", help="a ModelConfig JSON file")
-    info.add_argument("--host", action="store_true",
-                      help="print this machine's profile: ISA, bf16 support, measured fp32/bf16 speeds, auto choices")
-    info.add_argument("--max-build-params", type=float, default=2e9,
-                      help="only count, do not build, models larger than this (default 2e9)")
-    info.set_defaults(func=_info)
-
-    tr = sub.add_parser("train", help="train a model (default: the tiny preset on the built-in corpus)")
-    src = tr.add_mutually_exclusive_group()
-    src.add_argument("--preset", help=f"a named model (default {DEFAULT_PRESET}; with --resume, the run's own)")
-    src.add_argument("--config", help="a ModelConfig JSON file")
-    _run_args(tr, "runs/tiny")
-    tr.set_defaults(func=_train)
-
-    di = sub.add_parser("distill", help="train a student on a teacher's next-token distribution (token-level KD, "
-                                        "offline top-k, on-policy); `distill generate` samples a teacher for SFT")
-    di.add_argument("--teacher", help="a frugallm run or Hugging Face DeepSeek directory (the student uses its tokenizer)")
-    src = di.add_mutually_exclusive_group()
-    src.add_argument("--student-preset", dest="preset", help=f"the student's preset (default {DEFAULT_PRESET})")
-    src.add_argument("--student-config", dest="config", help="the student's ModelConfig JSON file")
-    src.add_argument("--init-from", help="start the student from this run or Hugging Face directory")
-    _run_args(di, "runs/distill")
-    di.add_argument("--loss", choices=["fkl", "rkl", "jsd", "tvd"], help="the divergence D (default fkl)")
-    di.add_argument("--beta", type=float, help="jsd's beta: 0 = forward KL, 1 = reverse KL (default 0.5)")
-    di.add_argument("--temperature", type=float, help="tau, softening both distributions (default 1)")
-    di.add_argument("--kd-weight", type=float, help="w in (1-w) CE + w tau^2 D (default 0.5)")
-    di.add_argument("--topk", type=int, help="offline teacher: cache its top-k log-probs once (default 0: online)")
-    di.add_argument("--on-policy", type=float, help="fraction of micro-batches the student samples itself (GKD)")
-    dsub = di.add_subparsers(dest="distill_command")
-    dg = dsub.add_parser("generate", help="sample a teacher on prompts into prompt/completion or messages JSONL "
-                                          "(the R1 recipe: then `frugallm train --data FILE.jsonl`); resumes")
-    dg.add_argument("--teacher", required=True, help="a frugallm run, Hugging Face DeepSeek dir or any "
-                                                     "transformers causal-LM directory")
-    dg.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'messages' per line, or a .txt file")
-    dg.add_argument("--samples", type=_positive_int, default=1, help="samples per prompt (default 1)")
-    dg.add_argument("--out", required=True, help="the JSONL file to write (appended to: a rerun resumes)")
-    dg.add_argument("--max-new-tokens", type=_positive_int, default=256)
-    dg.add_argument("--temperature", dest="temperature_sample", type=float, default=0.7)
-    dg.add_argument("--top-p", type=float, default=0.95)
-    dg.add_argument("--batch-size", type=_positive_int, default=8)
-    dg.add_argument("--seed", type=int, default=0)
-    di.set_defaults(func=_distill)
-
-    ev = sub.add_parser("eval", help="validation loss and perplexity of a run")
-    ev.add_argument("run")
-    ev.add_argument("--data", help="evaluate on this data's val split instead of the run's")
-    ev.add_argument("--batches", type=_positive_int, default=16, help="val batches to average (default 16)")
-    ev.set_defaults(func=_eval)
-
-    tk = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
-    tt = tk.add_parser("train", help="train a byte-level BPE with special tokens")
-    tt.add_argument("data", nargs="?", default="", help="text/JSONL path or glob (default: the Python stdlib)")
-    tt.add_argument("--vocab", type=int, default=4096)
-    tt.add_argument("--out", required=True)
-    tt.add_argument("--text-field", default="text")
-    tt.set_defaults(func=_tokenizer_train)
-
-    pl = sub.add_parser("plot", help="write PNG plots of a run's metrics")
-    pl.add_argument("run")
-    pl.set_defaults(func=_plot)
-
-    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the [serve] extra)")
-    sv.add_argument("run", help="a frugallm run directory or a Hugging Face DeepSeek directory")
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
-    sv.add_argument("--model-name", help="the model id clients ask for (default: the run directory's name)")
-    sv.add_argument("--slots", type=int, default=16, help="requests generated at once; the rest wait in order")
-    sv.add_argument("--policy", choices=("batch", "round-robin"), default="batch",
-                    help="batch: every running request in one forward per step (continuous batching); "
-                    "round-robin: one request per forward, in turn (the reference, for comparison)")
-    sv.add_argument("--threads", type=int, help="torch threads (default: the cores less one, which is left to "
-                    "the HTTP event loop)")
-    sv.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    sv.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
-    sv.add_argument("--max-cache-tokens", type=int, help="KV-cache budget of all requests together, in tokens; "
-                    "each reserves prompt + max_tokens (default: half the free memory, at most slots contexts)")
-    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429")
-    sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request, queueing included; "
-                    "past it: 503, or an error event mid-stream (default 600)")
-    sv.add_argument("--default-max-tokens", type=int, default=1024, help="chat max_tokens when a request gives none")
-    sv.add_argument("--insecure-no-api-key", action="store_true",
-                    help="allow a non-loopback --host without --api-key (anyone who reaches it can use it)")
-    sv.set_defaults(func=_serve)
-
-    ch = sub.add_parser("chat", help="an interactive chat in the terminal (/reset, /system TEXT, /exit)")
-    ch.add_argument("run", help="a frugallm run directory or a Hugging Face DeepSeek directory")
-    ch.add_argument("--system", help="a system prompt")
-    ch.add_argument("--max-new-tokens", type=int, default=256)
-    ch.add_argument("--temperature", type=float, default=0.8)
-    ch.add_argument("--top-k", type=int)
-    ch.add_argument("--top-p", type=float)
-    ch.add_argument("--seed", type=int)
-    ch.add_argument("--speculative", action="store_true", help=SPECULATIVE_HELP)
-    ch.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    ch.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
-    ch.set_defaults(func=_chat)
-
-    ge = sub.add_parser("generate", help="continue a prompt, streaming to the terminal, then report tokens/s")
-    ge.add_argument("run", help="a frugallm run directory or a Hugging Face DeepSeek directory")
-    ge.add_argument("--prompt", required=True)
-    ge.add_argument("--max-new-tokens", type=int, default=128)
-    ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    ge.add_argument("--top-k", type=int)
-    ge.add_argument("--top-p", type=float)
-    ge.add_argument("--seed", type=int)
-    ge.add_argument("--speculative", action="store_true", help=SPECULATIVE_HELP)
-    ge.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
-    ge.add_argument("--compile", action="store_true", help=COMPILE_HELP)
-    ge.set_defaults(func=_generate)
-
-    pa = sub.add_parser("parallel", help="pipeline-parallel tools").add_subparsers(dest="parallel_command",
-                                                                                    required=True)
-    ps = pa.add_parser("simulate", help="simulate 1F1B, ZB-V and DualPipeV op orders: makespan, bubble, peak "
-                                        "activations, beside DeepSeek-V3 Table 2")
-    ps.add_argument("--schedule", choices=["all", "1f1b", "zbv", "dualpipev"], default="all")
-    ps.add_argument("--pp", type=int, required=True, help="pipeline ranks (V schedules hold 2 stages per rank)")
-    ps.add_argument("--chunks", type=int, required=True, help="micro-batches per step (dualpipev: >= 2*pp)")
-    ps.add_argument("--f", type=float, default=1.0, help="forward time of one micro-batch on one stage (default 1)")
-    ps.add_argument("--b", type=float, default=1.0, help="input-grad backward time (default 1)")
-    ps.add_argument("--w", type=float, default=1.0, help="weight-grad backward time (default 1; 0 = no split)")
-    ps.add_argument("--fb", type=float, help="time of an overlapped F&B pair (default F+B+W: no overlap gain)")
-    ps.add_argument("--json", action="store_true", help="print the results as JSON")
-    ps.add_argument("--trace", metavar="FILE.json", help="write a Chrome trace of the timelines (one pid per rank)")
-    ps.set_defaults(func=_parallel_simulate)
-
-    qu = sub.add_parser("quantize", help="write a weight-only int8 or fp8 copy of a model for CPU inference")
-    qu.add_argument("run", help="a frugallm run directory or a Hugging Face DeepSeek directory")
-    qu.add_argument("--to", required=True, choices=["int8", "fp8"],
-                    help="int8: per output channel; fp8: e4m3 in 128x128 blocks with weight_scale_inv")
-    qu.add_argument("--out", required=True, help="output directory (written atomically)")
-    qu.add_argument("--layout", choices=["deepseek", "frugallm"],
-                    help="deepseek: a Hugging Face DeepSeek FP8 dir (fp8 only, the fp8 default); "
-                         "frugallm: frugallm's quantized checkpoint (the int8 default)")
-    qu.set_defaults(func=_quantize)
+    parsers, subparsers = {(): parser}, {}
+    for path, help_text, handler, arguments in COMMANDS:
+        parent = path[:-1]
+        if parent not in subparsers:
+            dest, required = SUBCOMMANDS[parent]
+            subparsers[parent] = parsers[parent].add_subparsers(dest=dest, required=required)
+        p = parsers[path] = subparsers[parent].add_parser(path[-1], help=help_text)
+        groups = {}
+        for flags, kwargs in arguments:
+            kwargs = dict(kwargs)
+            exclusive, section = kwargs.pop("exclusive", None), kwargs.pop("section", None)
+            if exclusive and exclusive not in groups:
+                groups[exclusive] = p.add_mutually_exclusive_group()
+            elif section and section not in groups:
+                groups[section] = p.add_argument_group(section)
+            groups.get(exclusive or section, p).add_argument(*flags, **kwargs)
+        if handler is not None:
+            p.set_defaults(func=handler)
     return parser
 
 

@@ -1,6 +1,6 @@
 """Model configuration: one flat dataclass, JSON round-trip, named presets.
 
-Every behaviour is an explicit field (DESIGN.md principle 4): nothing is inferred from a
+Every behaviour is an explicit field (docs/design/configs.md): nothing is inferred from a
 dimension, a file name or the presence of a weight. Unknown keys and inconsistent values
 are errors that name the fields involved.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ class ModelConfig:
     max_seq_len: int = 512
     norm_eps: float = 1e-6
     init_std: float = 0.006  # V2 §3.1.2 / V3 §4.2: std of every learnable matrix
-    # --- mla (REFERENCE §2)
+    # --- mla (DeepSeek-V2 §2.1; docs/design/mla.md)
     n_heads: int = 4
     q_lora_rank: int = 0  # 0 = a single wq projection, no q_norm (V2-Lite)
     kv_lora_rank: int = 64
@@ -44,7 +43,7 @@ class ModelConfig:
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     attn_impl: str = "auto"  # auto = naive for training/prefill, absorbed for cached decode (S == 1)
-    # --- moe (REFERENCE §4)
+    # --- moe (DeepSeek-V3 §2.1.2; docs/design/moe.md)
     n_routed_experts: int = 16  # 0 = a dense model
     n_shared_experts: int = 1
     n_activated_experts: int = 4
@@ -58,10 +57,10 @@ class ModelConfig:
     gate_bias: bool = True  # aux-loss-free selection bias, fp32 buffer, never trained by gradient
     balance_loss_alpha: float = 1e-4  # sequence-wise balance loss (V3 eq. 17); 0 disables
     moe_impl: str = "grouped"  # grouped (sorted tokens, one grouped GEMM) or loop (reference)
-    # --- mtp (REFERENCE §5)
+    # --- mtp (DeepSeek-V3 §2.2; docs/design/mtp.md)
     n_mtp: int = 1  # D sequential MTP modules; 0 disables
     mtp_lambda: float = 0.3  # L_MTP = (lambda / D) * sum_k L_k
-    # --- rope / yarn (REFERENCE §3)
+    # --- rope / yarn (DeepSeek-V2 §3.1.4; docs/design/rope-yarn.md)
     rope_theta: float = 10000.0
     rope_scaling: str = "none"
     rope_factor: float = 1.0
@@ -73,7 +72,7 @@ class ModelConfig:
     # cos/sin multiplier; None = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim),
     # which is 1.0 for every DeepSeek release. Set explicitly only to mirror a foreign config.
     rope_attn_factor: float | None = None
-    # --- hc / mhc (REFERENCE §6, §7; model/hyperconn.py)
+    # --- hc / mhc (docs/design/hyper-connections.md; model/hyperconn.py)
     residual: str = "plain"  # plain pre-norm residual | hc (Hyper-Connections) | mhc (manifold-constrained HC)
     hc_streams: int = 4  # n, the expansion rate: the residual stream is n parallel streams of width dim
     hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations (column then row normalisation each)
@@ -260,160 +259,4 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**d)
 
 
-@dataclass
-class TrainConfig:
-    """Everything about a training run that is not the model. Field names are disjoint from
-    ModelConfig's, so `--set key=value` finds its config by name alone."""
-
-    # --- data
-    data: str = ""  # "" = the built-in corpus (Python stdlib sources); a path, glob, or "hf:NAME"
-    text_field: str = "text"  # JSONL field holding the text
-    val_fraction: float = 0.01
-    seq_len: int = 256
-    batch_size: int = 16
-    grad_accum: int = 1
-    tokenizer: str = ""  # tokenizer.json (or its dir); "" = reuse the run's, or train one on the data
-    tokenizer_train_chars: int = 8_000_000  # text sampled to train a tokenizer
-    # --- optimisation (V3 §4.2: AdamW (0.9, 0.95), wd 0.1, clip 1.0)
-    steps: int = 500  # the run's length; with a time_budget, the most it may plan
-    time_budget: str = ""  # "" = none; "90s", "8m", "1h": plan the steps that fit (trainer.py), capped by steps
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, the V3 style)
-    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays to min_lr
-    weight_decay: float = 0.1  # matrices only; never norms, biases or the gate bias
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    # --- MoE balance and MTP schedules
-    bias_gamma: float = 1e-3  # aux-loss-free bias update speed; 0 = no bias update
-    bias_freeze_tokens: int = 0  # gamma becomes 0 after this many tokens; 0 = never
-    mtp_lambda_late: float = 0.1  # V3: lambda 0.3 for the first ~68% of tokens, then 0.1
-    mtp_lambda_late_from: float = 0.7  # fraction of steps after which mtp_lambda_late applies
-    # --- precision and speed
-    precision: str = "auto"  # auto (host.py measures: bf16 only where clearly faster) | bf16 (autocast,
-    # fp32 master weights) | fp32. A run's train_config.json records the resolved dtype, never "auto".
-    fp8: bool = False  # V3 fine-grained FP8 GEMMs in every Linear and routed expert (kernels/fp8.py)
-    optim_state_dtype: str = "fp32"  # AdamW moments: fp32 (torch's AdamW) | bf16 (fp32 master weights)
-    compile: bool = False
-    threads: int = 0  # 0 = all cores
-    seed: int = 0
-    # --- parallelism (frugallm/parallel/; under torchrun, or `frugallm train --nproc N`): world = ep * pp * dp
-    ep: int = 1  # expert parallelism: the routed experts sharded over ep ranks, which read their own micro-batches
-    pp: int = 1  # pipeline ranks (parallel/pipeline.py); V schedules run 2 stages per rank
-    dp: int = 0  # data parallelism (FSDP2) degree; 0 = world / (ep * pp)
-    pp_schedule: str = "dualpipev"  # dualpipev | 1f1b | zbv
-    fp8_dispatch: bool = False  # EP: send the dispatch payload as FP8 + scales (V3 §3.3.3); changes the numbers
-    overlap: bool = False  # DualPipeV: each overlapped forward & backward pair runs concurrently (parallel/overlap.py)
-    trace_step: int = 0  # record this step's per-rank timeline into run/trace/ (parallel/timeline.py); 0 = none
-    # --- distillation (frugallm/distill/; `frugallm distill`): "" teacher = plain training
-    teacher: str = ""  # a frugallm run or Hugging Face DeepSeek dir with the student's vocabulary (padding allowed)
-    kd_loss: str = "fkl"  # fkl (forward KL) | rkl (reverse KL) | jsd (generalised JSD(kd_beta), TRL's) | tvd
-    kd_beta: float = 0.5  # jsd only: 0 = forward KL, 1 = reverse KL
-    kd_temperature: float = 1.0  # tau: both distributions softened by it
-    kd_weight: float = 0.5  # w in (1 - w) CE + w tau^2 D
-    kd_tau_squared: bool = True  # the tau^2 factor (Hinton): D's gradient scale independent of tau
-    kd_topk: int = 0  # 0: the teacher runs every step (online); k: its top-k log-probs cached once (offline)
-    on_policy: float = 0.0  # fraction of micro-batches whose continuations the student samples (GKD's lmbda)
-    init_from: str = ""  # the student's initial weights: a frugallm run or Hugging Face dir ("" = random init)
-    # --- eval, logging, checkpoints
-    eval_every: int = 100
-    eval_batches: int = 8
-    log_every: int = 10
-    save_every: int = 200
-    keep_last: int = 2
-    skip_nonfinite: bool = False  # skip a step whose loss is NaN/inf instead of stopping
-    sample_tokens: int = 120  # a sample printed at the end; 0 = none
-    sample_prompt: str = "def "
-
-    def __post_init__(self) -> None:
-        errors = check_types(self)
-        if errors:
-            raise ValueError("invalid TrainConfig: " + "; ".join(errors))
-        if self.schedule not in ("cosine", "wsd"):
-            errors.append(f"schedule={self.schedule!r} must be 'cosine' or 'wsd'")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            errors.append(f"precision={self.precision!r} must be 'auto', 'bf16' or 'fp32'")
-        try:
-            duration_seconds(self.time_budget)
-        except ValueError as e:
-            errors.append(str(e))
-        if self.optim_state_dtype not in ("fp32", "bf16"):
-            errors.append(f"optim_state_dtype={self.optim_state_dtype!r} must be 'fp32' or 'bf16'")
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every", "eval_every",
-                     "save_every", "keep_last"):
-            if getattr(self, name) <= 0:
-                errors.append(f"{name}={getattr(self, name)} must be > 0")
-        if not 0 < self.val_fraction < 1:
-            errors.append(f"val_fraction={self.val_fraction} must be in (0, 1)")
-        if not 0 <= self.decay_fraction <= 1 or not 0 <= self.mtp_lambda_late_from <= 1:
-            errors.append("decay_fraction and mtp_lambda_late_from must be in [0, 1]")
-        if self.lr <= 0:
-            errors.append(f"lr={self.lr} must be > 0")
-        if self.kd_loss not in ("fkl", "rkl", "jsd", "tvd"):
-            errors.append(f"kd_loss={self.kd_loss!r} must be 'fkl', 'rkl', 'jsd' or 'tvd'")
-        if not 0 <= self.kd_beta <= 1 or not 0 <= self.kd_weight <= 1 or not 0 <= self.on_policy <= 1:
-            errors.append("kd_beta, kd_weight and on_policy must be in [0, 1]")
-        if self.kd_temperature <= 0 or self.kd_topk < 0:
-            errors.append(f"kd_temperature={self.kd_temperature} must be > 0 and kd_topk={self.kd_topk} >= 0")
-        if not self.teacher and (self.kd_topk or self.on_policy):
-            errors.append("kd_topk and on_policy need a teacher (--teacher DIR / --set teacher=DIR)")
-        if errors:
-            raise ValueError("invalid TrainConfig: " + "; ".join(errors))
-
-    to_dict = ModelConfig.to_dict
-    to_json = ModelConfig.to_json
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        check_keys(cls, d)
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "TrainConfig":
-        return read_config(cls, path)
-
-
-def duration_seconds(text: str) -> float | None:
-    """'90s', '8m', '1.5h' -> seconds; '' -> None (no time budget)."""
-    if text == "":
-        return None
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smh])", str(text))
-    seconds = float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]] if match else 0.0
-    if seconds <= 0:
-        raise ValueError(f"time_budget={text!r} must be a positive number followed by s, m or h "
-                         f"(e.g. '90s', '8m', '1.5h'), or '' for no time budget")
-    return seconds
-
-
-def apply_overrides(model: ModelConfig, train: TrainConfig, pairs: list[str]) -> tuple[ModelConfig, TrainConfig]:
-    """Apply `key=value` strings to whichever config owns `key`; values parse as JSON, else as text."""
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    train_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    model_changes, train_changes = {}, {}
-    for pair in pairs:
-        key, eq, raw = pair.partition("=")
-        if not eq:
-            raise ValueError(f"--set {pair!r} must look like key=value")
-        if key not in fields and key not in train_fields:
-            raise ValueError(f"unknown config key {key!r}; valid keys are: model: {', '.join(fields)}; "
-                             f"train: {', '.join(train_fields)}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        current = getattr(model if key in fields else train, key)
-        if isinstance(current, bool) and not isinstance(value, bool):
-            raise ValueError(f"--set {key}={raw}: expected true or false")
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(current, str) and not isinstance(value, str):
-            value = raw
-        (model_changes if key in fields else train_changes)[key] = value
-    return model.replace(**model_changes), dataclasses.replace(train, **train_changes)
-
-
-__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "get_preset", "apply_overrides", "check_keys", "yarn_mscale",
-           "duration_seconds"]
+__all__ = ["ModelConfig", "PRESETS", "get_preset", "check_keys", "check_types", "read_config", "yarn_mscale"]

@@ -36,7 +36,7 @@ from .kernels import compiled as compiled_decode
 from .kernels import prepack as prepacking
 from .kernels.fp8 import convert_to_fp8
 from .kernels.quantize import weight_bytes
-from .kernels.swap import converted
+from .kernels.swap import converted, kernels_in_use
 
 # train: fp32 master weights, bf16 by autocast; inference: generate / chat / serve (weights cast);
 # prefill: a distillation teacher's logits (weights cast); eval: validation loss (autocast over fp32 weights)
@@ -58,6 +58,11 @@ class Plan:
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def precision(self) -> str:
+        """The dtype's short name (fp32, bf16): what a run's train_config.json and metrics record."""
+        return DtypeChoice(self.dtype, self.reasons[0]).name
 
     def autocast_context(self):
         """A context for the forward passes: bf16 autocast where the plan says so, else nothing."""
@@ -121,9 +126,11 @@ def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", c
                 speculative=speculative)
 
 
-def apply(model: nn.Module, plan: Plan, world=None) -> Applied:
+def apply(model: nn.Module, plan: Plan, world=None, before_compile=None) -> Applied:
     """Apply `plan` to `model` in place, in the documented order: dtype, numerics, parallelism,
-    prepacking, compile. world: a parallel runtime (parallel/runtime.py) for training, else None."""
+    prepacking, compile. world: a parallel runtime (parallel/runtime.py) for training, else None.
+    before_compile(model): called once the model's kernels are chosen and before any compile (a
+    compiled decode swaps its linears, so what runs eagerly is reported there)."""
     swapped: list[str] = []
     if plan.cast:
         model.to(plan.dtype)
@@ -134,6 +141,8 @@ def apply(model: nn.Module, plan: Plan, world=None) -> Applied:
     if plan.prepack and not converted(model):
         swapped += prepacking.prepack(model)
     forward, decoder = model, None
+    if before_compile is not None:
+        before_compile(model)
     if plan.compile and plan.purpose == "train":
         forward = torch.compile(model)
     elif plan.compile:
@@ -157,10 +166,14 @@ def inference_dtype(dtype="auto") -> DtypeChoice:
 
 
 def prepare_inference(path, dtype="auto", *, prepack: bool = True, compile: bool = False,
-                      speculative: bool = False) -> tuple[Applied, Plan]:
-    """Open `path` and apply the inference plan: what generate, chat and serve run."""
+                      speculative: bool = False, log=None, before_compile=None) -> tuple[Applied, Plan]:
+    """Open `path` and apply the inference plan: what generate, chat and serve run.
+    log(line): told the dtype's reason before the weights are read, then `matmul kernels: ...` once
+    they are chosen; before_compile(): called after that line when the decode step is to compile."""
+    log = log or (lambda line: None)
     explicit = dtype not in (None, "auto")
     choice = inference_dtype(dtype)
+    log(choice.reason)
     # an explicit dtype reads (and dequantizes) the weights into it; auto keeps quantized codes
     model = load(path, dtype=choice.dtype, quantized=False) if explicit else load(path)
     quantized = not explicit and bool(weight_bytes(model)["quantized_params"])
@@ -168,7 +181,22 @@ def prepare_inference(path, dtype="auto", *, prepack: bool = True, compile: bool
                    speculative=speculative)
     if explicit:
         plan = dataclasses.replace(plan, cast=False)  # already read in that dtype
-    return apply(model, plan), plan
+
+    def chosen(model):
+        log(f"matmul kernels: {kernels_in_use(model)}")
+        if plan.compile and before_compile is not None:
+            before_compile()
+
+    return apply(model, plan, before_compile=chosen), plan
+
+
+def explain(purpose: str, path=None, **flags) -> Plan:
+    """The plan `purpose` would get here (`frugallm info --plan`); with `path`, for that model: an
+    inference plan keeps quantized weight codes unless an explicit dtype dequantizes them."""
+    explicit = flags.get("dtype", "auto") not in (None, "auto")
+    quantized = bool(path) and purpose == "inference" and not explicit and \
+        bool(weight_bytes(load(path))["quantized_params"])
+    return resolve(purpose, quantized=quantized, **flags)
 
 
 def load_for_inference(path, dtype="auto", prepack: bool = True):

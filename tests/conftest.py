@@ -47,7 +47,8 @@ def word_corpus(folder, vocabulary: str, docs: int, words_per_doc: int):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One tiny trained run per session (2 layers, dim 32, a 300-token BPE, 20 steps, 2048 context)."""
-    from frugallm.config import TrainConfig, apply_overrides, get_preset
+    from frugallm.config import get_preset
+    from frugallm.train.config import TrainConfig, apply_overrides
     from frugallm.train.trainer import train
 
     root = tmp_path_factory.mktemp("serve")

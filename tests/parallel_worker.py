@@ -14,7 +14,8 @@ import os
 
 import torch
 
-from frugallm.config import TrainConfig, get_preset
+from frugallm.config import get_preset
+from frugallm.train.config import TrainConfig
 from frugallm.model.transformer import Transformer
 from frugallm.parallel.layout import resolve
 from frugallm.parallel.runtime import Distributed, Local

@@ -65,3 +65,40 @@ def test_generate_compiled(tiny_run, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("the cat") and "compiling the decode step" in captured.err
     assert "decode" in captured.err and "tokens/s" in captured.err
+
+
+def test_info_plan_follows_the_host(tiny_run, tmp_path, capsys, monkeypatch):
+    from frugallm.host import host_profile
+
+    plans = {}
+    for host in ("no-bf16", "bf16"):  # the plan of a host of each kind, on any machine (host.py FRUGALLM_HOST)
+        monkeypatch.setenv("FRUGALLM_HOST", host)
+        assert main(["info", "--plan"]) == 0
+        plans[host] = capsys.readouterr().out
+        assert main(["info", "--plan", "--purpose", "train"]) == 0
+        plans[host, "train"] = capsys.readouterr().out
+    no_bf16, bf16 = plans["no-bf16"], plans["bf16"]
+    assert no_bf16.startswith("inference: float32 + cast\n") and "inference dtype auto -> fp32" in no_bf16
+    assert "prepack" not in no_bf16  # fp32 weights: nothing to pack
+    assert bf16.startswith("inference: bfloat16 + cast") and "inference dtype auto -> bf16" in bf16
+    if host_profile().bf16_prepack:  # the forced bf16 host packs where this machine's oneDNN does
+        assert bf16.startswith("inference: bfloat16 + cast + prepack\n") and "prepack: bf16 weights packed" in bf16
+    else:
+        assert "no prepack: this host's oneDNN does not pack bf16 weights" in bf16
+    assert plans["no-bf16", "train"].startswith("train: float32\n")
+    assert plans["bf16", "train"].startswith("train: bfloat16 + autocast\n") and "fp32 master weights" in plans[
+        "bf16", "train"]
+    # the flags: no prepacking, a compiled decode (which packs its own weights), fp8 only for training
+    assert main(["info", "--plan", "--no-prepack"]) == 0
+    assert capsys.readouterr().out.startswith("inference: bfloat16 + cast\n")
+    assert main(["info", "--plan", "--compile"]) == 0
+    assert capsys.readouterr().out.startswith("inference: bfloat16 + cast + compile\n")
+    assert main(["info", "--plan", "--fp8"]) == 2 and "fp8 is a training plan" in capsys.readouterr().err
+    # a RUN: plain weights plan as above; a quantized export keeps its codes, and cannot be compiled
+    assert main(["info", "--plan", str(tiny_run)]) == 0 and "quantized" not in capsys.readouterr().out
+    assert main(["quantize", str(tiny_run), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    assert main(["info", "--plan", str(tmp_path / "q")]) == 0
+    assert "quantized weights kept as codes" in capsys.readouterr().out
+    assert main(["info", "--plan", str(tmp_path / "q"), "--compile"]) == 2
+    assert "holds quantized weight codes" in capsys.readouterr().err

@@ -41,7 +41,7 @@ def test_preset_lookup_is_exact():
 def test_parameter_counts():
     v3 = count_params(get_preset("v3"))
     assert v3["total"] == 671_026_419_200  # gate biases included, MTP excluded
-    assert v3["active"] == 37_552_297_472  # embedding + head counted (REFERENCE §1.2)
+    assert v3["active"] == 37_552_297_472  # embedding + head counted (docs/design/configs.md)
     assert abs(v3["active"] - 37.5e9) / 37.5e9 < 0.01
     assert v3["mtp"] == 11_610_068_224
     lite = count_params(get_preset("v2-lite"))

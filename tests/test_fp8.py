@@ -1,4 +1,4 @@
-"""Fine-grained FP8 (REFERENCE §8): quantiser golden values, ragged / zero / saturating groups,
+"""Fine-grained FP8 (V3 §3.3; docs/design/fp8.md): quantiser golden values, ragged / zero / saturating groups,
 the outlier test that proves the fine-grained path is on, Fp8Linear against fp64, the converter's
 filter, and a tiny model training with FP8 on."""
 
@@ -123,7 +123,7 @@ def test_ragged_round_trip_shapes_and_error():
         q, s = weight_quant(w)
         assert s.shape == (-(-shape[0] // 128), -(-shape[1] // 128))
         assert (weight_dequant(q, s) - w).norm() / w.norm() < 0.04
-    # REFERENCE §8.5: round trip of Gaussian data ~ 0.026 for both granularities
+    # docs/design/fp8.md: round trip of Gaussian data ~ 0.026 for both granularities
     x = torch.randn(256, 4096)
     assert abs((act_dequant(*act_quant(x)) - x).norm() / x.norm() - 0.0257) < 0.002
     assert abs((weight_dequant(*weight_quant(x)) - x).norm() / x.norm() - 0.0264) < 0.002
@@ -144,7 +144,7 @@ def _tensorwise(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("mag", [1e5, 1e6])
 def test_outlier_rows_stay_accurate_blockwise_not_tensorwise(mag):
-    """REFERENCE §8.5: a 4x4 block of huge activations ruins per-tensor scaling for every row,
+    """docs/design/fp8.md: a 4x4 block of huge activations ruins per-tensor scaling for every row,
     while 1x128 tiles confine the damage to the rows (and tiles) that hold the outliers."""
     g = torch.Generator().manual_seed(0)
     M, K, N = 256, 4096, 256
@@ -381,7 +381,8 @@ def test_trainer_fp8_bf16_moments_resume_and_plain_checkpoint(tmp_path, corpus):
     import json
 
     import frugallm
-    from frugallm.config import TrainConfig, apply_overrides, get_preset
+    from frugallm.config import get_preset
+    from frugallm.train.config import TrainConfig, apply_overrides
     from frugallm.kernels.fp8 import Fp8Linear
     from frugallm.formats import checkpoint
     from frugallm.train.trainer import train

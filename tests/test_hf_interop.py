@@ -14,7 +14,7 @@ from frugallm.formats.hf import hf_key
 from conftest import tiny_config
 
 # YaRN with mscale == mscale_all_dim and max_position = factor * original: every transformers
-# version agrees with the reference semantics there (REFERENCE §3.3).
+# version agrees with the reference semantics there (docs/design/rope-yarn.md).
 COMMON = dict(
     vocab_size=101, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
     first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,

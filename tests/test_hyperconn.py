@@ -1,4 +1,4 @@
-"""HC / mHC (REFERENCE §6-7): Sinkhorn against its golden values and its autograd twin, the
+"""HC / mHC (docs/design/hyper-connections.md): Sinkhorn against its golden values and its autograd twin, the
 n = 1 oracles (plain pre-norm), shapes, gradient flow, the composite gain, interop and memory."""
 
 import json
@@ -29,7 +29,7 @@ def _loss(model, ids):
 # --- Sinkhorn ---------------------------------------------------------------------------------
 
 def test_sinkhorn_golden_values():
-    """REFERENCE §7.7 / §18: Sinkhorn(0) = 1/n; Sinkhorn(I, n = 4) = e/(e+3) on the diagonal."""
+    """mHC eq. 9 (docs/design/hyper-connections.md): Sinkhorn(0) = 1/n; Sinkhorn(I, n = 4) = e/(e+3) on the diagonal."""
     for n in (1, 3, 4):
         assert torch.allclose(sinkhorn(torch.zeros(n, n, dtype=torch.float64), 20),
                               torch.full((n, n), 1 / n, dtype=torch.float64), atol=1e-15)
@@ -121,7 +121,7 @@ def test_mhc_coefficient_ranges():
 
 
 def test_parameter_counts_match_the_papers():
-    """REFERENCE §7.1 / §6.2 / §18: mHC n = 4, C = 1280: 122,880 + 24 + 3 per sub-layer; HC on
+    """docs/design/hyper-connections.md: mHC n = 4, C = 1280: 122,880 + 24 + 3 per sub-layer; HC on
     OLMo-1B (d = 2048, 16 blocks, n = 4): static 768, dynamic 394,048."""
     with torch.device("meta"):
         mhc = ManifoldHyperConnection(tiny_config(residual="mhc", dim=1280), k=0)
@@ -162,7 +162,7 @@ def test_hc_model_at_init_is_the_plain_model(n):
 
 def test_mhc_with_one_stream_is_the_plain_block_within_rmsnorm_eps():
     """n = 1: H_res = 1, H_post = 2 sigmoid(0) = 1, H_pre = sigmoid(1): x + F(RMSNorm(0.73 x)), the
-    plain block up to RMSNorm's eps (alpha = 0 removes the dynamic part; REFERENCE §7.7)."""
+    plain block up to RMSNorm's eps (alpha = 0 removes the dynamic part; docs/design/hyper-connections.md)."""
     plain, mhc = _blocks("mhc", 1, hc_alpha_init=0.0)
     x = torch.randn(2, 11, 64)
     cos, sin = torch.randn(11, 4), torch.randn(11, 4)
@@ -211,7 +211,7 @@ def _one_step_then_backward(model):
 
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_every_mhc_parameter_has_a_gradient_after_one_step(dynamic):
-    """phi, alpha, b_pre, b_post, b_res, each part separately (REFERENCE §7.7 #4). At step 0 the
+    """phi, alpha, b_pre, b_post, b_res, each part separately (docs/design/hyper-connections.md). At step 0 the
     streams are equal copies, so no H_res can matter yet; one step makes them differ.
 
     Some coefficients are inert by construction, so their parts get only rounding-level (res) or

@@ -18,7 +18,7 @@ import frugallm
 from frugallm import Transformer, io
 from frugallm.formats import hf as convert
 from frugallm.cli import main
-from frugallm.config import TrainConfig
+from frugallm.train.config import TrainConfig
 from frugallm.export import quantize_checkpoint
 from frugallm.tokenizer import train_tokenizer
 from frugallm.formats import checkpoint

@@ -1,4 +1,4 @@
-"""Architecture rules of DESIGN.md that a test can hold: file size, and what model/ may import."""
+"""Architecture rules of docs/architecture.md that a test can hold: file size, and what model/ may import."""
 
 import ast
 from pathlib import Path

@@ -76,7 +76,7 @@ def test_zero_modules_disable_mtp():
 
 
 def test_eh_proj_takes_embedding_first():
-    """The released V3 eh_proj expects cat[enorm(emb), hnorm(h)] (REFERENCE §5.2)."""
+    """The released V3 eh_proj expects cat[enorm(emb), hnorm(h)] (docs/design/mtp.md)."""
     cfg = tiny_config(n_dense_layers=3, n_layers=3)
     module = Transformer(cfg).mtp[0]
     with torch.no_grad():

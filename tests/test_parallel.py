@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from frugallm.config import TrainConfig, get_preset
+from frugallm.config import get_preset
+from frugallm.train.config import TrainConfig
 from frugallm.parallel.layout import LayoutError, resolve, torchrun_command
 from frugallm.parallel.runtime import Local
 

@@ -310,10 +310,10 @@ def test_engine_budget_queue_and_cancel(tiny_run):
             waiting = [engine.submit(Job(prompt, 20, temperature=0.0)) for _ in range(2)]  # slots free, budget not
             with pytest.raises(QueueFull):
                 engine.submit(Job(prompt, 20))
-            load = engine.load()
-            assert (load["active"], load["queued"], load["cache_tokens_reserved"]) == (2, 2, 2 * (len(prompt) + 300))
+            stats = engine.queue_stats()
+            assert (stats["active"], stats["queued"], stats["cache_tokens_reserved"]) == (2, 2, 2 * (len(prompt) + 300))
             engine.cancel(waiting[1])  # queued: leaves the queue now
-            assert engine.load()["queued"] == 1
+            assert engine.queue_stats()["queued"] == 1
             for job in long:
                 engine.cancel(job)  # running: closed at the top of the next round
             event = await waiting[0].queue.get()
@@ -321,7 +321,7 @@ def test_engine_budget_queue_and_cancel(tiny_run):
                 event = await waiting[0].queue.get()
             assert event[0] == "done" and event[2]["completion_tokens"] <= 20
             await asyncio.sleep(0.05)
-            assert engine.load()["cache_tokens_reserved"] == 0
+            assert engine.queue_stats()["cache_tokens_reserved"] == 0
         finally:
             engine.close()
 

@@ -11,7 +11,7 @@ from conftest import tiny_config
 from test_tokenizer import HF_SPECIALS, hf_tokenizer_dir
 
 from frugallm import Transformer
-from frugallm.distill import generate as gen
+from frugallm.distill import sequences as gen
 from frugallm.tokenizer import load_tokenizer, train_tokenizer
 from frugallm.train import data
 

@@ -1,7 +1,7 @@
 """Training precision `auto` (resolved once from the host profile, recorded in the run) and the time
 budget (steps planned from measured throughput; the LR schedule ends at the plan; resume repeats it).
 
-The budget's clock is replaced by a counter (budget._clock), so every plan here is deterministic."""
+The budget's clock is replaced by a counter (time_budget._clock), so every plan here is deterministic."""
 
 import itertools
 import json
@@ -12,10 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from frugallm.cli import main
-from frugallm.config import TrainConfig, apply_overrides, duration_seconds, get_preset
+from frugallm.config import get_preset
+from frugallm.train.config import TrainConfig, apply_overrides, duration_seconds
 from frugallm.formats import checkpoint
-from frugallm.train import budget, trainer
-from frugallm.train.budget import plan_steps
+from frugallm.model.transformer import Transformer
+from frugallm.train import time_budget, trainer
+from frugallm.train.time_budget import plan_steps
 from frugallm.train.trainer import RunResult
 
 SMALL = ["dim=64", "n_layers=2", "n_heads=2", "q_lora_rank=0", "kv_lora_rank=32", "qk_nope_head_dim=16",
@@ -117,7 +119,7 @@ def test_plan_steps():
 
 def _counter_clock(monkeypatch):
     """Every read of the budget's clock advances it by one second: a timed step takes 1 s exactly."""
-    monkeypatch.setattr(budget, "_clock", itertools.count().__next__)
+    monkeypatch.setattr(time_budget, "_clock", itertools.count().__next__)
 
 
 def test_budgeted_run_plans_its_steps_and_resumes_bit_identically(tmp_path, corpus, monkeypatch):
@@ -139,7 +141,7 @@ def test_budgeted_run_plans_its_steps_and_resumes_bit_identically(tmp_path, corp
     assert checkpoint.latest(full).name == f"step_{planned:07d}"
 
     # the same run, Ctrl-C at step 8 (after the plan), then resumed with a fresh clock: no second plan
-    real_forward, calls = trainer.Transformer.forward, {"n": 0}
+    real_forward, calls = Transformer.forward, {"n": 0}
 
     def interrupt_at_8(self, *args, **kwargs):
         if self.training:
@@ -148,11 +150,11 @@ def test_budgeted_run_plans_its_steps_and_resumes_bit_identically(tmp_path, corp
                 signal.raise_signal(signal.SIGINT)  # the trainer's handler: finish the step, save, stop
         return real_forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(trainer.Transformer, "forward", interrupt_at_8)
+    monkeypatch.setattr(Transformer, "forward", interrupt_at_8)
     _counter_clock(monkeypatch)
     assert trainer.train(model_cfg, train_cfg, cut, log=lambda s: None).interrupted
     assert checkpoint.latest(cut).name == "step_0000008"
-    monkeypatch.setattr(trainer.Transformer, "forward", real_forward)
+    monkeypatch.setattr(Transformer, "forward", real_forward)
     _counter_clock(monkeypatch)
     logs = []
     trainer.train(model_cfg, train_cfg, cut, resume=True, log=logs.append)
@@ -167,7 +169,7 @@ def test_budgeted_run_plans_its_steps_and_resumes_bit_identically(tmp_path, corp
 
 def test_slow_steps_plan_before_the_measuring_overruns_the_budget(tmp_path, corpus, monkeypatch):
     model_cfg, train_cfg = _configs(corpus, "steps=60", "time_budget=25s", "precision=fp32")
-    monkeypatch.setattr(budget, "_clock", itertools.count(0, 10).__next__)  # a step takes 10 s
+    monkeypatch.setattr(time_budget, "_clock", itertools.count(0, 10).__next__)  # a step takes 10 s
     logs = []
     trainer.train(model_cfg, train_cfg, tmp_path / "run", log=logs.append)
     # after step 2 (the first timed one), 20 s are spent and step 3 would end past 25 s: plan now

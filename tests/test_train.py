@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from frugallm.cli import main
-from frugallm.config import TrainConfig, apply_overrides, get_preset
+from frugallm.config import get_preset
+from frugallm.train.config import TrainConfig, apply_overrides
 from frugallm.formats import checkpoint
+from frugallm.model.transformer import Transformer
 from frugallm.train import data
 from frugallm.train.optim import build_optimizer, lr_at
 
@@ -193,7 +195,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, corpus, monke
 def test_non_finite_loss_stops_or_skips(tmp_path, corpus, monkeypatch):
     from frugallm.train import trainer
 
-    real_forward, calls = trainer.Transformer.forward, {"n": 0}
+    real_forward, calls = Transformer.forward, {"n": 0}
 
     def poisoned(self, *args, **kwargs):
         out = real_forward(self, *args, **kwargs)
@@ -202,7 +204,7 @@ def test_non_finite_loss_stops_or_skips(tmp_path, corpus, monkeypatch):
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(trainer.Transformer, "forward", poisoned)
+    monkeypatch.setattr(Transformer, "forward", poisoned)
     model_cfg, train_cfg = apply_overrides(get_preset("tiny"), TrainConfig(data=str(corpus)),
                                            SMALL + ["save_every=2", "steps=10", "eval_every=100"])
     with pytest.raises(trainer.NonFiniteLoss, match="non-finite loss nan at step 7.*step_0000006"):

@@ -4,7 +4,7 @@
     teacher.py   match_vocab (same token -> id map, padding rows sliced off) and Teacher (frozen, fp32 logits)
     offline.py   the teacher's top-k log-probs over the training windows, computed once, memory-mapped
     objective.py what the trainer calls when TrainConfig.teacher is set: online / offline / on-policy
-    generate.py  sequence-level KD: the teacher samples prompts into SFT records (`frugallm distill generate`)
+    sequences.py sequence-level KD: the teacher samples prompts into SFT records (`frugallm distill generate`)
 
 Sequence-level KD (the teacher writes text, the student is fine-tuned on it; train/data.py puts the loss
 on completions only) works across tokenizers, and is what a teacher with another vocabulary must use.

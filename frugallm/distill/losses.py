@@ -88,7 +88,8 @@ class TopK:
 
 # --- numerics that stay finite (and keep finite gradients) around zero probabilities --------------
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def _at_least_fp32(x: torch.Tensor) -> torch.dtype:
+    """The dtype the divergences and losses compute in: fp32, or x's own if wider."""
     return torch.promote_types(x.dtype, torch.float32)  # bf16 -> fp32; fp64 (tests) stays fp64
 
 
@@ -153,7 +154,7 @@ def _check(kind: str, beta: float, temperature: float) -> None:
 def _topk_pair(student_logits: torch.Tensor, teacher: TopK, temperature: float):
     """(log p, log q) over the k ids + the rest bucket (see the module header), each (N, k + 1), or
     (N, k) when k = V (no bucket)."""
-    dtype = _compute_dtype(student_logits)
+    dtype = _at_least_fp32(student_logits)
     ids = teacher.ids.long()  # (N, k)
     z = student_logits.to(dtype) / temperature  # (N, V)
     lse = safe_logsumexp(z)  # (N,) over the FULL vocabulary
@@ -193,16 +194,7 @@ def kd_divergence(student_logits: torch.Tensor, teacher: torch.Tensor | TopK, ki
                              f"{tuple(student_logits.shape)}; slice a padded teacher vocabulary to the student's "
                              f"(distill.teacher.match_vocab)")
         # closed-form gradients in cache-sized blocks (fused.py): ~5x faster than autograd through `divergence`
-        return dense_divergence(student_logits, teacher, kind, beta, temperature, _compute_dtype(student_logits))
-    return divergence(log_p, log_q, kind, beta)
-
-
-def kd_divergence_reference(student_logits: torch.Tensor, teacher: torch.Tensor, kind: str = "fkl",
-                            beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
-    """The dense divergence through autograd over `divergence`: the reference twin of fused.py's fast path."""
-    dtype = _compute_dtype(student_logits)
-    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # (N, V)
-    log_p = F.log_softmax(teacher.detach().to(dtype) / temperature, dim=-1)  # (N, V), no gradient
+        return dense_divergence(student_logits, teacher, kind, beta, temperature, _at_least_fp32(student_logits))
     return divergence(log_p, log_q, kind, beta)
 
 
@@ -250,7 +242,7 @@ def distill_loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher: t
         denom = denom.to(torch.float64).item()
     denom = max(float(denom), 1.0)  # an all-masked batch contributes 0, not NaN
 
-    dtype = _compute_dtype(logits)
+    dtype = _at_least_fp32(logits)
     if ce_sum is None:
         with torch.set_grad_enabled(torch.is_grad_enabled() and kd_weight < 1):  # w = 1: a metric only
             ce = F.cross_entropy(logits.to(dtype), tgt, reduction="sum")  # hard labels at τ = 1

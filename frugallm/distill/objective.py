@@ -28,14 +28,15 @@ from typing import Callable
 
 import torch
 
-from ..config import TrainConfig
+from .config import DistillConfig
 from .losses import distill_loss
 from .offline import build_topk_cache
 from .teacher import Teacher
 
 
 class Distillation:
-    def __init__(self, cfg: TrainConfig, tokenizer, student_vocab_size: int, splits, log: Callable[[str], None]):
+    def __init__(self, cfg: DistillConfig, tokenizer, student_vocab_size: int, splits, log: Callable[[str], None]):
+        # cfg: the run's TrainConfig (train/config.py), read for its DistillConfig fields and its seed and seq_len
         self.cfg = cfg
         self.teacher = Teacher.load(cfg.teacher, tokenizer, student_vocab_size)
         log(f"teacher {cfg.teacher}: {self.teacher!r}; {self.teacher.dtype_reason}")

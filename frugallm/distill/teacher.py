@@ -107,21 +107,21 @@ class Teacher:
 
     model: a frugallm Transformer (e.g. `frugallm.load(path)`), cast to the host's prefill dtype.
     keep: the logit columns to keep (match_vocab's answer; None: all). dtype: "auto", a name or a
-    torch.dtype (host.choose_dtype). source_hash: a hash of the weights when already known (a
-    checkpoint manifest); by default they are hashed here."""
+    torch.dtype (plan.resolve("prefill"): host.choose_dtype's rule). source_hash: a hash of the
+    weights when already known (a checkpoint manifest); by default they are hashed here."""
 
     def __init__(self, model: torch.nn.Module, *, keep: int | None = None, dtype="auto",
                  source_hash: str | None = None):
-        from ..host import choose_dtype
+        from ..plan import apply, resolve
 
-        choice = choose_dtype("prefill", dtype)
+        plan = resolve("prefill", dtype=dtype)  # the weights cast to the host's prefill dtype
         base = source_hash or weights_hash(model)  # before the cast: the weights as stored
-        self.model = model.to(choice.dtype).eval().requires_grad_(False)
-        self.dtype, self.dtype_reason = choice.dtype, choice.reason
+        self.model = apply(model, plan).model.eval().requires_grad_(False)
+        self.dtype, self.dtype_reason = plan.dtype, plan.reasons[0]
         self.keep = keep
         self.vocab_size = keep if keep is not None else model.config.vocab_size  # V_student: the logits' width
         # the cache key: the same weights run in bf16 give other top-k log-probs than in fp32
-        self.hash = hashlib.sha256(f"{base}|{choice.name}|{self.vocab_size}".encode()).hexdigest()[:16]
+        self.hash = hashlib.sha256(f"{base}|{plan.precision}|{self.vocab_size}".encode()).hexdigest()[:16]
 
     @classmethod
     def load(cls, path: str | Path, student_tokenizer, student_vocab_size: int | None = None,

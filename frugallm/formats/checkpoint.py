@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import io
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig
 from ..model.moe import upgrade_expert_name
 from ..tokenizer import TOKENIZER
 
@@ -78,13 +78,14 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: 
 
 
 def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
-         tokenizer_json: str, model_cfg: ModelConfig, train_cfg: TrainConfig, keep_last: int, full=_same,
+         tokenizer_json: str, model_cfg: ModelConfig, train_cfg, keep_last: int, full=_same,
          write: bool = True) -> Path:
     """Atomically write checkpoint `step`, then delete all but the newest `keep_last`.
 
     Sharded runs (parallel/runtime.py) call this on every rank: full(name, tensor) gathers each
     tensor whole (a collective), and only the rank with write=True writes. So a checkpoint is the
-    same files whatever the world size, and loads on any other."""
+    same files whatever the world size, and loads on any other. train_cfg: the run's TrainConfig
+    (train/config.py; formats/ sits below train/, so it is only asked for its to_json)."""
     final = Path(run_dir) / CHECKPOINTS / f"{PREFIX}{step:07d}"
     state = {k: full(k, v).contiguous() for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = optimizer_tensors(model, optimizer, full)

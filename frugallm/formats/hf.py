@@ -1,11 +1,11 @@
-"""Hugging Face DeepSeek-V2/V3 <-> frugallm: one key table, both directions (REFERENCE §12).
+"""Hugging Face DeepSeek-V2/V3 <-> frugallm: one key table, both directions (docs/design/hf-interop.md).
 
 frugallm stores the routed experts of a layer stacked, `layers.L.ffn.experts.w1` (E, I, d); HF stores
 them one tensor per expert, `model.layers.L.mlp.experts.E.gate_proj.weight`. The MTP module k is
-HF layer `num_hidden_layers + k` (REFERENCE §5.2): its block uses the ordinary layer keys, plus
+HF layer `num_hidden_layers + k` (V3 §2.2; docs/design/mtp.md): its block uses the ordinary layer keys, plus
 enorm / hnorm / eh_proj / shared_head.norm, and physical copies of the embedding and head.
 
-FP8 (REFERENCE §8.3): a quantized weight NAME holds e4m3 codes and NAME_scale_inv its fp32 block
+FP8 (V3 §3.3; docs/design/hf-interop.md): a quantized weight NAME holds e4m3 codes and NAME_scale_inv its fp32 block
 scales, in frugallm's state dict (kernels/quantize.py) as in DeepSeek's checkpoints, so one key
 rule maps both. from_hf keeps the codes (quantized=True) or dequantizes them per block.
 """

@@ -4,7 +4,7 @@ Two layouts, both holding kernels/quantize.py's state dict (codes under the weig
 fp32 NAME_scale_inv beside it):
 
 layout="deepseek" (fp8 only; the default for fp8): a Hugging Face DeepSeek-V2/V3 directory as
-    DeepSeek ships V3 (REFERENCE §8.3), written by convert.to_hf: e4m3 `X.weight`, fp32
+    DeepSeek ships V3 (docs/design/quantization.md), written by convert.to_hf: e4m3 `X.weight`, fp32
     `X.weight_scale_inv` (ceil(out/128), ceil(in/128)), quantization_config in config.json, the
     other tensors in `dtype`. HC/mHC models have no HF form: use layout="frugallm" for them.
 layout="frugallm" (the default for int8; any model): a frugallm checkpoint directory,

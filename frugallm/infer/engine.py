@@ -155,7 +155,7 @@ class Engine:
                 self._pending.remove(job)
             self._wake.notify()
 
-    def load(self) -> dict:
+    def queue_stats(self) -> dict:
         with self._wake:
             return {"active": len(self._active), "queued": len(self._pending), "slots": self.slots,
                     "max_queue": self.max_queue, "cache_tokens_reserved": self._reserved(self._active),

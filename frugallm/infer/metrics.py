@@ -30,8 +30,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 class Metrics:
-    def __init__(self, load, window: float = 10.0):
-        """load: a callable giving the engine's load dict (engine.py Engine.load), read at scrape time."""
+    def __init__(self, queue_stats, window: float = 10.0):
+        """queue_stats: a callable giving the engine's queue statistics (engine.py Engine.queue_stats), read at
+        scrape time."""
         self.registry = r = CollectorRegistry()
         self.window = window
         self.requests = Counter("frugallm_requests", "HTTP requests answered", ["route", "status"], registry=r)
@@ -46,12 +47,13 @@ class Metrics:
                              buckets=LATENCY_BUCKETS, registry=r)}
         self._recent = {k: collections.deque() for k in ("prefill", "decode")}  # (time, tokens)
         self._lock = threading.Lock()
-        gauges = {"queue_depth": ("requests waiting", lambda: load()["queued"]),
-                  "running_requests": ("requests running", lambda: load()["active"]),
-                  "cache_tokens_reserved": ("KV-cache tokens held", lambda: load()["cache_tokens_reserved"]),
-                  "cache_tokens_budget": ("KV-cache budget in tokens", lambda: load()["max_cache_tokens"]),
+        gauges = {"queue_depth": ("requests waiting", lambda: queue_stats()["queued"]),
+                  "running_requests": ("requests running", lambda: queue_stats()["active"]),
+                  "cache_tokens_reserved": ("KV-cache tokens held", lambda: queue_stats()["cache_tokens_reserved"]),
+                  "cache_tokens_budget": ("KV-cache budget in tokens", lambda: queue_stats()["max_cache_tokens"]),
                   "cache_usage_ratio": ("reserved / budget",
-                                        lambda: load()["cache_tokens_reserved"] / load()["max_cache_tokens"]),
+                                        lambda: queue_stats()["cache_tokens_reserved"]
+                                        / queue_stats()["max_cache_tokens"]),
                   "prefill_tokens_per_second": ("prompt tokens per second, recent", lambda: self.rate("prefill")),
                   "decode_tokens_per_second": ("generated tokens per second, recent", lambda: self.rate("decode"))}
         for name, (doc, read) in gauges.items():

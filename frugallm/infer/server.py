@@ -27,7 +27,7 @@ Limits, each a `serve` argument (CLI: --max-cache-tokens, --max-queue, --request
 so that load or a hostile client degrades service instead of taking the host down:
 - max_cache_tokens: the KV-cache budget of all requests together, in tokens. A request reserves len(prompt) +
   max_tokens of it while it runs and waits in the queue until that fits; one that never can gets a 400 naming
-  the limit. Default: half the memory available once the model is loaded, over `bytes_per_token` (budget.py),
+  the limit. Default: half the memory available once the model is loaded, over `bytes_per_token` (memory.py),
   at most `slots` full contexts.
 - max_queue (64): requests waiting for a slot or for budget; one more gets 429 with `Retry-After: 1`.
 - request_timeout (600 s): from arrival to the last token, queueing included. Past it the request is cancelled
@@ -66,15 +66,14 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .budget import bytes_per_token, default_cache_tokens, memory_budget, rss
 from .engine import Engine, Job, QueueFull
 from .jobs import Limits, jobs_for
+from .memory import bytes_per_token, default_cache_tokens, memory_budget, rss
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .protocol import (MAX_LOGPROBS, APIError, ChatRequest, CompletionRequest, Guard, Sampling, add_request_schemas,
                        body_schema, chat_logprobs, completion_logprobs, failure, parse, reply, sse_event,
                        total_usage)
 
-log = logging.getLogger("frugallm.server")
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 
 
@@ -101,7 +100,7 @@ class Server:
         self.created = int(time.time())
         self.limits = Limits(self.context, self.max_cache_tokens, model.config.vocab_size, max(1, max_queue))
         self.engine: Engine | None = None
-        self.metrics = Metrics(lambda: self.engine.load())
+        self.metrics = Metrics(lambda: self.engine.queue_stats())
         self._tokens: dict[int, tuple[str, list[int]]] = {}  # token id -> (text, bytes), for log-probs
         self.app = self._build_app(dict(slots=slots, decoder=decoder, max_queue=max_queue, policy=policy,
                                         max_cache_tokens=self.max_cache_tokens, prefill_chunk=prefill_chunk,
@@ -160,7 +159,7 @@ class Server:
     async def health(self) -> dict:
         """Liveness, load (requests generating now, "active", and waiting, "queued"; cache tokens reserved of
         the budget) and memory (resident now, and the budget it should stay under)."""
-        return {"status": "ok", "model": self.model_name, **self.engine.load(),
+        return {"status": "ok", "model": self.model_name, **self.engine.queue_stats(),
                 "request_timeout_s": self.request_timeout, "rss_bytes": rss("VmRSS"),
                 "memory_budget_bytes": self.memory_budget}
 
@@ -414,23 +413,20 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: s
     import torch
     import uvicorn
 
-    from ..plan import inference_dtype, load_for_inference
+    from ..plan import prepare_inference
     from ..tokenizer import load_tokenizer
-    from ..kernels.swap import kernels_in_use
-    from ..kernels.compiled import compile_decode
 
     # one core stays with the event loop (HTTP, JSON, streaming): on a 2-core Zen 4 (benchmarks/bench_serve.py)
     # one torch thread gave 103 vs 63 tok/s at 1 client and 560 vs 361 at 16 clients against two
     torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - 1))
     print(f"frugallm: {torch.get_num_threads()} torch thread(s){'' if threads else ' (one core left for HTTP)'}",
           flush=True)
-    print(f"frugallm: {inference_dtype(dtype).reason}", flush=True)
-    model, tokenizer = load_for_inference(run, dtype, prepack=not compile), load_tokenizer(run)
-    print(f"frugallm: matmul kernels: {kernels_in_use(model)}", flush=True)
+    # compile: batch 1 now; each larger power-of-two batch on first use (engine.py pads batches to them)
+    applied, _ = prepare_inference(run, dtype, prepack=not compile, compile=compile,
+                                   log=lambda line: print(f"frugallm: {line}", flush=True),
+                                   before_compile=lambda: print("frugallm: compiling the decode step ...", flush=True))
+    model, decoder, tokenizer = applied.model, applied.decoder, load_tokenizer(run)
     name = model_name or Path(run).resolve().name
-    if compile:  # batch 1 now; each larger power-of-two batch on first use (engine.py pads batches to them)
-        print("frugallm: compiling the decode step ...", flush=True)
-    decoder = compile_decode(model, warmup=True) if compile else None
     max_cache_tokens = max_cache_tokens or default_cache_tokens(model, slots)
     budget = memory_budget(model, max_cache_tokens, prefill_chunk)
     server = Server(model, tokenizer, name, api_key=api_key, slots=slots, decoder=decoder,

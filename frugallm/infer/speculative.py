@@ -1,4 +1,4 @@
-"""Self-speculative decoding with the model's own MTP modules (REFERENCE §5.3; V3 §5.4.3).
+"""Self-speculative decoding with the model's own MTP modules (V3 §5.4.3; docs/design/mtp.md).
 
 One step: MTP depth k drafts the token k places past the last verified one; the main model
 runs over [last verified token, d_1 .. d_D] in ONE forward (D+1 positions), which yields its own

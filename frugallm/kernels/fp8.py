@@ -1,4 +1,4 @@
-"""Fine-grained FP8 (REFERENCE §8; V3 §3.3): the quantisers.
+"""Fine-grained FP8 (V3 §3.3; docs/design/fp8.md): the quantisers.
 
 Every tensor is E4M3 (max 448) with an fp32 scale per group, from the current max-abs (online
 scaling: no amax history). The scale is the DEQUANT multiplier, as in DeepSeek's kernels and
@@ -8,7 +8,7 @@ checkpoints:
     q = e4m3(clamp(x / s, -448, 448))  round-to-nearest-even;  x ~= q * s
 
 The 1e-4 floor makes an all-zero group give s = 1e-4/448 and q = 0: never inf or NaN. The clamp
-is explicit (REFERENCE §8.4: do not rely on the cast saturating).
+is explicit (docs/design/fp8.md: do not rely on the cast saturating).
 
 Groups, with their shapes:
     act_quant     x (..., K)   1 x 128 tiles along the LAST dim   -> s (..., ceil(K/128))
@@ -16,7 +16,7 @@ Groups, with their shapes:
 Ragged edges (K or N not a multiple of 128) are zero-padded to a full group before the max-abs
 (zeros never raise it, so the scale is that of the real elements) and the padding is dropped
 from the codes: q keeps the input's shape. This is the layout of DeepSeek's `weight_scale_inv`
-(REFERENCE §8.3); the reference act_quant instead requires K % 128 == 0.
+(docs/design/hf-interop.md); the reference act_quant instead requires K % 128 == 0.
 
 A 128 x 1 group (a column tile along tokens, for the Wgrad GEMM) is act_quant of the
 transposed tensor.
@@ -24,7 +24,7 @@ transposed tensor.
 Below the quantisers: the three GEMMs of a Linear (fp8_gemm, reference emulation on any device,
 cuBLASLt block-scaled GEMM on SM90+), Fp8Linear (an nn.Linear whose forward and backward run
 those GEMMs), fp8_experts (the same for MoE's stacked routed experts) and convert_to_fp8, the
-converter applied from outside the model (DESIGN.md principle 8).
+converter applied from outside the model (docs/design/kernels.md).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import RoutedExperts
+from ..model.moe import RoutedExperts, sort_by_expert, unsort
 from .swap import swap_matmuls
 
 BLOCK = 128
@@ -119,7 +119,7 @@ def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
 # --- the three FP8 GEMMs ---------------------------------------------------------------------
 #
 # Every GEMM below is C = A . B^T with both operands quantised along the contraction dim k (the
-# groups lie along each GEMM's contraction dimension, REFERENCE §8.1), and fp32 accumulation:
+# groups lie along each GEMM's contraction dimension, V3 §3.3.2), and fp32 accumulation:
 #
 #     GEMM            A (m, k), 1x128 tiles        B (n, k)                      C (m, n)
 #     Fprop  X W^T    X    (M, K)  along K         W    (N, K)  128x128 blocks   Y  (M, N)
@@ -253,11 +253,8 @@ def fp8_experts(x, weights, idx, w1, w2, w3, scale_fmt: str | None = None,
     by expert as in the grouped path, then each expert runs three Fp8 GEMMs on its contiguous rows,
     its weights in their own 128x128 blocks (no block straddles two experts)."""
     N, K = idx.shape
-    flat = idx.flatten()
-    order = flat.argsort(stable=True)
-    xs = x.index_select(0, order // K)  # (N*K, d), rows of one expert contiguous
-    w = weights.flatten().index_select(0, order)[:, None]
-    sizes = torch.bincount(flat, minlength=w1.shape[0]).tolist()
+    xs, w, order, counts = sort_by_expert(x, weights, idx, w1.shape[0])  # (N*K, d), rows of one expert contiguous
+    sizes = counts.tolist()
     outs = []
     for e, (chunk, w_e) in enumerate(zip(xs.split(sizes), w.split(sizes))):
         if chunk.shape[0]:
@@ -269,15 +266,14 @@ def fp8_experts(x, weights, idx, w1, w2, w3, scale_fmt: str | None = None,
     if not outs:  # no tokens at all
         return torch.zeros_like(x)
     out = torch.cat(outs)  # (N*K, d), in expert order
-    # un-sort by gathering with the inverse permutation: index_select's backward keeps only the
-    # index, while index_copy_'s would keep the whole (N*K, d) source alive for its shape
-    inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(N * K, device=order.device))
-    return out.index_select(0, inverse).view(N, K, -1).sum(dim=1).to(x.dtype)
+    # un-sort by gathering with the inverse permutation: its backward keeps only the index, where
+    # a scatter-copy's would keep this whole (N*K, d) output alive for its shape
+    return unsort(out, order, N, K, gather=True).to(x.dtype)
 
 
 # --- the converter -----------------------------------------------------------------------------
 
-# V3 keeps these out of FP8 (REFERENCE §8.1): the embedding, the output head, the MoE gate, norms
+# V3 keeps these out of FP8 (V3 §3.3.1): the embedding, the output head, the MoE gate, norms
 # and the HC / mHC coefficients. Only nn.Linear is ever swapped, so the embedding, norms and HC
 # parameters are never candidates anyway; they are listed so a future Linear under those names
 # stays high precision too.

@@ -5,7 +5,7 @@ fp32 for exactness checks). Two formats, one storage rule:
 
     int8  W (N, K) ~= q * s[:, None]      q int8 in [-127, 127], s = amax(|W[n, :]|) / 127  (N,) fp32
     fp8   W (N, K) ~= q * s[i//128, j//128]  q float8_e4m3fn, s (ceil(N/128), ceil(K/128)) fp32
-          (REFERENCE §8.3: DeepSeek's `weight_scale_inv`, from kernels/fp8.py's weight_quant)
+          (docs/design/quantization.md: DeepSeek's `weight_scale_inv`, from kernels/fp8.py's weight_quant)
 
 A quantized weight keeps its own state-dict name and shape, holding the codes, and its scale
 (always the DEQUANT multiplier) sits beside it as NAME + "_scale_inv", e.g.
@@ -18,12 +18,12 @@ Modules (swapped in from outside; model/ never imports this file):
     QuantLinear  nn.Linear stand-in; `.weight` dequantizes on access (MLA's absorbed path reads it)
     QuantExperts RoutedExperts twin whose w1/w2/w3 are codes
 (both swapped in by kernels/swap.py swap_matmuls)
-Kernels, each with a reference twin (dequantize, then F.linear) that tests compare it with:
+Kernels, each compared in tests/test_quant.py with its reference (dequantize, then F.linear):
     int8: torch._weight_int8pack_mm for bf16/fp16 activations at up to INT8PACK_MAX_ROWS rows
           and K % 16 == 0 (it crashes or is wrong otherwise, measured on torch 2.13 CPU); else the
           codes are cast (exactly) to the activation dtype and the per-channel scale is applied to
           the GEMM's output. The fp32 int8pack kernel is ~10x slower than dense fp32: not used.
-    fp8:  no CPU FP8 GEMM exists (REFERENCE §8.4), so each forward dequantizes the weight. torch's
+    fp8:  no CPU FP8 GEMM exists (docs/design/fp8.md), so each forward dequantizes the weight. torch's
           e4m3 -> bf16 cast is scalar (~4 ns/element); moving the code bits into bf16/fp32 bit
           positions with three integer passes is ~10x faster (see _e4m3_dequant). FP8 storage
           halves memory against bf16; it is NOT a CPU speed-up (benchmarks/bench_quant.py).
@@ -91,15 +91,7 @@ def dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.floa
     return torch.stack([dequantize(a, b, dtype) for a, b in zip(q.flatten(0, -3), s.flatten(0, -3))]).view(q.shape)
 
 
-# --- matmuls: y = x W^T from codes; reference twins first ----------------------------------------
-
-def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, dequantize(q, s, x.dtype))
-
-
-def fp8_linear_ref(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, dequantize(q, s, x.dtype))
-
+# --- matmuls: y = x W^T from codes -----------------------------------------------------------------
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x (..., K), q (N, K) int8, s (N,) fp32 -> (..., N) in x.dtype."""
@@ -145,7 +137,6 @@ def fp8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tenso
 
 
 LINEAR = {"int8": int8_linear, "fp8": fp8_linear}
-LINEAR_REF = {"int8": int8_linear_ref, "fp8": fp8_linear_ref}
 
 
 def _empty_like_quantized(shape, fmt: str, device) -> tuple[torch.Tensor, torch.Tensor]:

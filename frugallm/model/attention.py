@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (MLA), REFERENCE §2; V2 §2.1, V3 §2.1.1.
+"""Multi-head Latent Attention (MLA): V2 §2.1, V3 §2.1.1; docs/design/mla.md.
 
 Keys and values are rebuilt from a compressed latent c_kv = kv_norm(W^DKV h) (d_c per token)
 plus ONE rope key k_pe = RoPE(W^KR h) (d_r per token) shared by all heads. Only those two are

@@ -8,7 +8,7 @@ from ..config import ModelConfig
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """Counts for `cfg` (REFERENCE §1.2), computed on the meta device.
+    """Counts for `cfg` (docs/design/configs.md), computed on the meta device.
 
     total      main model, fp32 gate biases included, MTP excluded (V3: 671,026,419,200)
     active     per token: total with only K routed experts per MoE layer (embedding and head counted)
@@ -35,3 +35,34 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
         "mtp": mtp,
         "mtp_active": mtp - n_moe_mtp * idle,
     }
+
+
+def summary(cfg: ModelConfig, label: str, max_build_params: float = 2e9):
+    """`frugallm info`'s lines for `cfg` (named `label`): the counts; then, unless the model has more than
+    `max_build_params` parameters, a seeded build, one forward pass over up to 16 random ids, and
+    the parameters by module (a layer's blocks, an MTP module's, or a top-level module)."""
+    from .transformer import Transformer  # deferred: importing the model is not free
+
+    counts = count_params(cfg)
+    yield f"frugallm model: {label}"
+    width = max(len(k) for k in counts)
+    for k, v in counts.items():
+        yield f"  {k:<{width}}  {v:>17,}  ({v / 1e6:,.2f}M)"
+    if counts["total"] > max_build_params:
+        yield f"  (not built: {counts['total']:,} parameters exceed --max-build-params; counted on the meta device)"
+        return
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, min(16, cfg.max_seq_len)))
+    with torch.no_grad():
+        logits = model(ids).logits
+    yield (f"  forward pass: input {tuple(ids.shape)} -> logits {tuple(logits.shape)}, "
+           f"finite={bool(torch.isfinite(logits).all())}")
+    yield "  parameters by module:"
+    rows: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        key = ".".join(name.split(".")[:3]) if name.startswith(("layers", "mtp")) else name.split(".")[0]
+        rows[key] = rows.get(key, 0) + p.numel()
+    w = max(len(k) for k in rows)
+    for k, v in rows.items():
+        yield f"    {k:<{w}}  {v:>12,}"

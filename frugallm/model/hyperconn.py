@@ -1,4 +1,4 @@
-"""Hyper-connections (HC) and manifold-constrained hyper-connections (mHC), REFERENCE §6-7.
+"""Hyper-connections (HC) and manifold-constrained hyper-connections (mHC): docs/design/hyper-connections.md.
 
 The residual stream is widened into n parallel streams x (B, T, n, C). Around every sub-layer F
 (attention or FFN; F keeps its own pre-norm over C) a connection reads the streams, runs F once,
@@ -10,15 +10,15 @@ and writes back (mHC eq. 3, with H_pre, H_post of shape (1, n) and H_res of shap
 Orientation: H_res[j, i] moves source stream i into destination stream j (rows = destinations).
 
     plain  x' = x + F(x): n = 1 and every coefficient 1; no parameters, the same ops as ever.
-    hc     Hyper-Connections (Zhu et al., REFERENCE §6): H_pre = A_m^T, H_res = A_r^T, H_post = B,
+    hc     Hyper-Connections (Zhu et al., arXiv 2409.19606 §2): H_pre = A_m^T, H_res = A_r^T, H_post = B,
            unconstrained. Static part + (optional) dynamic part s * tanh(norm(x) W) per stream.
            Init A_m = e_{k mod n}, A_r = I, B = 1, W = 0: exactly the pre-norm residual.
-    mhc    mHC (Xie et al., REFERENCE §7): coefficients from ONE RMSNorm over the flattened n*C
+    mhc    mHC (Xie et al., arXiv 2512.24880): coefficients from ONE RMSNorm over the flattened n*C
            vector (eq. 7), H_pre = sigmoid, H_post = 2 sigmoid, H_res = Sinkhorn-Knopp(exp(.))
            (eq. 8-9): doubly stochastic, so every product of H_res over depth has row and column
            sums 1 and the composite gain stays ~1 where HC's can explode.
 
-Streams (§17 #7): `expand_streams` replicates the embedding n times (a stride-0 view, no copy);
+Streams (docs/design/hyper-connections.md): `expand_streams` replicates the embedding n times (a stride-0 view, no copy);
 `collapse_streams` takes the mean of the streams before the final norm. HC sums; the final
 RMSNorm makes sum and mean equal up to its eps, and the mean keeps `hidden` (and MTP's h^0) on the
 plain model's scale. With H_post = 1 and a row-stochastic (or identity) H_res, every stream stays
@@ -28,7 +28,7 @@ equal copies and the last one's is averaged away by the mean (its columns sum to
 those two never affect the loss and their res coefficients learn nothing.
 
 Numerics: the coefficient math and the stream mixing run in fp32 with autocast off (a bf16 H_res
-has row sums off by ~4e-3, which compounds over depth; REFERENCE §7.5, Megatron PR #4483).
+has row sums off by ~4e-3, which compounds over depth; docs/design/hyper-connections.md, Megatron PR #4483).
 Shapes: B batch, T tokens, n streams, C model dim; k = sub-layer index (2 per block).
 """
 
@@ -43,7 +43,7 @@ from torch import nn
 from ..config import ModelConfig
 from .norm import upcast
 
-# mHC bias init (§17 #6; the paper gives only alpha = 0.01). All three keep the model equal to the
+# mHC bias init (docs/design/hyper-connections.md; the paper gives only alpha = 0.01). All three keep the model equal to the
 # plain residual at init (identical streams), break the symmetry between streams, and keep every
 # projection away from saturation so phi, alpha and b all learn:
 MHC_PRE_LOGIT = 1.0  # b_pre = +1 on stream k mod n, -1 elsewhere: H_pre = 0.731 / 0.269, HC's
@@ -251,14 +251,14 @@ class StreamConnection(nn.Module):
 
 
 class HyperConnection(StreamConnection):
-    """HC (REFERENCE §6.1): h_0 = A_m^T H;  H' = A_r^T H + B^T F(h_0).
+    """HC (HC §2.1-2.2): h_0 = A_m^T H;  H' = A_r^T H + B^T F(h_0).
 
     Static: A_m (n,), A_r (n, n) [source, destination], B (n,). Dynamic, per stream i from
     H_bar = RMSNorm(H) over C (the paper's pseudo-code uses a LayerNorm; RMSNorm is this model's
     norm, and without a weight, which W would absorb): A_m[i] += s_alpha tanh(H_bar_i W_m),
     A_r[i, :] += s_alpha tanh(H_bar_i W_r), B[i] += s_beta tanh(H_bar_i W_beta), where
     W = [W_beta | W_m | W_r] (C, 2 + n) is one matmul. Parameters per connection: static n(n + 2),
-    dynamic C(n + 2) + n(n + 2) + 2 (REFERENCE §6.2).
+    dynamic C(n + 2) + n(n + 2) + 2 (docs/design/hyper-connections.md).
     Static parts are usually trained without weight decay, dynamic parts with (HC §4).
     """
 
@@ -277,7 +277,7 @@ class HyperConnection(StreamConnection):
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
         """HC §2.3: A_m = e_{k mod n}, A_r = I, B = 1, W = 0, s = alpha_init: exactly pre-norm.
-        No sqrt(n) rescaling of the output layers (§17 #5): with replicated streams and a mean
+        No sqrt(n) rescaling of the output layers (docs/design/hyper-connections.md): with replicated streams and a mean
         collapse this network at init IS the plain one, so plain's init std is the baseline std."""
         n = self.a_m.numel()
         self.a_m.copy_(F.one_hot(torch.tensor(self.k % n), n).float())
@@ -304,7 +304,7 @@ class HyperConnection(StreamConnection):
 
 
 class ManifoldHyperConnection(StreamConnection):
-    """mHC (REFERENCE §7.1), in the fused form of eqs. 14-16:
+    """mHC (mHC eqs. 7-9), in the fused form of eqs. 14-16:
 
         r = ||vec(x)||_2 / sqrt(nC)                           RMSNorm over all n*C entries; its
         [pre | post | res] = (vec(x) phi^T) / r                weight is absorbed into phi
@@ -314,7 +314,7 @@ class ManifoldHyperConnection(StreamConnection):
 
     phi (n^2 + 2n, nC) is stored as a Linear weight, the paper's phi transposed; alpha = (alpha_pre,
     alpha_post, alpha_res). With hc_dynamic off there is no phi and no alpha: static mHC, H = f(b).
-    Init (§17 #6): phi ~ N(0, init_std) like every matrix, alpha = hc_alpha_init, b as
+    Init (docs/design/hyper-connections.md): phi ~ N(0, init_std) like every matrix, alpha = hc_alpha_init, b as
     MHC_PRE_LOGIT / MHC_RES_LOGIT above.
     """
 
@@ -383,7 +383,7 @@ def static_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def composite_gains(model: nn.Module, input_ids: torch.Tensor) -> dict:
-    """Amax gain magnitude of the composite residual mapping (mHC §3.1, Fig. 3; REFERENCE §7.5).
+    """Amax gain magnitude of the composite residual mapping (mHC §3.1, Fig. 3).
 
     One forward over input_ids (B, T) records H_res of every sub-layer of the main model (the
     attention and the FFN of each block count as two depths; the MTP blocks are left out). At depth

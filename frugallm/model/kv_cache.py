@@ -1,7 +1,7 @@
 """The MLA latent cache: per layer only c_kv (B, T_max, kv_lora_rank) and k_pe (B, T_max, d_r).
 
 That is (kv_lora_rank + qk_rope_head_dim) values per token per layer, e.g. 576 for V3, instead
-of the H * (192 + 128) a naive K/V cache holds (REFERENCE §2.4). Buffers are preallocated at a
+of the H * (192 + 128) a naive K/V cache holds (V2 Table 1; docs/design/kv-cache.md). Buffers are preallocated at a
 static shape and reused across requests (`reset`). Each layer has buffers of its own, not a slice
 of one stacked tensor: a compiled step (kernels/compiled.py) then writes its new latents in place,
 where slices of a shared base made the traced graph copy every layer's buffer each step.

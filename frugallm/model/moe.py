@@ -1,4 +1,4 @@
-"""DeepSeekMoE: shared experts + fine-grained routed experts (REFERENCE §4; V3 §2.1.2).
+"""DeepSeekMoE: shared experts + fine-grained routed experts (DeepSeekMoE §3; V3 §2.1.2; docs/design/moe.md).
 
     y = x_shared(x) + sum_k w_k * Expert_{idx_k}(x)
 
@@ -6,7 +6,7 @@ Gate, in order (V3-code `Gate.forward`):
   1. s = sigmoid(x W^T) or softmax, in float32            (N, E)
   2. selection scores s + b, b an fp32 bias used ONLY for selection (aux-loss-free balancing)
   3. group-limited: keep the `n_limited_groups` best of `n_expert_groups` groups, fill the
-     others with -inf (not 0: biased sigmoid scores can be negative, REFERENCE §16 #1)
+     others with -inf (not 0: biased sigmoid scores can be negative, docs/design/moe.md)
   4. idx = top-K of the selection scores; w = s.gather(idx), the UNBIASED scores
      (never (s+b)-b, which cancels to 0 in fp32 when |b| >> s); sigmoid: w /= sum w; w *= route_scale
 
@@ -53,7 +53,7 @@ class Gate(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(bf16) must not round the bias: V3 biases are ~5 in magnitude, where bf16's
-        # resolution (~0.03) exceeds the score differences it has to order (REFERENCE §16 #3).
+        # resolution (~0.03) exceeds the score differences it has to order (docs/design/moe.md).
         bias = self._buffers.pop("bias")
         super()._apply(fn, recurse)
         if bias is not None:
@@ -163,8 +163,42 @@ def _expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tenso
     return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on x in: its dtype on x's device type when autocast is on
+    there, else x's own."""
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def sort_by_expert(x, weights, idx, n_experts: int):
+    """The N*K (token, expert) pairs sorted by expert, so that each expert's rows are contiguous:
+    x (N, d), weights / idx (N, K) -> xs (N*K, d) in x's dtype; w (N*K, 1) each row's routing
+    weight, still in weights' dtype (each caller casts it where it applies it); order (N*K,) the
+    pair ids (token * K + slot) in expert order, a stable sort, so tokens keep their order within
+    an expert; counts (E,) int64 rows per expert, on x's device (an index_add: CUDA's bincount
+    reads its input's max back to the host to size its output). Pure permutations and integer
+    counts: no floating-point arithmetic here."""
+    K = idx.shape[1]
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    xs = x.index_select(0, order // K)
+    w = weights.flatten().index_select(0, order)[:, None]
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device).index_add_(0, flat, torch.ones_like(flat))
+    return xs, w, order, counts
+
+
+def unsort(out, order, N: int, K: int, gather: bool = False) -> torch.Tensor:
+    """sort_by_expert undone, then the sum over the K slots: out (N*K, d) in expert order -> (N, d).
+    Each pair's row goes back to its own place (token * K + slot), so the sum runs over the slots
+    in slot order whatever the routing: no accumulating scatter, deterministic. Two ways, the same
+    forward values: a scatter-copy (index_copy_, whose backward saves `out` itself, for its shape),
+    or with gather=True a gather by the inverse permutation (index_select, whose backward saves only
+    the index, and scatters the gradient into zeros: a -0.0 gradient comes back +0.0)."""
+    if gather:
+        inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(N * K, device=order.device))
+        rows = out.index_select(0, inverse)
+    else:
+        rows = out.new_empty(N * K, out.shape[1]).index_copy_(0, order, out)
+    return rows.view(N, K, -1).sum(dim=1)
 
 
 def loop_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
@@ -227,19 +261,15 @@ def grouped_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
     """
     N, K = idx.shape
     E = w1.shape[0]
-    dtype = _compute_dtype(x)  # grouped_mm is not on autocast's list: cast as autocast would
+    dtype = _autocast_dtype(x)  # grouped_mm is not on autocast's list: cast as autocast would
     x, w1, w2, w3 = x.to(dtype), w1.to(dtype), w2.to(dtype), w3.to(dtype)
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or N * K < E:
         # float64 (no grouped_mm kernel), or fewer pairs than experts (decode: most groups are
         # empty, and CPU grouped_mm still runs a GEMM per group): one GEMM per non-empty group
         return per_expert(x, weights, idx, E, lambda e, rows: _expert(rows, w1[e], w2[e], w3[e]))
-    flat = idx.flatten()
-    order = flat.argsort(stable=True)  # (N*K,) pair ids sorted by expert
-    xs = x.index_select(0, order // K)  # (N*K, d), rows of one expert contiguous
-    w = weights.flatten().index_select(0, order).to(x.dtype)[:, None]
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    out = sorted_experts(xs, w, counts, w1, w2, w3)
-    return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1)
+    xs, w, order, counts = sort_by_expert(x, weights, idx, E)  # (N*K, d), rows of one expert contiguous
+    out = sorted_experts(xs, w.to(x.dtype), counts, w1, w2, w3)
+    return unsort(out, order, N, K)
 
 
 def sorted_experts(xs, w, counts, w1, w2, w3) -> torch.Tensor:
@@ -264,13 +294,10 @@ def per_expert(x, weights, idx, n_experts: int, expert) -> torch.Tensor:
     K slots. Shared by the grouped path's small-batch fallback and the numerics converters
     (kernels/quantize.py, kernels/prepack.py), which bring their own expert kernels."""
     N, K = idx.shape
-    flat = idx.flatten()
-    order = flat.argsort(stable=True)
-    xs = x.index_select(0, order // K)  # (N*K, d)
-    w = weights.flatten().index_select(0, order).to(x.dtype)[:, None]
-    sizes = torch.bincount(flat, minlength=n_experts).tolist()
-    out = torch.cat([expert(e, rows) for e, rows in enumerate(xs.split(sizes)) if sizes[e]]) * w
-    return out.new_empty(N * K, x.shape[1]).index_copy_(0, order, out).view(N, K, -1).sum(dim=1)
+    xs, w, order, counts = sort_by_expert(x, weights, idx, n_experts)  # (N*K, d)
+    sizes = counts.tolist()
+    out = torch.cat([expert(e, rows) for e, rows in enumerate(xs.split(sizes)) if sizes[e]]) * w.to(x.dtype)
+    return unsort(out, order, N, K)
 
 
 def gathered_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
@@ -310,7 +337,7 @@ def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, cfg: ModelCon
     """L_Bal = alpha * sum_i f_i P_i per sequence, averaged over the batch (V3 eqs. 17-20).
 
     scores (B, S, E) unbiased; idx (B, S, K) the experts actually selected (biased, group-limited):
-    project choice §17 #1, since that is the load the bias balances. f_i = E/(K S) * count_i,
+    a project choice (docs/design/moe.md), since that is the load the bias balances. f_i = E/(K S) * count_i,
     P_i = mean_t s_{i,t} / sum_j s_{j,t}. At perfect balance f_i = 1 and sum P = 1, so L = alpha.
     """
     B, S, E = scores.shape
@@ -336,7 +363,7 @@ def update_expert_bias(model: nn.Module, gamma: float, all_reduce=None) -> list[
 
     c = tokens routed to each expert over the whole step (all micro-batches; pass `all_reduce`
     to sum it across ranks first). Overloaded experts go down by gamma, underloaded up, an expert
-    exactly at the mean is unchanged: the plain sign rule, not mean-centred (project choice §17 #2).
+    exactly at the mean is unchanged: the plain sign rule, not mean-centred (a project choice, docs/design/moe.md).
     Resets the counters and returns each MoE layer's MaxVio for the step.
     """
     violations = []

@@ -1,11 +1,11 @@
-"""Multi-token prediction (MTP), REFERENCE §5; V3 §2.2 eqs. 21-25.
+"""Multi-token prediction (MTP): V3 §2.2 eqs. 21-25; docs/design/mtp.md.
 
 D sequential modules; module k predicts the token k+1 steps ahead of the main head.
 Module k at position i combines the previous depth's hidden state h^{k-1}_i with the embedding
 of t_{i+k}, runs one Transformer block, and feeds the shared output head:
 
     h'^k_i = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])   embedding FIRST, as in the
-                                                                 released V3 weights (§17 #4)
+                                                                 released V3 weights (docs/design/mtp.md)
     h^k    = TRM_k(h'^k)                                         causal, RoPE positions i
     logits = head(norm_k(h^k))                                   predicts t_{i+k+1}
 
@@ -15,7 +15,7 @@ parameter objects, passed in, never copied.
 
 Alignment (FlagScale PR #337 pitfall): inputs AND labels shift by k together. Running TRM_k over
 all S positions is exact for positions < S-k because attention is causal; the tail is masked.
-Loss: L_MTP = (lambda / D) * sum_k L_k, each L_k a mean over its valid tokens (§17 #3).
+Loss: L_MTP = (lambda / D) * sum_k L_k, each L_k a mean over its valid tokens (docs/design/mtp.md).
 
 With residual = hc / mhc, TRM_k is a block of the same kind as the main model's, with its own
 connections: h'^k (B, S, d) is expanded to n streams before it and collapsed (mean) after it,

@@ -5,7 +5,7 @@ Only the decoupled RoPE part of MLA (qk_rope_head_dim = d_r) is rotated. Adjacen
 (V3-code `apply_rotary_emb`). HF de-interleaves q and k the same way before rotate-half, so the
 scores are equal; the absorbed path caches k_pe in this layout and dots it with q_pe directly.
 
-YaRN (REFERENCE §3.2): frequencies of the low-frequency pairs are divided by `factor` with a
+YaRN (docs/design/rope-yarn.md): frequencies of the low-frequency pairs are divided by `factor` with a
 linear ramp between the correction dims of beta_fast and beta_slow; the softmax scale is then
 multiplied by yarn_mscale(factor, mscale_all_dim)^2 (done in attention.py).
 """

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
-from ..model.moe import MoE, RoutedExperts, sorted_experts
+from ..model.moe import MoE, RoutedExperts, sort_by_expert, sorted_experts, unsort
 from ..kernels.fp8 import BLOCK, act_dequant, act_quant
 from .timeline import COMM
 
@@ -85,11 +85,9 @@ class ExpertParallelExperts(nn.Module):
         N, K = idx.shape
         d = x.shape[1]
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)  # pairs sorted by expert, hence by destination rank
-        xs = x.to(dtype).index_select(0, order // K)  # (N*K, d)
-        w = weights.flatten().index_select(0, order).to(dtype)[:, None]  # (N*K, 1)
-        counts = torch.bincount(flat, minlength=self.n_experts)  # (E,) int64, rows per expert
+        # pairs sorted by expert, hence by destination rank: xs (N*K, d), w (N*K, 1), counts (E,) int64
+        xs, w, order, counts = sort_by_expert(x.to(dtype), weights, idx, self.n_experts)
+        w = w.to(dtype)
         received = torch.empty_like(counts)
         with record_function(COMM):
             dist.all_to_all_single(received, counts, group=self.group)  # (ep * local,): source-major
@@ -110,8 +108,7 @@ class ExpertParallelExperts(nn.Module):
         row_bytes = (d + 1) + 4 * -(-(d + 1) // BLOCK) if self.fp8_dispatch else (d + 1) * payload.element_size()
         self.bytes_sent += (row_bytes * (sum(send) - send[self.rank])  # dispatch: our rows to other ranks
                             + d * out.element_size() * (sum(recv) - recv[self.rank]))  # combine: theirs back
-        y = back.new_empty(N * K, d).index_copy_(0, order, back)
-        return y.view(N, K, d).sum(dim=1).to(x.dtype)
+        return unsort(back, order, N, K).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"experts={self.first}..{self.first + self.local - 1} of {self.n_experts}, ep={self.ep}"

@@ -17,7 +17,8 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig
+from .config import ParallelConfig
 
 PP_SCHEDULES = ("dualpipev", "1f1b", "zbv")
 
@@ -44,9 +45,11 @@ class Layout:
         return f"ep {self.ep} x pp {self.pp} x dp {self.dp} = {self.world} ranks"
 
 
-def resolve(model_cfg: ModelConfig, train_cfg: TrainConfig, world: int) -> Layout:
+def resolve(model_cfg: ModelConfig, train_cfg: ParallelConfig, world: int) -> Layout:
     """The layout `train_cfg` asks for on `world` ranks (dp=0: whatever the rest leaves), or a LayoutError
-    listing every problem at once."""
+    listing every problem at once. train_cfg: the run's TrainConfig (train/config.py), read for its
+    ParallelConfig fields, grad_accum, and the features that run in one process only (teacher, fp8,
+    compile, optim_state_dtype)."""
     ep, pp, dp = train_cfg.ep, train_cfg.pp, train_cfg.dp
     errors = []
     for name, value in (("ep", ep), ("pp", pp)):

@@ -1,7 +1,7 @@
 """AdamW with low-precision moments and fp32 master weights (V3 §3.3.3: BF16 moments).
 
 Stock torch.optim.AdamW keeps exp_avg / exp_avg_sq in the parameter's dtype, so "bf16 moments
-for fp32 parameters" needs this small variant (REFERENCE §8.4). Per parameter p (fp32 master):
+for fp32 parameters" needs this small variant (docs/design/fp8.md). Per parameter p (fp32 master):
 
     m = b1 m + (1 - b1) g          computed in fp32 from the stored bf16 m, stored back in bf16
     v = b2 v + (1 - b2) g^2        likewise

@@ -51,8 +51,6 @@ from .. import io
 from ..io import cache_root
 from ..tokenizer import ROLES, Tokenizer
 
-TEXT_SUFFIXES_SKIPPED = {".jsonl"}
-
 
 # --- documents -------------------------------------------------------------------------------
 

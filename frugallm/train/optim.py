@@ -1,7 +1,7 @@
 """Optimizer-side pieces of training: the aux-loss-free MoE bias update as a step hook.
 
-The bias update is a side effect of a whole optimizer step, not of a forward (DESIGN.md
-principle 9): forwards only count tokens per expert; this hook applies the sign rule once per
+The bias update is a side effect of a whole optimizer step, not of a forward
+(docs/design/moe.md): forwards only count tokens per expert; this hook applies the sign rule once per
 `optimizer.step()`, from the load of every micro-batch since the previous step, so it composes
 with gradient accumulation and pipelining.
 """
@@ -20,7 +20,7 @@ from .adamw import AdamWLowPrecision
 
 
 class ExpertBiasUpdate:
-    """b_i += gamma * sign(mean_load - load_i) after every optimizer step (REFERENCE §4.4).
+    """b_i += gamma * sign(mean_load - load_i) after every optimizer step (arXiv 2408.15664 Alg. 1; V3 §2.1.2).
 
     gamma: the update speed (V3: 0.001). freeze_after_tokens: gamma becomes 0 once this many
     tokens have been trained (V3 ran its last 500B tokens at gamma = 0); None never freezes.

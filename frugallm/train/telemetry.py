@@ -66,6 +66,34 @@ def eval_batch_count(batches: data.Batches, n_batches: int) -> int:
     return n
 
 
+def evaluate_run(run, source=None, n_batches: int = 16, log=print) -> str:
+    """`frugallm eval`: the run's validation loss and perplexity over `n_batches` val batches of its
+    own data (or of `source`'s val split) beside the unigram baseline's, as one line. Eval is a
+    prefill: the plan's dtype (plan.resolve("eval")), bf16 by autocast over the fp32 weights where
+    the host measures it faster; log(line) is told that choice."""
+    import math
+
+    from .config import TrainConfig
+    from ..formats.checkpoint import latest
+    from ..plan import load, resolve
+    from ..tokenizer import load_tokenizer
+
+    ckpt = latest(run)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run} holds no valid checkpoint")
+    cfg = TrainConfig.from_json(ckpt / "train_config.json")
+    model, tok = load(run), load_tokenizer(run)
+    splits = data.prepare(cfg.data if source is None else source, tok, cfg.val_fraction, cfg.text_field)
+    batches = data.val_batches(splits.val, cfg.seq_len, cfg.batch_size, mask=splits.val_mask)
+    masks = splits.train_mask, splits.val_mask  # SFT records: only target tokens count
+    plan = resolve("eval")
+    log(plan.reasons[0])
+    loss = evaluate(model, batches, n_batches, plan.autocast_context)
+    return (f"{run} ({ckpt.name}) on {splits.manifest['source']} val: loss {loss:.4f}, "
+            f"perplexity {math.exp(loss):.2f}, unigram baseline "
+            f"{data.unigram_loss(splits.train, splits.val, model.config.vocab_size, *masks):.4f}")
+
+
 class Progress:
     """A tqdm bar on a terminal; plain lines every `log_every` steps otherwise (CI, pipes)."""
 
