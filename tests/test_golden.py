@@ -60,7 +60,8 @@ RECORD = os.environ.get("FRUGALLM_RECORD_GOLDEN", "") not in ("", "0")
 
 def train_run(pairs: list[str], out_dir: Path) -> list[dict]:
     """Train the tiny preset with `key=value` overrides through the real trainer; the metrics.jsonl lines."""
-    from frugallm.config import TrainConfig, apply_overrides, get_preset
+    from frugallm.config import get_preset
+    from frugallm.train.config import TrainConfig, apply_overrides
     from frugallm.train.trainer import train
 
     model_cfg, train_cfg = apply_overrides(get_preset("tiny"), TrainConfig(), pairs)
@@ -100,7 +101,7 @@ def dtype_name(model) -> str:
 
 def kernels(model) -> str:
     """The model's matmul modules by kernel, e.g. 'prepacked-bf16 x30, plain x4'."""
-    from frugallm.numerics.kernels import kernels_in_use
+    from frugallm.kernels.swap import kernels_in_use
 
     return kernels_in_use(model)
 
@@ -115,13 +116,13 @@ def quantize_run(run: Path, fmt: str, out: Path) -> Path:
 
 
 def compile_unavailable(model) -> str | None:
-    from frugallm.infer.compiled import unavailable_reason
+    from frugallm.kernels.compiled import unavailable_reason
 
     return unavailable_reason(model)
 
 
 def compile_decoder(model):
-    from frugallm.infer.compiled import compile_decode
+    from frugallm.kernels.compiled import compile_decode
 
     return compile_decode(model)
 
@@ -141,7 +142,7 @@ def prefill_logits(model, ids: torch.Tensor) -> torch.Tensor:
 def decode_step_logits(model, ids: torch.Tensor, next_ids: torch.Tensor, decoder=None) -> torch.Tensor:
     """Prefill `ids` (B, T) into a KV cache, then the logits of one cached decode step on `next_ids` (B, 1),
     through the eager absorbed path or the compiled decoder."""
-    from frugallm.infer import KVCache
+    from frugallm.model.kv_cache import KVCache
 
     cache = KVCache(model.config, ids.shape[0], ids.shape[1] + 4, dtype=model.embed.weight.dtype)
     model(ids, cache=cache)
