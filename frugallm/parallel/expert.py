@@ -29,8 +29,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
-from ..model.moe import MoE, RoutedExperts, sort_by_expert, sorted_experts, unsort
+from ..model.moe import RoutedExperts, sort_by_expert, sorted_experts, unsort
 from ..kernels.fp8 import BLOCK, act_dequant, act_quant
+from ..kernels.swap import swap_matmuls
 from .timeline import COMM
 
 
@@ -65,6 +66,8 @@ class _AllToAll(torch.autograd.Function):
 class ExpertParallelExperts(nn.Module):
     """RoutedExperts' drop-in twin holding only this rank's E/ep experts: w1 / w3 (E/ep, I, d), w2 (E/ep, d, I).
     Same call signature: x (N, d), routing weights (N, K), global expert ids (N, K) -> (N, d)."""
+
+    kernel = "expert-parallel"  # a twin, named as kernels/swap.py's twins are (kernels_in_use, converted)
 
     def __init__(self, experts: RoutedExperts, group, fp8_dispatch: bool = False):
         super().__init__()
@@ -118,12 +121,10 @@ def apply_expert_parallel(model: nn.Module, group, fp8_dispatch: bool = False) -
     """Swap every MoE layer's RoutedExperts for its EP twin holding this rank's slice (the model's
     code is untouched: MoE.forward calls `self.experts(x, weights, idx)` either way). Returns the
     new modules. Run it on identically initialised (or loaded) full models on every rank."""
-    swapped = []
-    for module in model.modules():
-        if isinstance(module, MoE) and isinstance(module.experts, RoutedExperts):
-            module.experts = ExpertParallelExperts(module.experts, group, fp8_dispatch)
-            swapped.append(module.experts)
-    return swapped
+    def make(name, module, reads_weight):  # kernels/swap.py: the one mechanism that puts twins in
+        return ExpertParallelExperts(module, group, fp8_dispatch) if type(module) is RoutedExperts else None
+
+    return [model.get_submodule(name) for name in swap_matmuls(model, make)]
 
 
 # ------------------------------------------------------------------ FP8 dispatch (V3 §3.3.3)
