@@ -105,21 +105,57 @@ def which_frugallm(tree: Path, env: dict) -> str:
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-def run_one(tree: Path, script: str, args: list[str], log: Path, timeout: int) -> str:
+def foreign_benchmarks(mine: set[int]) -> list[str]:
+    """Other benchmark, training or test processes on this machine (not ours, not our children's): on a
+    few cores, one of them makes a run worthless (oversubscribed OpenMP threads slow both several times)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in mine:
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid in mine:
+            continue
+        if re.search(r"benchmarks/(bench_|compare_trees)|frugallm(\.cli)? (train|serve)|pytest", cmd):
+            found.append(f"{d.name}: {cmd[:120]}")
+    return found
+
+
+def run_one(tree: Path, script: str, args: list[str], log: Path, timeout: int, wait: int) -> tuple[str, bool]:
+    """Run one benchmark in `tree`; (its stdout, whether a foreign benchmark ran beside it at any time)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     where = which_frugallm(tree, env)
     if not where.startswith(str(tree) + "/"):
         raise SystemExit(f"frugallm resolves to {where}, not inside {tree}")
+    deadline = time.time() + wait
+    while (others := foreign_benchmarks({os.getpid()})) and time.time() < deadline:
+        print(f"  waiting: another benchmark runs here ({others[0]})", flush=True)
+        time.sleep(15)
     cmd = [sys.executable, f"benchmarks/{script}", *args]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+    with open(log.with_suffix(".stdout"), "w+") as out, open(log.with_suffix(".stderr"), "w+") as err:
+        proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=out, stderr=err, text=True)
+        seen = set()
+        while proc.poll() is None:
+            if time.perf_counter() - t > timeout:
+                proc.kill()
+            seen.update(foreign_benchmarks({os.getpid(), proc.pid}))
+            time.sleep(1)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    log.with_suffix(".stdout").unlink(), log.with_suffix(".stderr").unlink()
     seconds = time.perf_counter() - t
     log.write_text(f"# cwd={tree} PYTHONPATH={tree} frugallm={where}\n# {shlex.join(cmd)}\n# rc={proc.returncode} "
-                   f"{seconds:.0f} s\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
-    print(f"  {script:<18} {tree.name:<8} {seconds:5.0f} s  rc {proc.returncode}  log {log}", flush=True)
+                   f"{seconds:.0f} s; other benchmarks seen beside it: {sorted(seen) or 'none'}\n{stdout}\n"
+                   f"--- stderr ---\n{stderr}")
+    note = f"  CONTENDED by {len(seen)} other process(es), e.g. {sorted(seen)[0]}" if seen else ""
+    print(f"  {script:<18} {tree.name:<8} {seconds:5.0f} s  rc {proc.returncode}  log {log}{note}", flush=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{script} failed in {tree}:\n{proc.stderr[-3000:]}")
-    return proc.stdout
+        raise SystemExit(f"{script} failed in {tree}:\n{stderr[-3000:]}")
+    return stdout, bool(seen)
 
 
 def host_header(tree: Path) -> str:
@@ -140,6 +176,8 @@ def main() -> None:
     ap.add_argument("--order", nargs="+", default=["b", "a", "a", "b"], choices=["b", "a"])
     ap.add_argument("--logs", type=Path, default=Path("/tmp/compare_trees_logs"))
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per benchmark run")
+    ap.add_argument("--wait", type=int, default=900, help="seconds to wait, before each run, for other benchmarks "
+                    "on this machine to end")
     for name, default in DEFAULTS.items():
         ap.add_argument(f"--{name}-args", default=default, help=f"bench_{name}'s flags (default: {default!r})")
     args = ap.parse_args()
@@ -151,6 +189,7 @@ def main() -> None:
     print(host_header(trees["a"]))
     values: dict[str, dict[str, list[float]]] = {}  # figure -> {"b": [...], "a": [...]}
     higher_better: dict[str, bool] = {}
+    disturbed: set[str] = set()
     for bench in args.bench:
         script, parse = BENCH[bench]
         flags = shlex.split(getattr(args, f"{bench}_args"))
@@ -158,7 +197,10 @@ def main() -> None:
             flags += ["--run", str(Path(args.run).resolve())]
         print(f"\nbench_{bench}: {shlex.join(flags)}", flush=True)
         for i, side in enumerate(args.order):
-            out = run_one(trees[side], script, flags, args.logs / f"{bench}_{i}_{side}.txt", args.timeout)
+            out, contended = run_one(trees[side], script, flags, args.logs / f"{bench}_{i}_{side}.txt", args.timeout,
+                                     args.wait)
+            if contended:
+                disturbed.add(bench)
             figs = parse(out)
             if not figs:
                 raise SystemExit(f"no figures parsed from {script}'s output in {trees[side]}")
@@ -179,6 +221,9 @@ def main() -> None:
         verdict = "same" if 0.95 <= gain <= 1.05 else ("better" if gain > 1 else "WORSE")
         runs = " ".join(f"{x:g}" for x in v["b"]) + " | " + " ".join(f"{x:g}" for x in v["a"])
         print(f"{name:<{w}}{b:>10.4g}{a:>10.4g}{ratio:>7.3f}  {verdict:<8}  {runs}")
+    if disturbed:
+        print(f"\nWARNING: other benchmarks ran beside {', '.join(sorted(disturbed))} (see the logs): those figures "
+              f"are not a fair comparison")
     print("\n(a/b = after / before of the medians; verdict: 'same' within 5 %, else better/WORSE taking the "
           "direction into account: tok/s higher is better, seconds and ms lower is better)")
 
