@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,7 +35,6 @@ from .host import DtypeChoice, HostProfile, choose_dtype, host_profile
 from .kernels import compiled as compiled_decode
 from .kernels import prepack as prepacking
 from .kernels.fp8 import convert_to_fp8
-from .kernels.quantize import weight_bytes
 from .kernels.swap import converted, kernels_in_use
 
 # train: fp32 master weights, bf16 by autocast; inference: generate / chat / serve (weights cast);
@@ -49,7 +48,7 @@ class Plan:
     dtype: torch.dtype
     reasons: tuple[str, ...]  # one line per decision, the dtype's first
     cast: bool = False  # inference / prefill: the weights cast to dtype; train keeps fp32 masters
-    autocast: bool = False  # train / prefill in bf16 over fp32 weights
+    autocast: bool = False  # train / eval in bf16 over fp32 weights
     fp8: bool = False  # train: V3's fine-grained FP8 GEMMs (kernels/fp8.py)
     prepack: bool = False  # inference: bf16 weights packed for oneDNN (kernels/prepack.py)
     compile: bool = False  # train: torch.compile(model); inference: the decode step (kernels/compiled.py)
@@ -82,7 +81,6 @@ class Applied:
     model: nn.Module
     forward: nn.Module
     decoder: object | None = None
-    swapped: list[str] = field(default_factory=list)
 
 
 def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", compile: bool = False,
@@ -131,15 +129,14 @@ def apply(model: nn.Module, plan: Plan, world=None, before_compile=None) -> Appl
     prepacking, compile. world: a parallel runtime (parallel/runtime.py) for training, else None.
     before_compile(model): called once the model's kernels are chosen and before any compile (a
     compiled decode swaps its linears, so what runs eagerly is reported there)."""
-    swapped: list[str] = []
     if plan.cast:
         model.to(plan.dtype)
     if plan.fp8:  # before parallelism and compile; parameters stay fp32 masters
-        swapped += convert_to_fp8(model, gemm_dtype=plan.dtype)  # the emulation multiplies in the run's dtype
+        convert_to_fp8(model, gemm_dtype=plan.dtype)  # the emulation multiplies in the run's dtype
     if world is not None:
         model = world.parallelize(model)  # EP, then FSDP2 or pipeline stages; one process: unchanged
     if plan.prepack and not converted(model):
-        swapped += prepacking.prepack(model)
+        prepacking.prepack(model)
     forward, decoder = model, None
     if before_compile is not None:
         before_compile(model)
@@ -147,7 +144,7 @@ def apply(model: nn.Module, plan: Plan, world=None, before_compile=None) -> Appl
         forward = torch.compile(model)
     elif plan.compile:
         decoder = compiled_decode.compile_decode(model, warmup=True, speculative=plan.speculative)
-    return Applied(model, forward, decoder, swapped)
+    return Applied(model, forward, decoder)
 
 
 # --- opening a model for a purpose ----------------------------------------------------------------
@@ -174,11 +171,11 @@ def prepare_inference(path, dtype="auto", *, prepack: bool = True, compile: bool
     explicit = dtype not in (None, "auto")
     choice = inference_dtype(dtype)
     log(choice.reason)
+    opened = open_model(path)
     # an explicit dtype reads (and dequantizes) the weights into it; auto keeps quantized codes
-    model = load(path, dtype=choice.dtype, quantized=False) if explicit else load(path)
-    quantized = not explicit and bool(weight_bytes(model)["quantized_params"])
-    plan = resolve("inference", dtype=dtype, prepack=prepack, compile=compile, quantized=quantized,
-                   speculative=speculative)
+    model = opened.model(dtype=choice.dtype, quantized=False) if explicit else opened.model()
+    plan = resolve("inference", dtype=dtype, prepack=prepack, compile=compile,
+                   quantized=_keeps_codes(opened, explicit), speculative=speculative)
     if explicit:
         plan = dataclasses.replace(plan, cast=False)  # already read in that dtype
 
@@ -194,9 +191,14 @@ def explain(purpose: str, path=None, **flags) -> Plan:
     """The plan `purpose` would get here (`frugallm info --plan`); with `path`, for that model: an
     inference plan keeps quantized weight codes unless an explicit dtype dequantizes them."""
     explicit = flags.get("dtype", "auto") not in (None, "auto")
-    quantized = bool(path) and purpose == "inference" and not explicit and \
-        bool(weight_bytes(load(path))["quantized_params"])
+    quantized = bool(path) and purpose == "inference" and _keeps_codes(open_model(path), explicit)
     return resolve(purpose, quantized=quantized, **flags)
+
+
+def _keeps_codes(opened, explicit_dtype: bool) -> bool:
+    """Whether the loaded model holds quantized weight codes: a declared quantization, read without
+    an explicit dtype (formats/hf.py keep_quantized's rule), from the metadata alone."""
+    return not explicit_dtype and opened.quantization is not None
 
 
 def load_for_inference(path, dtype="auto", prepack: bool = True):

@@ -27,10 +27,9 @@ from .. import io
 from ..config import ModelConfig
 from ..model.moe import upgrade_expert_name
 from ..tokenizer import TOKENIZER
+from .names import CHECKPOINTS, CONFIG, TRAIN_CONFIG, WEIGHTS
 
-CHECKPOINTS = "checkpoints"  # a run's folder of checkpoints
 PREFIX = "step_"  # checkpoints/step_000100
-CONFIG, TRAIN_CONFIG, WEIGHTS = "config.json", "train_config.json", "model.safetensors"
 CorruptCheckpoint = io.CorruptOutput  # the name callers catch
 
 

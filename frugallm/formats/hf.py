@@ -28,7 +28,8 @@ from ..config import ModelConfig, yarn_mscale
 from ..model.transformer import Transformer
 from ..kernels.fp8 import E4M3, weight_dequant
 from ..kernels.quantize import SUFFIX
-from ..tokenizer import load_tokenizer
+from ..tokenizer import TOKENIZER, load_tokenizer
+from .names import CONFIG, WEIGHTS
 
 TOP_KEYS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
             "head.weight": "lm_head.weight"}
@@ -60,7 +61,6 @@ MTP_KEYS = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
             "eh_proj.weight": "eh_proj.weight", "norm.weight": "shared_head.norm.weight"}
 MTP_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
 SCALE = SUFFIX  # NAME_scale_inv: the dequant multiplier of the codes in NAME, on both sides
-CONFIG = "config.json"
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")  # the Hugging Face model types frugallm's Transformer holds
 FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
@@ -362,11 +362,11 @@ def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None
                     tensors[f"model.layers.{cfg.n_layers + k}.{hf_suffix}{suffix}"] = tensors[TOP_KEYS[ours] + suffix].clone()
     path = Path(path)
     with io.write_directory(path, kind, sources=sources, suggest=suggest) as tmp:
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
         for f in files:
             shutil.copyfile(f, tmp / Path(f).name)
-        if (tmp / "tokenizer.json").exists() and not (tmp / "tokenizer_config.json").exists():
+        if (tmp / TOKENIZER).exists() and not (tmp / "tokenizer_config.json").exists():
             # what AutoTokenizer needs beyond tokenizer.json: the special tokens and the chat template
             config = load_tokenizer(tmp).hf_config(cfg.max_seq_len)
             (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

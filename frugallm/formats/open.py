@@ -26,14 +26,12 @@ import torch
 from .. import io
 from ..config import ModelConfig
 from . import checkpoint, hf
+from .names import CHECKPOINTS, CONFIG
 from . import quantized as quantized_layout
-
-KINDS = ("run", "checkpoint", "quantized", "hf")
-
 
 @dataclass(frozen=True)
 class Opened:
-    kind: str  # one of KINDS
+    kind: str  # run | checkpoint | quantized | hf (the table above)
     path: Path  # what was asked for
     weights: Path  # the directory holding the weights: a run's newest verified checkpoint, else path
     hf_config: dict | None  # the Hugging Face config.json (kind hf)
@@ -51,12 +49,7 @@ class Opened:
                              f"Transformer cannot hold; model types it reads: {', '.join(hf.MODEL_TYPES)}")
         if self.kind == "hf":
             return hf.config_from_hf(self.hf_config)
-        return ModelConfig.from_json(self.weights / checkpoint.CONFIG)
-
-    @property
-    def tokenizer(self) -> Path:
-        """The tokenizer.json `load_tokenizer` reads for this directory (it may not exist)."""
-        return self.path / "tokenizer.json"
+        return ModelConfig.from_json(self.weights / CONFIG)
 
     def model(self, dtype: torch.dtype | None = None, quantized: bool | None = None):
         """The Transformer these weights make: quantized codes kept or dequantized by
@@ -74,7 +67,7 @@ class Opened:
 def open(path) -> Opened:  # noqa: A001 - the format layer's one entry point, as io's open is Python's
     """What `path` is, with its config and quantization metadata (no weights are read)."""
     path = Path(path)
-    if (path / checkpoint.CHECKPOINTS).exists():
+    if (path / CHECKPOINTS).exists():
         ckpt = checkpoint.latest(path)
         if ckpt is None:
             raise FileNotFoundError(f"{path} is a frugallm run without a checkpoint that verifies; "
@@ -86,14 +79,14 @@ def open(path) -> Opened:  # noqa: A001 - the format layer's one entry point, as
         return _local(path, path, "checkpoint")
     if kind == "quantized" and (path / quantized_layout.META).exists():
         return _local(path, path, "quantized")
-    if (path / hf.CONFIG).exists():
-        hf_config = json.loads((path / hf.CONFIG).read_text())
+    if (path / CONFIG).exists():
+        hf_config = json.loads((path / CONFIG).read_text())
         return Opened("hf", path, path, hf_config, hf_config.get("quantization_config"))
     raise FileNotFoundError(f"{path} is neither a frugallm run (no valid checkpoint), a checkpoint, a quantized "
-                            f"export nor a Hugging Face model directory (no {hf.CONFIG}); pass one of those")
+                            f"export nor a Hugging Face model directory (no {CONFIG}); pass one of those")
 
 
 def _local(path: Path, weights: Path, kind: str) -> Opened:
     """A directory frugallm wrote itself: a checkpoint, or a quantized export in frugallm's layout."""
-    meta = json.loads((weights / quantized_layout.META).read_text()) if (weights / quantized_layout.META).exists() else None
-    return Opened(kind, path, weights, None, meta)
+    meta = weights / quantized_layout.META
+    return Opened(kind, path, weights, None, json.loads(meta.read_text()) if meta.exists() else None)

@@ -31,7 +31,8 @@ from .. import io
 from ..config import ModelConfig
 from ..model.transformer import Transformer
 from ..tokenizer import TOKENIZER
-from .checkpoint import CHECKPOINTS, CONFIG, WEIGHTS, latest
+from .checkpoint import latest
+from .names import CHECKPOINTS, CONFIG, WEIGHTS
 from .hf import hf_format, keep_quantized, to_hf
 from ..kernels.fp8 import DEFAULT_SKIP
 from ..kernels.quantize import FORMATS, SUFFIX, dequantize_state_dict, from_quantized_state_dict, quantize_model

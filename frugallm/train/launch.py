@@ -9,6 +9,7 @@ import os
 import sys
 
 from ..config import ModelConfig, get_preset
+from ..formats.names import CONFIG, TRAIN_CONFIG
 from .config import TrainConfig, apply_overrides
 
 DEFAULT_TIME = "8m"  # `frugallm train` with neither --steps nor --time: the main job fits in 10 minutes
@@ -33,10 +34,10 @@ def run_configs(out, *, config=None, preset=None, train_config=None, resume=Fals
             raise FileNotFoundError(f"--resume: {out} holds no valid checkpoint; drop --resume to start a "
                                     "new run there, or pass the run's directory with --out")
     model_cfg = ModelConfig.from_json(config) if config else get_preset(preset) if preset \
-        else model_from if model_from else ModelConfig.from_json(saved / "config.json") if saved \
+        else model_from if model_from else ModelConfig.from_json(saved / CONFIG) if saved \
         else get_preset(DEFAULT_PRESET)
     train_cfg = TrainConfig.from_json(train_config) if train_config else \
-        TrainConfig.from_json(saved / "train_config.json") if saved else TrainConfig()
+        TrainConfig.from_json(saved / TRAIN_CONFIG) if saved else TrainConfig()
     # the length: --time (steps a cap), or --steps alone (no budget), or neither: DEFAULT_TIME, capped at
     # TrainConfig.steps; a --train-config file or --set steps=/time_budget= says it instead (and a
     # resumed run keeps its own)

@@ -20,13 +20,14 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..formats import checkpoint
+from ..formats.names import CHECKPOINTS, CONFIG, METRICS, TRAIN_CONFIG
 from ..io import write_file
 from ..model.transformer import Transformer
 from ..parallel import layout as parallel_layout
 from ..parallel.runtime import runtime_for
 from ..plan import Plan, apply, resolve
 from ..plan import load as load_model
-from ..tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from ..tokenizer import TOKENIZER, Tokenizer, load_tokenizer, train_tokenizer
 from . import data
 from .config import TrainConfig
 from .optim import ExpertBiasUpdate, build_optimizer
@@ -39,14 +40,14 @@ def _silent(line: str) -> None:
 
 def _tokenizer_for(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, log,
                    write: bool = True) -> Tokenizer:
-    if (run_dir / "tokenizer.json").exists():
+    if (run_dir / TOKENIZER).exists():
         tok = load_tokenizer(run_dir)
     elif train_cfg.tokenizer:
         tok = load_tokenizer(train_cfg.tokenizer)
     else:  # train one on the run's data; cached per (data, vocab)
         key = f"{data.fingerprint(train_cfg.data)}-{model_cfg.vocab_size}-{train_cfg.tokenizer_train_chars}"
         cached = data.cache_root() / "tokenizers" / key
-        if (cached / "tokenizer.json").exists():
+        if (cached / TOKENIZER).exists():
             tok = load_tokenizer(cached)
         else:
             log(f"training a {model_cfg.vocab_size}-token byte-level BPE on {train_cfg.data or 'the built-in corpus'}")
@@ -72,7 +73,7 @@ def _sample_texts(train_cfg: TrainConfig):
 
 
 # what a run directory holds (a run that stopped before its first checkpoint may be started again)
-RUN_FILES = {"config.json", "train_config.json", "tokenizer.json", "metrics.jsonl", "checkpoints"}
+RUN_FILES = {CONFIG, TRAIN_CONFIG, TOKENIZER, METRICS, CHECKPOINTS}
 
 
 def _run_file(name: str) -> bool:
@@ -113,8 +114,8 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path,
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"--resume: {run_dir} holds no valid checkpoint")
-    saved_train = TrainConfig.from_json(ckpt / "train_config.json")
-    saved_model = ModelConfig.from_json(ckpt / "config.json")
+    saved_train = TrainConfig.from_json(ckpt / TRAIN_CONFIG)
+    saved_model = ModelConfig.from_json(ckpt / CONFIG)
     # a resumed run keeps everything that shapes the computation (its precision included); only its
     # length and cadence may change, and asking for any other change is refused, not ignored. The
     # length changes only when the caller gives steps and no time budget (the CLI's --steps): a
@@ -153,8 +154,8 @@ def _prepare_data(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
     if not world.is_main:
         world.barrier()
     else:
-        model_cfg.to_json(run_dir / "config.json")
-        train_cfg.to_json(run_dir / "train_config.json")
+        model_cfg.to_json(run_dir / CONFIG)
+        train_cfg.to_json(run_dir / TRAIN_CONFIG)
     tokenizer = _tokenizer_for(run_dir, model_cfg, train_cfg, log, write=world.is_main)
     splits = data.prepare(train_cfg.data, tokenizer, train_cfg.val_fraction, train_cfg.text_field)
     if world.is_main:
@@ -249,7 +250,7 @@ def set_up(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path, resume
         checkpoint.load(ckpt, None, optimizer, world.shard, params_of=model)
         run.start, run.tokens, balance.tokens_seen = state["step"], state["tokens"], state["bias_tokens_seen"]
         if world.is_main:
-            _truncate_metrics(run_dir / "metrics.jsonl", run.start)
+            _truncate_metrics(run_dir / METRICS, run.start)
         log(f"resumed from {ckpt} at step {run.start}")
     return run
 

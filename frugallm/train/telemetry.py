@@ -10,6 +10,7 @@ import time
 import torch
 
 from ..config import ModelConfig
+from ..formats.names import TRAIN_CONFIG
 from ..model.count import count_params
 from ..model.transformer import Transformer
 from ..parallel.runtime import Local
@@ -81,7 +82,7 @@ def evaluate_run(run, source=None, n_batches: int = 16, log=print) -> str:
     ckpt = latest(run)
     if ckpt is None:
         raise FileNotFoundError(f"{run} holds no valid checkpoint")
-    cfg = TrainConfig.from_json(ckpt / "train_config.json")
+    cfg = TrainConfig.from_json(ckpt / TRAIN_CONFIG)
     model, tok = load(run), load_tokenizer(run)
     splits = data.prepare(cfg.data if source is None else source, tok, cfg.val_fraction, cfg.text_field)
     batches = data.val_batches(splits.val, cfg.seq_len, cfg.batch_size, mask=splits.val_mask)

@@ -28,6 +28,7 @@ from torch.profiler import record_function
 
 from ..config import ModelConfig
 from ..formats import checkpoint
+from ..formats.names import METRICS, TRAIN_CONFIG
 from ..model.count import count_params
 from ..model.hyperconn import composite_gains
 from ..parallel import timeline
@@ -291,7 +292,7 @@ def _plan_length(run: Run, meter: Meter, done: int) -> None:
     run.log(f"time budget {cfg.time_budget}: {how}")
     run.train_cfg = dataclasses.replace(cfg, steps=planned)
     if world.is_main:
-        run.train_cfg.to_json(run.run_dir / "train_config.json")  # and every checkpoint from now on
+        run.train_cfg.to_json(run.run_dir / TRAIN_CONFIG)  # and every checkpoint from now on
     meter.progress.set_total(planned)
 
 
@@ -317,7 +318,7 @@ def _telemetry(run: Run, meter: Meter, done: int, out: StepOut) -> None:
         metrics |= {"val_loss": meter.val_loss, "val_ppl": math.exp(min(meter.val_loss, 50)), **_hc_gains(run)}
         meter.t_last = time.perf_counter()  # eval time is not training throughput
     if world.is_main:
-        with open(run.run_dir / "metrics.jsonl", "a") as f:
+        with open(run.run_dir / METRICS, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         meter.progress.update(done, cfg.steps, metrics)
 
