@@ -321,12 +321,12 @@ class TimedDecoder:
         return out
 
     def __call__(self, ids, cache):
-        fn = self.decoder or (lambda x, c: self.model(x, cache=c, attn_impl="absorbed"))
+        fn = self.decoder or (lambda x, c: self.model(x, cache=c, absorb=True))
         return self._timed(("main", ids.shape[1]), fn, ids, cache)
 
-    def mtp_step(self, depth, h_prev, next_ids, cache, attn_impl=None, logits_at=None):
+    def mtp_step(self, depth, h_prev, next_ids, cache, absorb=None, logits_at=None):
         fn = self.decoder.mtp_step if self.decoder else self.model.mtp_step
-        return self._timed(("mtp", next_ids.shape[1]), fn, depth, h_prev, next_ids, cache, attn_impl, logits_at)
+        return self._timed(("mtp", next_ids.shape[1]), fn, depth, h_prev, next_ids, cache, absorb, logits_at)
 
     @property
     def ms(self) -> dict:

@@ -8,7 +8,7 @@ What it measures, for the `tiny` preset with n_mtp=0 (transformers has no MTP):
   * a matmul roofline: FLOPs of a step (2 x active matmul params x tokens + causal attention
     scores/values; backward = 2 x forward) over a measured torch.mm rate = the ideal time, and
     measured / ideal per side;
-  * frugallm's grouped vs loop routed experts (config.moe_impl).
+  * frugallm's grouped vs loop routed experts (kernels/experts.py, swapped in place).
 
 Both models hold the same weights: frugallm writes a HF checkpoint (to_hf, with a non-zero
 e_score_correction_bias), transformers and frugallm (from_hf) both load it, and their fp32 logits
@@ -39,6 +39,7 @@ import transformers
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 import frugallm
+from frugallm.kernels.experts import GroupedExperts, use_grouped_experts
 from frugallm.model.moe import MoE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -85,10 +86,12 @@ def check_same_model(path: Path, ids: torch.Tensor) -> tuple[float, float]:
 
 
 def set_moe_impl(model, impl: str) -> None:
-    """The MoE modules read cfg.moe_impl at forward time; set it on every (usually one shared) cfg."""
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.cfg.moe_impl = impl
+    """The routed experts as the plan runs them ('grouped', kernels/experts.py) or model/moe.py's
+    reference loop ('loop'), swapped in place over the same parameters (only when they differ: a
+    swap gives dynamo new modules to guard on)."""
+    grouped = impl == "grouped"
+    if any(isinstance(m, GroupedExperts) for m in model.modules()) != grouped:
+        use_grouped_experts(model, grouped)
 
 
 # --- steps ----------------------------------------------------------------------------------
@@ -234,6 +237,7 @@ def main() -> None:
         for dtype in dict.fromkeys(dtype_of.values()):
             # both keep the selection bias fp32
             pairs[dtype] = frugallm.from_hf(path, dtype=dtype), load_hf(path, dtype)
+            set_moe_impl(pairs[dtype][0], "grouped")  # as every execution plan runs them (plan.py)
         vocab = next(iter(pairs.values()))[0].config.vocab_size
         ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
         logit_err, loss_err = check_same_model(path, ids[:2, :128])

@@ -15,13 +15,17 @@ from pathlib import Path
 from typing import Any
 
 _CHOICES = {
-    "attn_impl": ("auto", "naive", "absorbed"),
     "score_func": ("sigmoid", "softmax"),
     "group_score": ("top2_sum", "max"),
-    "moe_impl": ("grouped", "loop"),
     "rope_scaling": ("none", "yarn"),
     "residual": ("plain", "hc", "mhc"),
 }
+
+
+# Keys that config.json files from earlier frugallm versions hold and that do not describe the architecture:
+# how attention and the routed experts run is the execution plan's (plan.py), and the attention path
+# is chosen per call (Transformer.forward's `absorb`). Read and ignored, so old runs still open.
+RETIRED_KEYS = ("attn_impl", "moe_impl")
 
 
 @dataclass
@@ -42,7 +46,6 @@ class ModelConfig:
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
-    attn_impl: str = "auto"  # auto = naive for training/prefill, absorbed for cached decode (S == 1)
     # --- moe (DeepSeek-V3 §2.1.2; docs/design/moe.md)
     n_routed_experts: int = 16  # 0 = a dense model
     n_shared_experts: int = 1
@@ -56,7 +59,6 @@ class ModelConfig:
     route_scale: float = 2.5
     gate_bias: bool = True  # aux-loss-free selection bias, fp32 buffer, never trained by gradient
     balance_loss_alpha: float = 1e-4  # sequence-wise balance loss (V3 eq. 17); 0 disables
-    moe_impl: str = "grouped"  # grouped (sorted tokens, one grouped GEMM) or loop (reference)
     # --- mtp (DeepSeek-V3 §2.2; docs/design/mtp.md)
     n_mtp: int = 1  # D sequential MTP modules; 0 disables
     mtp_lambda: float = 0.3  # L_MTP = (lambda / D) * sum_k L_k
@@ -143,6 +145,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = {k: v for k, v in d.items() if k not in RETIRED_KEYS}
         check_keys(cls, d)
         return cls(**d)
 

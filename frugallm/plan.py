@@ -6,6 +6,7 @@ on this machine is an execution plan, and every rule that combines the options l
     option        decided from                                   applied as
     dtype         the host profile (host.py) or the user's flag  model.to(dtype), or bf16 autocast (train)
     fp8           --set fp8=true (V3 §3.3 fine-grained FP8)       kernels/fp8.py convert_to_fp8
+    experts       always: sorted, grouped GEMMs                  kernels/experts.py use_grouped_experts
     prepack       bf16 weights on a host whose oneDNN packs them  kernels/prepack.py prepack
     compile       --compile                                      torch.compile (train) / kernels/compiled.py
     parallel      --ep/--pp/--dp under torchrun (parallel/)       world.parallelize: EP, then PP or FSDP2
@@ -14,8 +15,9 @@ The rules: a model whose weights are quantized codes runs them as they are (they
 dtype as they run), so it gets no other kernel; a compiled decode packs its own weights, so compile and
 prepack exclude each other; prepacking needs bf16 weights and a host that packs them. `apply` is the only
 caller of model.to(dtype) for execution, swap_matmuls' converters, parallelize and torch.compile, and it
-applies them in one order (as torchtitan's parallelize does): dtype, numerics (fp8), parallelism,
-prepacking, compile. `frugallm info --plan` prints a plan with the reason for each part.
+applies them in one order (as torchtitan's parallelize does): dtype, numerics (fp8), grouped experts,
+parallelism, prepacking, compile. The grouped experts replace model/moe.py's reference loop for every
+plan; a later twin (expert parallelism, prepacking, compiled decode) may still take their place. `frugallm info --plan` prints a plan with the reason for each part.
 
 The format layer may read weights in a storage dtype the caller asked for (`load(path, dtype)`); that is
 a loading choice, not an execution one.
@@ -34,6 +36,7 @@ from .formats.open import open as open_model
 from .host import DtypeChoice, HostProfile, choose_dtype, host_profile
 from .kernels import compiled as compiled_decode
 from .kernels import prepack as prepacking
+from .kernels.experts import use_grouped_experts
 from .kernels.fp8 import convert_to_fp8
 from .kernels.swap import converted, kernels_in_use
 
@@ -125,14 +128,15 @@ def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", c
 
 
 def apply(model: nn.Module, plan: Plan, world=None, before_compile=None) -> Applied:
-    """Apply `plan` to `model` in place, in the documented order: dtype, numerics, parallelism,
-    prepacking, compile. world: a parallel runtime (parallel/runtime.py) for training, else None.
+    """Apply `plan` to `model` in place, in the documented order: dtype, numerics, grouped experts,
+    parallelism, prepacking, compile. world: a parallel runtime (parallel/runtime.py) for training, else None.
     before_compile(model): called once the model's kernels are chosen and before any compile (a
     compiled decode swaps its linears, so what runs eagerly is reported there)."""
     if plan.cast:
         model.to(plan.dtype)
     if plan.fp8:  # before parallelism and compile; parameters stay fp32 masters
         convert_to_fp8(model, gemm_dtype=plan.dtype)  # the emulation multiplies in the run's dtype
+    use_grouped_experts(model)  # before parallelism: FSDP2 holds on to the modules it wraps
     if world is not None:
         model = world.parallelize(model)  # EP, then FSDP2 or pipeline stages; one process: unchanged
     if plan.prepack and not converted(model):

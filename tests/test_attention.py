@@ -23,8 +23,8 @@ def test_absorbed_equals_naive_whole_sequence(q_lora_rank, dtype, tol):
     model = Transformer(tiny_config(q_lora_rank=q_lora_rank, **YARN)).to(dtype).eval()
     ids = torch.randint(0, 97, (2, 23))
     with torch.no_grad():
-        naive = model(ids, attn_impl="naive").logits
-        absorbed = model(ids, attn_impl="absorbed").logits
+        naive = model(ids, absorb=False).logits
+        absorbed = model(ids, absorb=True).logits
     assert _rel(absorbed, naive) <= tol
 
 
@@ -34,11 +34,11 @@ def test_token_by_token_decode_equals_full_recompute(dtype, tol):
     model = Transformer(cfg).to(dtype).eval()
     ids = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
-        full = model(ids, attn_impl="naive").logits
-        for impl in ("absorbed", "naive"):
+        full = model(ids, absorb=False).logits
+        for absorb in (True, False):
             cache = KVCache(cfg, batch_size=2, dtype=dtype)
-            prefill = model(ids[:, :7], cache=cache, attn_impl="naive").logits  # prefill: naive
-            steps = [model(ids[:, t:t + 1], cache=cache, attn_impl=impl).logits for t in range(7, 20)]
+            prefill = model(ids[:, :7], cache=cache, absorb=False).logits  # prefill: naive
+            steps = [model(ids[:, t:t + 1], cache=cache, absorb=absorb).logits for t in range(7, 20)]
             assert cache.lengths.tolist() == [20, 20]
             assert _rel(torch.cat([prefill, *steps], 1), full) <= tol
 

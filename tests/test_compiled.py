@@ -8,7 +8,8 @@ from frugallm import Transformer
 from frugallm.infer import KVCache
 from frugallm.kernels.compiled import GemvLinear, compile_decode, unavailable_reason
 from frugallm.infer.generate import generate
-from frugallm.model.moe import MoE, dense_experts, gathered_experts, loop_experts
+from frugallm.kernels.experts import dense_experts, gathered_experts
+from frugallm.model.moe import MoE, loop_experts
 from frugallm.kernels.prepack import prepack
 from frugallm.kernels.quantize import quantize_model
 
@@ -43,9 +44,9 @@ def test_static_cache_view_equals_the_dynamic_cache():
         for mine, theirs in zip(other.c_kv + other.k_pe + [other.lengths], cache.c_kv + cache.k_pe + [cache.lengths]):
             mine.copy_(theirs)
         ids = torch.randint(0, 97, (2, 2))
-        want = model(ids, cache=cache, attn_impl="absorbed").logits
+        want = model(ids, cache=cache, absorb=True).logits
         static = KVCache.over(other.c_kv, other.k_pe, other.lengths)
-        got = model(ids, cache=static, attn_impl="absorbed").logits
+        got = model(ids, cache=static, absorb=True).logits
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
     assert torch.equal(other.lengths, cache.lengths)
     assert all(torch.equal(a, b) for a, b in zip(other.c_kv + other.k_pe, cache.c_kv + cache.k_pe))
@@ -82,7 +83,7 @@ def test_compiled_decode_equals_eager_greedy_batch_and_speculative():
         ids = torch.tensor([[5]])
         got = decoder(ids, cache).logits
         cache.lengths -= 1
-        eager = model(ids, cache=cache, attn_impl="absorbed").logits
+        eager = model(ids, cache=cache, absorb=True).logits
     assert torch.allclose(got, eager, rtol=1e-4, atol=1e-5)
 
 
@@ -102,7 +103,7 @@ def test_two_compiled_models_keep_their_own_weights():
             model(torch.tensor([[3, 4, 5]]), cache=cache)
             got = decoder(torch.tensor([[6]]), cache).logits
             cache.lengths -= 1
-            want = model(torch.tensor([[6]]), cache=cache, attn_impl="absorbed").logits
+            want = model(torch.tensor([[6]]), cache=cache, absorb=True).logits
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -20,7 +20,7 @@ def _greedy_full_recompute(model, prompt: list[int], n: int) -> list[int]:
     seq = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            seq.append(int(model(torch.tensor([seq]), attn_impl="naive").logits[0, -1].argmax()))
+            seq.append(int(model(torch.tensor([seq]), absorb=False).logits[0, -1].argmax()))
     return seq[len(prompt):]
 
 

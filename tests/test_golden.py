@@ -100,10 +100,16 @@ def dtype_name(model) -> str:
 
 
 def kernels(model) -> str:
-    """The model's matmul modules by kernel, e.g. 'prepacked-bf16 x30, plain x4'."""
+    """The model's matmul modules by kernel, e.g. 'prepacked-bf16 x30, plain x4'. The record counts the
+    routed experts as 'plain': their grouped path was then RoutedExperts' own; since the restructure it
+    is a twin of its own (kernels/experts.py, 'grouped'), counted here as the record did."""
     from frugallm.kernels.swap import kernels_in_use
 
-    return kernels_in_use(model)
+    counts = dict(part.rsplit(" x", 1) for part in kernels_in_use(model).split(", "))
+    grouped = int(counts.pop("grouped", 0))
+    if grouped:
+        counts["plain"] = str(int(counts.get("plain", 0)) + grouped)
+    return ", ".join(f"{kind} x{n}" for kind, n in counts.items())
 
 
 def quantize_run(run: Path, fmt: str, out: Path) -> Path:
@@ -146,7 +152,7 @@ def decode_step_logits(model, ids: torch.Tensor, next_ids: torch.Tensor, decoder
 
     cache = KVCache(model.config, ids.shape[0], ids.shape[1] + 4, dtype=model.embed.weight.dtype)
     model(ids, cache=cache)
-    return (decoder(next_ids, cache) if decoder else model(next_ids, cache=cache, attn_impl="absorbed")).logits
+    return (decoder(next_ids, cache) if decoder else model(next_ids, cache=cache, absorb=True)).logits
 
 
 # ======================================================================================================

@@ -57,7 +57,7 @@ def test_logits_match_transformers_both_directions(kind, q_lora_rank, tmp_path):
         logits = ours(ids).logits
         assert logits.shape == (2, 24, 101)
         assert _rel(logits, ref) <= 1e-4
-        assert _rel(ours(ids, attn_impl="absorbed").logits, ref) <= 1e-4
+        assert _rel(ours(ids, absorb=True).logits, ref) <= 1e-4
         frugallm.to_hf(ours, tmp_path / "out")
         back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
         assert type(back) is type(hf)

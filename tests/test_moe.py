@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from frugallm import Transformer
+from frugallm.kernels.experts import GroupedExperts, use_grouped_experts
 from frugallm.model.moe import Gate, MoE, max_violation, sequence_balance_loss, update_expert_bias
 from frugallm.train.optim import ExpertBiasUpdate
 
@@ -20,8 +21,9 @@ def test_grouped_equals_loop_forward_and_backward():
         moe.gate.bias.normal_()
     x = torch.randn(3, 11, cfg.dim, requires_grad=True)
     outs, grads = [], []
-    for impl in ("loop", "grouped"):
-        cfg.moe_impl = impl
+    for grouped in (False, True):
+        use_grouped_experts(moe, grouped)
+        assert isinstance(moe.experts, GroupedExperts) == grouped
         moe.zero_grad()
         x.grad = None
         y, _ = moe(x)
@@ -41,9 +43,8 @@ def test_grouped_equals_loop_float64_fallback():
         for p in moe.parameters():
             p.normal_(0, 0.3)
     x = torch.randn(2, 9, cfg.dim, dtype=torch.float64)
-    cfg.moe_impl = "loop"
     loop, _ = moe(x)
-    cfg.moe_impl = "grouped"
+    use_grouped_experts(moe)
     grouped, _ = moe(x)
     assert torch.allclose(loop, grouped, rtol=1e-12, atol=1e-14)
 
@@ -174,6 +175,7 @@ def test_compiled_model_equals_eager_in_fp32():
     import torch._dynamo
 
     model = Transformer(tiny_config()).train()
+    use_grouped_experts(model)
     ids = torch.randint(0, 97, (2, 16))
     eager = model(ids, targets=ids).loss
     eager.backward()

@@ -7,6 +7,7 @@ from torch import nn
 
 from frugallm import Transformer
 from frugallm.infer.generate import generate
+from frugallm.kernels.experts import use_grouped_experts
 from frugallm.model.moe import MLP, MoE
 from frugallm.kernels.prepack import PackedExperts, PackedLinear, PackedMLP, prepack, unavailable_reason
 
@@ -47,6 +48,7 @@ def test_moe_decode_is_bit_identical_and_prefill_close(cfg):
         nn.init.normal_(w, std=0.1)
     packed = MoE(cfg).to(BF16).eval()
     packed.load_state_dict(moe.state_dict())
+    use_grouped_experts(moe)  # the reference is what every plan runs without prepacking
     assert prepack(packed) == ["experts", "shared_experts"]  # the gate is not a matmul module
     with torch.no_grad():
         x = torch.randn(1, 1, cfg.dim, dtype=BF16)  # decode: N*K < E, both run one GEMM chain per expert

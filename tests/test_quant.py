@@ -153,7 +153,7 @@ def test_casting_a_quantized_model_keeps_codes_and_fp32_scales(fmt):
     assert lin.compute_dtype == lin.weight.dtype == torch.bfloat16  # what the absorbed path reads
     ids = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
-        naive, absorbed = model(ids, attn_impl="naive").logits, model(ids, attn_impl="absorbed").logits
+        naive, absorbed = model(ids, absorb=False).logits, model(ids, absorb=True).logits
     assert naive.dtype == torch.bfloat16 and _rel(absorbed, naive) < 2e-2
     assert frugallm.generate(model, ids[:1, :5], 4).shape == (1, 4)  # cached decode on codes
 

@@ -342,7 +342,7 @@ class Engine:
         view = self._view(a, b)
         before = view.lengths.clone()
         t0 = time.perf_counter()
-        out = self.decoder(ids, view) if self.decoder else self.model(ids, cache=view, attn_impl="absorbed")
+        out = self.decoder(ids, view) if self.decoder else self.model(ids, cache=view, absorb=True)
         view.lengths.copy_(before)
         view.lengths[:len(jobs)] += 1
         self._count("decode_tokens", len(jobs), time.perf_counter() - t0)

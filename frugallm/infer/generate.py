@@ -81,7 +81,7 @@ def generate_stream(model, input_ids, max_new_tokens: int, temperature: float = 
                              if n_drafts else (seq[:, :0], None))
             positions = (n_verified - 1)[:, None] + torch.arange(n_drafts + 1, device=device)  # (B, n_drafts+1)
             ids = seq.gather(1, positions)
-            out = decoder(ids, cache) if decoder else model(ids, cache=cache, attn_impl="absorbed")
+            out = decoder(ids, cache) if decoder else model(ids, cache=cache, absorb=True)
             n, token, row_accepted = accept(out.logits, drafts, dists, temperature, top_k, top_p, generator)
             if drafter:
                 drafter.record(positions, out.hidden)

@@ -98,7 +98,7 @@ class Drafter:
             idx = start[:, None] + torch.arange(width, device=seq.device)  # (B, W)
             cache.lengths.copy_(start)
             h, logits = self.mtp_step(k - 1, self.hist[k - 1][rows, idx], seq.gather(1, idx + k), cache,
-                                      attn_impl="absorbed" if width <= self.D + 1 else "naive",
+                                      absorb=width <= self.D + 1,
                                       logits_at=(n_verified - 2 - start)[:, None])  # at position N-2
             if k < self.D:
                 self.hist[k][rows, idx] = h

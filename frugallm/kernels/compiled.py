@@ -11,7 +11,7 @@ What makes the step traceable as one graph with no data-dependent shapes:
     cost: a step attends over the whole buffer, prompt + max_new_tokens for `generate`);
     each layer's buffers are graph inputs of their own, so the new latents are written in place
     (slices of one stacked buffer made the graph copy each layer's buffer every step);
-  - routed experts are `StaticExperts` (model/moe.py static_experts): per-pair gathered GEMVs at
+  - routed experts are `StaticExperts` (kernels/experts.py static_experts): per-pair gathered GEMVs at
     batch 1, every expert densely for a batch; no sort, no per-expert split;
   - freezing treats the weights as constants, so inductor prepacks them itself (the eager
     `kernels/prepack.py` is not applied to a model that is compiled).
@@ -46,8 +46,9 @@ import torch
 from torch import nn
 from torch._inductor.fx_passes import decompose_mem_bound_mm
 
-from ..model.moe import RoutedExperts, static_experts
+from ..model.moe import RoutedExperts
 from ..model.transformer import ModelOutput
+from .experts import static_experts
 from .swap import converted, swap_matmuls
 from ..model.kv_cache import KVCache
 
@@ -91,7 +92,7 @@ class GemvLinear(nn.Linear):
 
 
 class StaticExperts(RoutedExperts):
-    """RoutedExperts with static-shape dispatch while traced (model/moe.py static_experts: gathered
+    """RoutedExperts with static-shape dispatch while traced (kernels/experts.py static_experts: gathered
     GEMVs at batch 1, every expert densely for a batch); eager calls (prefill) keep the grouped path."""
 
     kernel = "compiled-static-experts"
@@ -100,7 +101,6 @@ class StaticExperts(RoutedExperts):
     def from_experts(cls, experts: RoutedExperts) -> "StaticExperts":
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.impl = experts.impl
         new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3  # the same Parameter objects
         new.train(experts.training)
         return new
@@ -110,7 +110,7 @@ class StaticExperts(RoutedExperts):
 
 
 class CompiledDecode:
-    """`decoder(tokens, cache)` == `model(tokens, cache=cache, attn_impl="absorbed")` for a
+    """`decoder(tokens, cache)` == `model(tokens, cache=cache, absorb=True)` for a
     cached decode or verify step, compiled, and `decoder.mtp_step` == `model.mtp_step` for the
     speculative drafts. Pass it to `generate(..., decoder=)`.
 
@@ -142,11 +142,11 @@ class CompiledDecode:
         self._mtp = torch.compile(_own_code(self._mtp_forward), dynamic=False, options=no_module_guards)
 
     def _forward(self, tokens, c_kv, k_pe, lengths):
-        out = self.model(tokens, cache=KVCache.over(c_kv, k_pe, lengths), attn_impl="absorbed")
+        out = self.model(tokens, cache=KVCache.over(c_kv, k_pe, lengths), absorb=True)
         return out.logits, out.hidden
 
     def _mtp_forward(self, depth: int, h_prev, next_ids, c_kv, k_pe, lengths, logits_at):
-        return self.model.mtp_step(depth, h_prev, next_ids, KVCache.over(c_kv, k_pe, lengths), attn_impl="absorbed",
+        return self.model.mtp_step(depth, h_prev, next_ids, KVCache.over(c_kv, k_pe, lengths), absorb=True,
                                    logits_at=logits_at)
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> ModelOutput:
@@ -158,12 +158,12 @@ class CompiledDecode:
         return ModelOutput(logits=logits, hidden=hidden)
 
     def mtp_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: KVCache,
-                 attn_impl: str | None = None, logits_at: torch.Tensor | None = None):
+                 absorb: bool | None = None, logits_at: torch.Tensor | None = None):
         """`model.mtp_step`, compiled for speculative drafting windows (absorbed attention over a
         few positions, one graph per width and depth); other calls (the first window after a
         prefill, naive attention) run eager."""
-        if attn_impl != "absorbed":
-            return self.model.mtp_step(depth, h_prev, next_ids, cache, attn_impl, logits_at)
+        if absorb is not True:
+            return self.model.mtp_step(depth, h_prev, next_ids, cache, absorb, logits_at)
         c_kv, k_pe = self._window(cache, next_ids.shape[1])
         with self._settings(next_ids.shape[0]):
             return self._mtp(depth, h_prev, next_ids, c_kv, k_pe, cache.lengths, logits_at)

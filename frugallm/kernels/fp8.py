@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import RoutedExperts, sort_by_expert, unsort
+from ..model.moe import RoutedExperts
+from .experts import sort_by_expert, unsort
 from .swap import swap_matmuls
 
 BLOCK = 128
@@ -248,7 +249,7 @@ class Fp8Linear(nn.Linear):
 
 def fp8_experts(x, weights, idx, w1, w2, w3, scale_fmt: str | None = None,
                 gemm_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Routed experts in FP8, with the signature of model/moe.py's loop_experts / grouped_experts:
+    """Routed experts in FP8, with the signature of model/moe.py's loop_experts (kernels/experts.py grouped_experts):
     x (N, d), weights / idx (N, K), stacked w1, w3 (E, I, d) and w2 (E, d, I). Tokens are sorted
     by expert as in the grouped path, then each expert runs three Fp8 GEMMs on its contiguous rows,
     its weights in their own 128x128 blocks (no block straddles two experts)."""
@@ -300,7 +301,7 @@ class Fp8Experts(RoutedExperts):
                      gemm_dtype: torch.dtype = torch.float32) -> "Fp8Experts":
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.impl, new.scale_fmt, new.gemm_dtype = experts.impl, scale_fmt, gemm_dtype
+        new.scale_fmt, new.gemm_dtype = scale_fmt, gemm_dtype
         new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3  # the same Parameter objects
         new.train(experts.training)
         return new

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import MLP, RoutedExperts, per_expert
+from ..model.moe import MLP, RoutedExperts
+from .experts import per_expert
 from .swap import swap_matmuls
 
 DTYPE = torch.bfloat16
@@ -129,7 +130,7 @@ class PackedExperts(nn.Module):
         self.w2s = [pack(w) for w in experts.w2]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """RoutedExperts' signature: one fused SwiGLU per expert that got tokens (model/moe.py per_expert)."""
+        """RoutedExperts' signature: one fused SwiGLU per expert that got tokens (kernels/experts.py per_expert)."""
         N, K = idx.shape
         if N == 1:  # decode at batch 1: the K experts in pair order, no sort / gather / scatter
             out = torch.cat([_swiglu(x, self.w13s[e], self.w2s[e]) for e in idx[0].tolist()])  # (K, d)

@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import RoutedExperts, loop_experts, per_expert
+from ..model.moe import RoutedExperts, loop_experts
+from .experts import per_expert
 from .fp8 import BLOCK, DEFAULT_SKIP, E4M3, _skipped, weight_dequant, weight_quant
 from .swap import swap_matmuls
 
@@ -258,7 +259,7 @@ class QuantExperts(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """RoutedExperts' signature: per expert with tokens (model/moe.py per_expert), three
+        """RoutedExperts' signature: per expert with tokens (kernels/experts.py per_expert), three
         quantized GEMMs on its contiguous rows (decode: K experts, M = 1)."""
         linear = LINEAR[self.fmt]
         w1, w2, w3 = self.w1, self.w2, self.w3

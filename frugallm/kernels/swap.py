@@ -38,14 +38,18 @@ Make = Callable[[str, nn.Module, bool], "nn.Module | None"]
 def swap_matmuls(model: nn.Module, make: Make) -> list[str]:
     """Offer every plain matmul module (exactly one of MATMUL_TYPES: twins are not offered again)
     to `make`, and put the twin it returns in its place. Returns the swapped names. A module left
-    as it is has its children offered in turn (an MLP's three Linears)."""
+    as it is has its children offered in turn (an MLP's three Linears). A twin marked `replaceable`
+    (the grouped experts, kernels/experts.py: the default fast path, not a precision) is offered as
+    its plain self (`as_plain()`), so that expert parallelism, prepacking or compiled decode, whose
+    converters take plain modules, still replace it; kept when `make` returns None."""
     done: list[str] = []
 
     def visit(module: nn.Module, prefix: str) -> None:
         reads = getattr(type(module), "reads_weight", ())
         for name, child in list(module.named_children()):
             full = prefix + name
-            new = make(full, child, name in reads) if type(child) in MATMUL_TYPES else None
+            offered = child.as_plain() if getattr(type(child), "replaceable", False) else child
+            new = make(full, offered, name in reads) if type(offered) in MATMUL_TYPES else None
             if new is None:
                 visit(child, full + ".")
             else:
@@ -68,6 +72,8 @@ def kernels_in_use(model: nn.Module) -> str:
 
 
 def converted(model: nn.Module) -> list[str]:
-    """Names of the modules already swapped for a twin."""
-    return [name for name, m in model.named_modules() if getattr(type(m), "kernel", None)]
+    """Names of the modules already swapped for a twin (a replaceable one, still offered as plain,
+    is not counted)."""
+    return [name for name, m in model.named_modules()
+            if getattr(type(m), "kernel", None) and not getattr(type(m), "replaceable", False)]
 

@@ -105,7 +105,7 @@ class Transformer(nn.Module):
                 m.reset_parameters(std)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache=None,
-                attn_impl: str | None = None, mtp_lambda: float | None = None,
+                absorb: bool | None = None, mtp_lambda: float | None = None,
                 logits_at: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (B, S) -> ModelOutput with logits (B, S, vocab).
 
@@ -113,7 +113,8 @@ class Transformer(nn.Module):
         loss, the weighted MTP loss and the balance loss separately, and their sum as `loss`.
         cache: a KVCache (model/kv_cache.py). Row b's tokens go to positions lengths[b]..+S-1,
             and its lengths advance by S.
-        attn_impl overrides the config's: 'naive', 'absorbed' or 'auto' (absorbed iff cached decode).
+        absorb: MLA's path (model/attention.py): True the absorbed one, False the naive one, None
+            (auto) absorbed iff a cached decode step (a cache and S == 1), naive otherwise.
         logits_at (B, k): compute logits only at these indices into S (e.g. each prompt's last
             token), giving logits (B, k, vocab); `hidden` stays (B, S, d).
         """
@@ -123,7 +124,7 @@ class Transformer(nn.Module):
         if targets is not None and targets.shape != input_ids.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         S = input_ids.shape[1]
-        block_kwargs = self._positions(S, cache, attn_impl)
+        block_kwargs = self._positions(S, cache, absorb)
         h = self.embed_streams(input_ids)
         h, balance = self.run_layers(h, enumerate(self.layers), block_kwargs, cache)
         if cache is not None:
@@ -166,7 +167,7 @@ class Transformer(nn.Module):
             loss = loss + balance
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp, balance_loss=balance, hidden=h)
 
-    def mtp_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache, attn_impl: str | None = None,
+    def mtp_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache, absorb: bool | None = None,
                  logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run MTP module `depth` (0-based) over S cached positions, for drafting (infer/speculative.py).
 
@@ -177,16 +178,16 @@ class Transformer(nn.Module):
         only at those indices, (B, k, vocab).
         """
         module = self.mtp[depth]
-        block_kwargs = self._positions(next_ids.shape[1], cache, attn_impl)
+        block_kwargs = self._positions(next_ids.shape[1], cache, absorb)
         h, _ = module(h_prev, self.embed(next_ids), cache=cache.layer(0), **block_kwargs)
         cache.advance(next_ids.shape[1])
         return h, self.head(module.norm(_pick(h, logits_at)))
 
-    def _positions(self, S: int, cache, attn_impl: str | None) -> dict:
+    def _positions(self, S: int, cache, absorb: bool | None) -> dict:
         """RoPE tables, positions, mask and attention path for S new tokens (per row with a cache)."""
         cfg = self.config
-        impl = attn_impl or cfg.attn_impl
-        absorb = impl == "absorbed" or (impl == "auto" and cache is not None and S == 1)
+        if absorb is None:
+            absorb = cache is not None and S == 1
         if cache is None:
             if S > cfg.max_seq_len:
                 raise ValueError(f"sequence of {S} tokens exceeds max_seq_len={cfg.max_seq_len}; "

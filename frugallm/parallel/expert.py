@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
-from ..model.moe import RoutedExperts, sort_by_expert, sorted_experts, unsort
+from ..kernels.experts import sort_by_expert, sorted_experts, unsort
+from ..model.moe import RoutedExperts
 from ..kernels.fp8 import BLOCK, act_dequant, act_quant
 from ..kernels.swap import swap_matmuls
 from .timeline import COMM
