@@ -263,6 +263,7 @@ def main() -> None:
 
     from frugallm import from_hf, load, load_tokenizer
     from frugallm.train.config import TrainConfig
+    from frugallm.train.schedule import Schedule
     from frugallm.distill.losses import kd_divergence
     from frugallm.train import data as fdata
     from frugallm.train.telemetry import evaluate
@@ -275,7 +276,9 @@ def main() -> None:
                          "--modes ce --max-minutes 0.01\n(it trains the teacher, fine-tunes it on the subset and "
                          "starts no student run after 0.01 minutes)")
     tc = TrainConfig()
-    optim = {"lr": args.lr or tc.lr, "warmup_steps": tc.warmup_steps if args.warmup is None else args.warmup,
+    # the warm-up frugallm's trainer runs for args.steps steps (train/schedule.py: 30, or a quarter of a shorter run)
+    warmup = Schedule.for_run(TrainConfig(steps=args.steps)).warmup if args.warmup is None else args.warmup
+    optim = {"lr": args.lr or tc.lr, "warmup_steps": warmup,
              "min_lr_ratio": tc.min_lr_ratio, "schedule": tc.schedule, "decay_fraction": tc.decay_fraction,
              "weight_decay": tc.weight_decay, "beta1": tc.beta1, "beta2": tc.beta2, "adam_eps": tc.adam_eps,
              "grad_clip": tc.grad_clip}

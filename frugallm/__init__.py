@@ -9,7 +9,7 @@ from .infer.generate import generate, generate_stream
 from .model import ModelOutput, Transformer
 from .model.count import count_params
 from .plan import inference_dtype, load, load_for_inference
-from .tokenizer import load_tokenizer
+from .formats.checkpoint import load_tokenizer  # a run's: its verified checkpoint's
 
 __version__ = "0.1.0"
 

@@ -112,26 +112,26 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
-    from .tokenizer import train_tokenizer
+    from .tokenizer import TOKENIZER, train_tokenizer_dir
     from .train import data
 
     texts = (text for _, text in data.iter_documents(args.data, args.text_field))
-    tok = train_tokenizer(texts, args.vocab)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    print(f"wrote {tok.save(args.out)} ({tok.vocab_size} tokens)")
+    tok = train_tokenizer_dir(texts, args.vocab, args.out)
+    print(f"wrote {Path(args.out) / TOKENIZER} ({tok.vocab_size} tokens)")
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
     from .train.plot import plot_run
 
-    for path in plot_run(args.run):
+    for path in plot_run(args.run, warn=lambda message: _say(f"warning: {message}")):
         print(f"wrote {path}")
     return 0
 
 
-SERVE_FLAGS = ("host", "port", "api_key", "model_name", "slots", "policy", "threads", "compile", "dtype",
-               "max_cache_tokens", "max_queue", "request_timeout", "default_max_tokens", "insecure_no_api_key")
+SERVE_FLAGS = ("host", "port", "api_key", "api_key_file", "allowed_hosts", "model_name", "slots", "policy", "threads",
+               "compile", "dtype", "max_cache_tokens", "max_queue", "request_timeout", "default_max_tokens",
+               "insecure_no_api_key")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -154,7 +154,7 @@ def _prepare(args: argparse.Namespace):
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .tokenizer import load_tokenizer
+    from .formats.checkpoint import load_tokenizer
     from .infer.chat import chat_repl
 
     if sys.stdin.isatty():
@@ -165,7 +165,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .tokenizer import load_tokenizer
+    from .formats.checkpoint import load_tokenizer
     from .infer.console import stream_completion
 
     applied = _prepare(args)
@@ -192,6 +192,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
+def _temperature(text: str) -> float:
+    """A sampling temperature: a finite number >= 0 (NaN would reach torch's sampler as a raw error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 = greedy)")
     return value
 
 
@@ -310,7 +321,12 @@ COMMANDS = [
         RUN_DIR,
         _a("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)"),
         _a("--port", type=int, default=8000),
-        _a("--api-key", help="require 'Authorization: Bearer KEY' on every request"),
+        _a("--api-key", help="require 'Authorization: Bearer KEY' on every request (visible in `ps`: prefer "
+           "--api-key-file or the FRUGALLM_API_KEY environment variable)"),
+        _a("--api-key-file", metavar="FILE", help="read the API key from the first line of FILE"),
+        _a("--allowed-hosts", nargs="+", default=(), metavar="NAME", help="Host names a server without a key "
+           "answers besides localhost, IP addresses and --host ('*': any); others are refused, so that a web "
+           "page cannot reach it through DNS rebinding"),
         _a("--model-name", help="the model id clients ask for (default: the run directory's name)"),
         _a("--slots", type=int, default=16, help="requests generated at once; the rest wait in order"),
         _a("--policy", choices=("batch", "round-robin"), default="batch",
@@ -340,7 +356,7 @@ COMMANDS = [
         RUN_DIR,
         _a("--prompt", required=True),
         _a("--max-new-tokens", type=int, default=128),
-        _a("--temperature", type=float, default=0.0, help="0 = greedy (default)"),
+        _a("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)"),
         *SAMPLING, DTYPE, COMPILE,
     ]),
     (("parallel",), "pipeline-parallel tools", None, []),

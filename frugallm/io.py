@@ -11,7 +11,8 @@ goes through `write_directory(path, kind)`:
   4. swap: rename the old copy aside, rename the new one in, fsync the parent, only then delete the old.
 A crash before step 4 leaves the old directory untouched (and a hidden `.NAME.tmp-*` to delete); a crash
 between the two renames leaves the complete old copy at `.NAME.old-*`, which the next write of NAME
-renames back first. `verify` checks a manifest on every load. Manifests written before this module
+renames back first. `verify` checks a manifest on every load. A directory one process fills in place
+(a training run) is guarded instead by `lock_directory`: one writer at a time. Manifests written before this module
 (checkpoints and quantized exports: a plain {file: sha256} mapping) still verify.
 """
 
@@ -21,19 +22,23 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .names import CHECKPOINTS, QUANTIZATION, TRAIN_CONFIG
+
 MANIFEST = "manifest.json"
 KINDS = {"checkpoint": "checkpoint", "hf": "Hugging Face export", "quantized": "quantized export",
-         "data-cache": "data cache"}
+         "data-cache": "data cache", "tokenizer": "tokenizer"}
 # what a user can do about a directory that fails verification, by kind
 FIX = {"checkpoint": "frugallm.load(run) and --resume use the newest checkpoint that verifies; delete this one",
        "hf": "write the export again from its source",
        "quantized": "write it again with `frugallm quantize`",
-       "data-cache": "delete the directory; the next run rebuilds it"}
+       "data-cache": "delete the directory; the next run rebuilds it",
+       "tokenizer": "train it again with `frugallm tokenizer train`"}
 
 
 def cache_root() -> Path:
@@ -96,7 +101,7 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
         return m
     if isinstance(m, dict) and all(isinstance(v, str) and len(v) == 64 for v in m.values()):
         # written before this module: {file: sha256}, by checkpoint.save or quantize_checkpoint
-        kind = "quantized" if "quantization.json" in m else "checkpoint"
+        kind = "quantized" if QUANTIZATION in m else "checkpoint"
         return {"kind": kind, "files": {name: {"sha256": digest} for name, digest in m.items()}}
     return None  # someone else's manifest.json (a Hugging Face repo may hold one)
 
@@ -110,9 +115,11 @@ def manifest_kind(path: str | os.PathLike) -> str | None:
     return m and m["kind"]
 
 
-def verify(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None) -> dict:
+def verify(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None,
+           files: Iterable[str] | None = None) -> dict:
     """Check every file against the manifest (size, then sha256); return the manifest.
-    kind: the kind(s) expected (None: any). Raises CorruptOutput naming the file and the fix."""
+    kind: the kind(s) expected (None: any); files: only these (each must be listed), e.g. a
+    checkpoint's tokenizer without hashing its weights. Raises CorruptOutput naming the file and the fix."""
     path = Path(path)
     m = read_manifest(path)
     fix = FIX.get(kind if isinstance(kind, str) else (m or {}).get("kind"), "write it again")
@@ -124,7 +131,11 @@ def verify(path: str | os.PathLike, kind: str | tuple[str, ...] | None = None) -
     if kind is not None and m["kind"] not in ((kind,) if isinstance(kind, str) else kind):
         want = " or ".join(KINDS[k] for k in ((kind,) if isinstance(kind, str) else kind))
         raise CorruptOutput(f"{path} is a {KINDS[m['kind']]} written by frugallm, not a {want}")
-    for name, entry in m["files"].items():
+    listed = m["files"]
+    for name in files or ():
+        if name not in listed:
+            raise CorruptOutput(f"{path}/{MANIFEST} does not list {name}; {fix}")
+    for name, entry in (listed.items() if files is None else ((n, listed[n]) for n in files)):
         file = path / name
         if not file.is_file():
             raise CorruptOutput(f"{path} lacks {name}, which its {MANIFEST} lists; {fix}")
@@ -160,20 +171,67 @@ def check_output(path: str | os.PathLike, kind: str, sources: Iterable = (), sug
         return
     if not path.is_dir():
         refuse("it is a file, not a directory")
-    cwd = Path.cwd().resolve()
-    if where == cwd or where in cwd.parents:
-        refuse("it is the working directory" if where == cwd else "it holds the working directory")
-    if where == Path.home().resolve():
-        refuse("it is the home directory")
+    if why := nobodys_output(path):
+        refuse(why)
     found = manifest_kind(path)
     if found == kind or not any(path.iterdir()):  # our own older output, or nothing to lose
         return
     if found:
         refuse(f"it is a {KINDS[found]}, not a {what} written by frugallm")
-    if (path / "checkpoints").is_dir() or (path / "train_config.json").exists():
+    if (path / CHECKPOINTS).is_dir() or (path / TRAIN_CONFIG).exists():
         refuse(f"it is a training run, not a {what} written by frugallm")
     refuse(f"it holds {sum(1 for _ in path.iterdir())} entries that frugallm did not write (no {MANIFEST} "
            f"of a {what})")
+
+
+def nobodys_output(path: str | os.PathLike) -> str | None:
+    """Why `path` may hold no output of any writer (the working directory, a folder holding it, the home
+    directory: `--out .` or `--out ~` is a slip, never a choice), or None."""
+    where, cwd = Path(path).resolve(), Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
+        return "it is the working directory" if where == cwd else "it holds the working directory"
+    if where == Path.home().resolve():
+        return "it is the home directory"
+    return None
+
+
+# --- one writer at a time ----------------------------------------------------------------------
+
+LOCK = ".lock"  # in a directory one process fills in place (a training run): who holds it
+
+
+def lock_directory(path: str | os.PathLike):
+    """Take the exclusive lock of `path` (an existing directory one process fills in place, such as a
+    training run) and return the open lock file: close it to release the lock. The lock is the kernel's
+    (flock), so it goes when the process exits, a crash or kill -9 included, and a lock file left on disk
+    locks nothing. Raises OutputError naming the holder when another process holds it."""
+    file = Path(path) / LOCK
+    f = open(file, "a+")  # never truncated before the lock is ours: the holder's name stays readable
+    try:
+        _lock(f)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its name yet"
+        f.close()
+        raise OutputError(f"{path} is being written by another frugallm process ({holder}); wait for it to "
+                          f"finish or stop it, or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+def _lock(f) -> None:
+    """An exclusive, non-blocking lock on the whole file; OSError when another process holds it."""
+    if os.name == "nt":
+        import msvcrt
+
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -187,10 +245,38 @@ def _aside_copies(path: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
 
+def _umask() -> int:
+    """The process's umask. Read from /proc where it is there: os.umask can only read it by setting it,
+    which would open a window in which another thread creates files with the wrong mode."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(tmp: Path) -> None:
+    """Give tmp and everything in it the modes of a file or folder the user made (0644 / 0755 under the
+    usual umask 022): mkdtemp makes tmp owner-only (0700), and safetensors writes its files 0600."""
+    mask = _umask()
+    os.chmod(tmp, 0o777 & ~mask)
+    for root, dirs, names in os.walk(tmp):
+        for d in dirs:
+            os.chmod(Path(root) / d, 0o777 & ~mask)
+        for name in names:
+            os.chmod(Path(root) / name, 0o666 & ~mask)
+
+
 def _seal(tmp: Path, kind: str) -> None:
-    """fsync every file and folder under tmp, then write the manifest last and fsync it and tmp."""
+    """Give every file and folder under tmp the usual modes and fsync it, then write the manifest last
+    and fsync it and tmp."""
     if (tmp / MANIFEST).exists():
         raise ValueError(f"{MANIFEST} is written by frugallm.io; do not write one into the temp dir")
+    _usual_modes(tmp)
     files = {}
     for root, dirs, names in os.walk(tmp):
         for name in sorted(names):

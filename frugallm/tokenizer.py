@@ -269,6 +269,20 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(tok)
 
 
+def train_tokenizer_dir(texts: Iterator[str], vocab_size: int, out: str | os.PathLike) -> Tokenizer:
+    """`frugallm tokenizer train --out DIR`: train (train_tokenizer) and write DIR/tokenizer.json through
+    io.py, whole or not at all and sealed by a manifest. DIR is checked before the training: only an
+    older tokenizer directory is replaced, never a run (its tokenizer is what its weights were trained
+    with), a checkpoint or export, a folder of other files, the working or the home directory."""
+    from .io import check_output, write_directory
+
+    check_output(out, "tokenizer", suggest="tokenizers/NAME")
+    tok = train_tokenizer(texts, vocab_size)
+    with write_directory(out, "tokenizer") as tmp:
+        tok.save(tmp)
+    return tok
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load tokenizer.json from a file or a directory (frugallm run or Hugging Face checkpoint)."""
     path = Path(path)

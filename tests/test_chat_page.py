@@ -4,7 +4,8 @@ API against a real `frugallm serve` on the session's tiny run.
 A reply streams into the page in several pieces and ends "done"; the conversation keeps every turn and sends
 them back with the next message (with the key, the model id from /v1/models and only the settings filled in);
 Stop aborts a long reply, which stays in the page marked "stopped", and the server frees its slot; a missing or
-wrong key shows the 401 message and focuses the key box; the key survives a reload; the server's error messages
+wrong key shows the 401 message and focuses the key box; the key survives a reload, and outlives the tab
+only with "remember" ticked (off by default); the server's error messages
 (a refused request's, and an error event's mid-stream) show in the page. Test 1 saves a screenshot of its
 conversation (to benchmarks/results/chat_page.png with FRUGALLM_SCREENSHOT=1). Needs the `playwright` package and a Chromium binary (Debian's
 `chromium`); skipped without them. The tests take about 5 s here, plus the server's start (~3-10 s) and, when
@@ -208,7 +209,7 @@ def test_a_missing_or_wrong_key_asks_for_it_and_server_errors_show(page, server)
     assert page.input_value("#prompt") == "hello", "the unsent message should be back in the box to retry"
     assert page.is_enabled("#send") and page.is_disabled("#stop")
 
-    # the key is kept in the browser: after a reload it is still there, and it works
+    # the key is kept in this tab: after a reload it is still there, and it works
     page.fill("#api-key", KEY)
     page.reload()
     assert page.input_value("#api-key") == KEY
@@ -247,3 +248,23 @@ def test_an_error_event_mid_stream_shows_and_keeps_the_partial_reply(page):
     sync_api.expect(page.locator("#notice")).to_contain_text("--request-timeout")
     sync_api.expect(page.locator(LAST_REPLY + " .note")).to_contain_text("did not finish within")
     assert page.is_enabled("#send") and page.is_disabled("#stop")
+
+
+def test_the_key_outlives_the_tab_only_when_remembered(page, server):
+    """By default the key lives in the tab's sessionStorage (a reload keeps it; a new tab, or the browser
+    after the tab closed, does not have it); "remember" puts it in localStorage until unticked."""
+    assert not page.is_checked("#remember-key")
+    page.fill("#api-key", KEY)
+    assert page.evaluate("localStorage.getItem('frugallm.apiKey')") is None
+    page.reload()
+    assert page.input_value("#api-key") == KEY
+    other = page.context.new_page()  # a new tab of the same browser profile: its own sessionStorage
+    other.goto(server[0] + "/")
+    assert other.input_value("#api-key") == ""
+    page.check("#remember-key")
+    assert page.evaluate("localStorage.getItem('frugallm.apiKey')") == KEY
+    other.reload()
+    assert other.input_value("#api-key") == KEY and other.is_checked("#remember-key")
+    page.uncheck("#remember-key")
+    assert page.evaluate("localStorage.getItem('frugallm.apiKey')") is None
+    other.close()

@@ -19,6 +19,17 @@ def test_unknown_key_lists_valid_keys():
         get_preset("tiny", hidden_size=3)
 
 
+def test_an_older_config_with_execution_keys_still_opens(tmp_path):
+    """config.json files from before the execution plan held attn_impl / moe_impl: read and ignored,
+    since how a model runs is the plan's (plan.py), not the architecture's."""
+    d = ModelConfig().to_dict()
+    assert "attn_impl" not in d and "moe_impl" not in d
+    (tmp_path / "config.json").write_text(json.dumps({**d, "attn_impl": "auto", "moe_impl": "grouped"}))
+    assert ModelConfig.from_json(tmp_path / "config.json") == ModelConfig()
+    with pytest.raises(ValueError, match="unknown ModelConfig key"):
+        ModelConfig.from_dict({**d, "moe_implementation": "grouped"})
+
+
 @pytest.mark.parametrize("changes, fields", [
     (dict(n_routed_experts=10, n_expert_groups=4), "n_routed_experts=10 must be divisible by n_expert_groups=4"),
     (dict(n_limited_groups=5, n_expert_groups=4), "n_limited_groups=5"),

@@ -56,6 +56,20 @@ def fails(capsys, argv: list[str], *expected: str) -> str:
     ("eval_every=0", "eval_every=0 must be > 0"),
     ("steps=1.5", "steps=1.5 must be an integer"),
     ("no_such_key=1", "unknown config key 'no_such_key'"),
+    # ranges (issue 25): each of these used to be accepted and silently did harm
+    ("grad_clip=-1", "grad_clip=-1.0 must be > 0"),
+    ("grad_clip=0", "grad_clip=0.0 must be > 0"),
+    ("min_lr_ratio=-1", "min_lr_ratio=-1.0 must be in [0, 1]"),
+    ("warmup_steps=-3", "warmup_steps=-3 must be >= 0"),
+    ("lr=NaN", "lr=nan must be > 0"),
+    ("weight_decay=-0.1", "weight_decay=-0.1 must be >= 0"),
+    ("beta2=1", "beta2=1.0 must be in [0, 1)"),
+    ("adam_eps=0", "adam_eps=0.0 must be > 0"),
+    ("bias_gamma=-1", "bias_gamma=-1.0 must be >= 0"),
+    ("val_fraction=NaN", "val_fraction=nan must be in (0, 1)"),
+    ("tokenizer_train_chars=0", "tokenizer_train_chars=0 must be > 0"),
+    ("sample_tokens=-1", "sample_tokens=-1 must be >= 0"),
+    ("kd_temperature=NaN", "kd_temperature=nan must be > 0"),
 ])
 def test_a_bad_set_is_refused_before_any_work(tmp_path, capsys, pair, message):
     fails(capsys, ["train", "--out", str(tmp_path / "run"), "--set", pair], message)
@@ -120,3 +134,119 @@ def test_train_refuses_an_out_that_holds_other_files(tmp_path, capsys):
     fails(capsys, ["train", "--out", str(project), *sets(TINY)], "not a frugallm run (notes.txt)",
           "choose a new or empty --out")
     assert (project / "config.json").read_text() == '{"mine": true}'
+
+
+# --- issue 25: a run's directory is its own: its tokenizer, its metrics, one writer ---------------------
+
+def _copy_run(small_run, tmp_path):
+    import shutil
+
+    run, _, _ = small_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def test_tokenizer_train_refuses_a_run_and_writes_its_own_directory(small_run, capsys, tmp_path):
+    run, corpus, _ = small_run
+    before = tree_hash(run)
+    train_tok = ["tokenizer", "train", str(corpus), "--vocab", "280", "--out"]
+    fails(capsys, [*train_tok, str(run)], "it is a training run", "--out")
+    assert tree_hash(run) == before  # the run's tokenizer is its own
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    fails(capsys, [*train_tok, str(notes)], "1 entries that frugallm did not write")
+    out = tmp_path / "tok"
+    assert main([*train_tok, str(out)]) == 0
+    assert main([*train_tok, str(out)]) == 0  # its own earlier output: replaced whole
+    from frugallm.tokenizer import load_tokenizer
+
+    assert load_tokenizer(out).vocab_size == 280
+
+
+def test_a_resume_with_another_tokenizer_is_refused(small_run, capsys, tmp_path):
+    from frugallm.formats import checkpoint
+    from frugallm.tokenizer import train_tokenizer
+
+    run = _copy_run(small_run, tmp_path)
+    ckpt = checkpoint.latest(run)
+    other = train_tokenizer(iter(["a b c d e f g " * 300]), 270)
+    (run / "tokenizer.json").write_text(other.to_str())  # replaced behind frugallm's back
+    before = tree_hash(run)
+    fails(capsys, ["train", "--out", str(run), "--resume", "--steps", "5", "--no-sample"],
+          f"{run / 'tokenizer.json'} differs from", str(ckpt / "tokenizer.json"))
+    assert tree_hash(run) == before
+
+
+def test_train_refuses_a_foreign_directory_and_the_working_directory(small_run, tmp_path, capsys, monkeypatch):
+    _, corpus, _ = small_run
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (project / "config.json").write_text('{"mine": true}')
+    (project / "metrics.jsonl").write_text('{"step": 1, "accuracy": 0.9}\n')
+    before = tree_hash(project)
+    argv = ["train", "--data", str(corpus), "--steps", "1", "--no-sample", *sets(TINY), "--out"]
+    fails(capsys, [*argv, str(project)], "not a frugallm run (.git)")
+    (project / ".git" / "HEAD").unlink()
+    (project / ".git").rmdir()
+    before.pop(".git/HEAD")
+    fails(capsys, [*argv, str(project)], "no train_config.json", "choose a new or empty --out")
+    assert tree_hash(project) == before
+    monkeypatch.chdir(project)
+    fails(capsys, [*argv, "."], "it is the working directory")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    fails(capsys, [*argv, "."], "it is the working directory")
+    assert tree_hash(project) == before and not any(empty.iterdir())
+
+
+def test_a_torn_metrics_line_is_dropped_and_another_bad_line_is_named(small_run, capsys, tmp_path):
+    run = _copy_run(small_run, tmp_path)
+    metrics = run / "metrics.jsonl"
+    good = metrics.read_text()
+    steps = [json.loads(line)["step"] for line in good.splitlines()]  # (other tests may have resumed the run)
+    torn = len(steps) + 1
+    metrics.write_text(good + f'{{"step": {steps[-1] + 1}, "loss": 4.')  # what a crash mid-write leaves
+    assert main(["plot", str(run)]) == 0
+    assert f"{metrics} line {torn} is cut short" in capsys.readouterr().err
+    resume = ["train", "--out", str(run), "--resume", "--steps", str(steps[-1] + 1), "--no-sample"]
+    assert main(resume) == 0
+    assert f"{metrics} line {torn} is cut short" in capsys.readouterr().out  # the resume's warning, in its log
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [*steps, steps[-1] + 1]
+    metrics.write_text('{"step": 1,\n' + good)  # not a crash: someone's edit
+    fails(capsys, ["plot", str(run)], f"{metrics} line 1 is not valid JSON")
+    before = tree_hash(run)
+    fails(capsys, [*resume[:-2], str(steps[-1] + 2), "--no-sample"], f"{metrics} line 1 is not valid JSON")
+    assert tree_hash(run) == before
+    metrics.write_text(good + "[1, 2]\n" + good)
+    fails(capsys, ["plot", str(run)], f"{metrics} line {torn} is not a metrics record")
+
+
+LOCK_HOLDER = """
+import sys, time
+from frugallm import io
+lock = io.lock_directory(sys.argv[1])  # what a trainer holds while it runs
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_trainer_on_the_same_out_is_refused_until_the_first_is_gone(small_run, capsys, tmp_path):
+    import signal
+    import subprocess
+
+    run = _copy_run(small_run, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = tree_hash(run)
+        fails(capsys, ["train", "--out", str(run), "--resume", "--steps", "5", "--no-sample"],
+              f"{run} is being written by another frugallm process (pid {holder.pid}")
+        assert tree_hash(run) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crash: the OS releases its lock
+        holder.wait()
+    assert main(["train", "--out", str(run), "--resume", "--steps", "5", "--no-sample"]) == 0

@@ -142,9 +142,10 @@ def test_a_failed_swap_keeps_the_old_copy(tmp_path, monkeypatch, fail_at):
 
 
 CRASH = """
-import importlib.util, os, sys
-spec = importlib.util.spec_from_file_location("fio", sys.argv[1])
-fio = importlib.util.module_from_spec(spec); spec.loader.exec_module(fio)  # io.py alone: no torch import
+import importlib.util, os, sys, types
+pkg = types.ModuleType("fpkg"); pkg.__path__ = [os.path.dirname(sys.argv[1])]; sys.modules["fpkg"] = pkg
+spec = importlib.util.spec_from_file_location("fpkg.io", sys.argv[1])  # io.py and names.py alone: no torch import
+fio = importlib.util.module_from_spec(spec); sys.modules["fpkg.io"] = fio; spec.loader.exec_module(fio)
 real, renames = os.replace, []
 def replace(a, b):
     if os.path.isdir(a):
@@ -242,6 +243,36 @@ def test_open_tells_every_kind_of_directory(run, tmp_path):
     (tmp_path / "notes").mkdir()
     with pytest.raises(FileNotFoundError, match="neither a frugallm run"):
         open_model(tmp_path / "notes")
+
+
+def test_a_runs_tokenizer_comes_from_its_verified_checkpoint(run, tmp_path):
+    """The run-level tokenizer.json is a copy no manifest covers: what reads a run's tokenizer reads its
+    newest checkpoint's, verified (issue 25: a replaced copy made generate print garbage)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ckpt = copy / "checkpoints" / "step_0000001"
+    own = (ckpt / "tokenizer.json").read_text()
+    other = train_tokenizer(iter(["a b c d e f g " * 300]), 270)
+    (copy / "tokenizer.json").write_text(other.to_str())
+    assert frugallm.load_tokenizer(copy).to_str() == frugallm.load_tokenizer(ckpt).to_str() == own
+    _flip(ckpt / "tokenizer.json", at=50)
+    with pytest.raises(io.CorruptOutput, match="tokenizer.json does not match its sha256"):
+        frugallm.load_tokenizer(ckpt)
+    with pytest.raises(FileNotFoundError, match="without a checkpoint whose tokenizer.json verifies"), \
+            pytest.warns(UserWarning, match="tokenizer.json does not match"):
+        frugallm.load_tokenizer(copy)
+
+
+def test_a_save_deletes_the_temp_directories_of_a_killed_save(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    dead = copy / "checkpoints" / ".step_0000002.tmp-k1ll3d"  # a kill -9 during save 2 leaves this
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"\0" * 1000)
+    model = Transformer(tiny_config())
+    checkpoint.save(copy, 3, model, torch.optim.AdamW(model.parameters()), {"step": 3}, "{}", model.config,
+                    TrainConfig(), keep_last=2)
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step_0000001", "step_0000003"]
 
 
 def test_from_hf_closes_its_files(tmp_path):

@@ -6,6 +6,7 @@ Each case launches real torchrun processes (2 or 4, on however many cores there 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,9 @@ from safetensors.torch import load_file
 
 from frugallm.config import get_preset
 from frugallm.train.config import TrainConfig
-from frugallm.parallel.layout import LayoutError, resolve, torchrun_command
+from frugallm.cli import main
+from frugallm.parallel.layout import LayoutError, grad_accum_for, resolve, torchrun_command
+from frugallm.train import launch
 from frugallm.parallel.runtime import Local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +139,7 @@ def bad(world: int, **train) -> str:
 def test_layout_errors_name_the_fields():
     assert "ep * pp * dp = 2 * 1 * 1 = 2 must equal the world size 4" in bad(4, ep=2, dp=1, grad_accum=2)
     assert "n_routed_experts=16 must divide by ep=3" in bad(3, ep=3, grad_accum=3)
-    assert "grad_accum=1" in bad(2, ep=2) and "--set grad_accum=2" in bad(2, ep=2)
+    assert "grad_accum=1" in bad(2, ep=2, grad_accum=1) and "--set grad_accum=2" in bad(2, ep=2, grad_accum=1)
     assert "needs >= 4 micro-batches per data rank" in bad(2, pp=2, grad_accum=2)
     assert "pp=2 with dp=2 is not built yet" in bad(4, pp=2, dp=2, grad_accum=8)
     assert "pp_schedule=1f1b puts the MTP module" in bad(2, pp=2, pp_schedule="1f1b", grad_accum=4)
@@ -148,6 +151,48 @@ def test_layout_errors_name_the_fields():
     assert "does not divide by ep * pp" in bad(3, ep=2, grad_accum=2)
     layout = resolve(get_preset("tiny"), TrainConfig(ep=2, grad_accum=4), 4)
     assert (layout.ep, layout.dp, layout.data_ranks) == (2, 2, 4)
+
+
+@pytest.mark.parametrize("world, layout, fewest", [
+    (1, {}, 1), (2, dict(ep=2), 2), (2, dict(dp=2), 2), (4, dict(ep=2, dp=2), 4), (4, dict(ep=4), 4),
+    (2, dict(pp=2), 4), (2, dict(pp=2, pp_schedule="zbv"), 2), (4, dict(pp=2, ep=2), 8)])
+def test_the_default_grad_accum_is_the_fewest_the_layout_takes(world, layout, fewest):
+    """Issue 31: `frugallm train --nproc 2 --ep 2` failed on the default grad_accum=1. The default (None)
+    is the fewest micro-batches the layout takes; an explicit value is still checked (above)."""
+    cfg = TrainConfig(**layout)
+    assert cfg.grad_accum is None
+    resolved = resolve(get_preset("tiny"), cfg, world)
+    assert grad_accum_for(resolved, cfg) == fewest
+    resolve(get_preset("tiny"), TrainConfig(**layout, grad_accum=fewest), world)  # and it is valid
+    if fewest > 1:  # one fewer is not
+        with pytest.raises(LayoutError):
+            resolve(get_preset("tiny"), TrainConfig(**layout, grad_accum=fewest - 1), world)
+    assert grad_accum_for(resolved, TrainConfig(**layout, grad_accum=3 * fewest)) == 3 * fewest
+
+
+def test_nproc_with_defaults_launches_with_its_threads_set(monkeypatch, capsys, tmp_path):
+    """`frugallm train --nproc 2 --ep 2` with every default: the layout check passes, and torchrun gets
+    OMP_NUM_THREADS from frugallm (torchrun prints a banner where it sets it itself)."""
+    class Launched(BaseException):  # what the patched execv raises in place of becoming torchrun
+        pass
+
+    launched = []
+
+    def execv(path, cmd):
+        launched.append((cmd, os.environ.get("OMP_NUM_THREADS")))
+        raise Launched
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "restored at teardown")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "execv", execv)
+    monkeypatch.setattr(launch, "threads_per_process", lambda threads, nproc: threads or 3)
+    monkeypatch.setattr(sys, "argv", ["frugallm", "train", "--nproc", "2", "--ep", "2", "--out", str(tmp_path / "r")])
+    with pytest.raises(Launched):
+        main(sys.argv[1:])
+    (cmd, threads), = launched
+    assert "--nproc-per-node=2" in cmd and cmd[-5:] == ["train", "--ep", "2", "--out", str(tmp_path / "r")]
+    assert threads == "3" and "invalid parallel layout" not in capsys.readouterr().err
+    assert launch.threads_per_process(0, 2) >= 1 and launch.threads_per_process(5, 2) == 5
 
 
 def test_cli_refuses_a_bad_layout_before_spawning(tmp_path):
@@ -184,6 +229,19 @@ def train_cli(out, corpus, steps, *flags, resume=False):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return {r["step"]: r for r in map(__import__("json").loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_nproc_2_ep_2_trains_with_the_default_grad_accum(tmp_path, corpus):
+    """Issue 31, for real: two processes, every layout default; no torchrun banner about OMP_NUM_THREADS."""
+    sets = [f"--set={s}" for s in SMALL if not s.startswith("grad_accum=")]
+    cmd = [sys.executable, "-m", "frugallm", "train", "--nproc", "2", "--ep", "2", "--steps", "2", "--no-sample",
+           "--data", str(corpus), "--out", str(tmp_path / "run"), *sets]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "grad_accum 2: the fewest micro-batches per step that ep 2 x pp 1 x dp 1 = 2 ranks take" in result.stdout
+    assert "OMP_NUM_THREADS" not in result.stdout + result.stderr
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["grad_accum"] == 2  # a resume keeps it
 
 
 def close(a: dict, b: dict, steps) -> None:

@@ -262,7 +262,8 @@ def test_internal_errors_reach_the_log_not_the_client(tiny_run, caplog):
             return {"type": "http.request", "body": b""}
 
         scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
-        server = types.SimpleNamespace(api_key=None, metrics=types.SimpleNamespace(request=lambda route, status: None))
+        server = types.SimpleNamespace(api_key=None, allowed_hosts=None,
+                                       metrics=types.SimpleNamespace(request=lambda route, status: None))
         await Guard(broken, server)(scope, receive, send)
         return sent, scope["state"]["rid"]
 

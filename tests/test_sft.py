@@ -240,6 +240,27 @@ def test_generate_samples_writes_records_and_resumes_identically(tmp_path, tiny_
         gen.generate_samples(tiny_run, other, torn, **kw)
 
 
+def test_generate_samples_never_truncates_a_file_it_did_not_write(tmp_path, tiny_run):
+    """Issue 25: a notes file without a final newline, and a copy of a tokenizer.json (one line), became 0
+    bytes, even when the teacher did not exist. Teacher and prompts are checked before --out is touched,
+    and only a torn last line after records of this very job is cut."""
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"remember: call the bank about the mortgage today")  # no final newline
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text((tiny_run / "tokenizer.json").read_text())
+    files = {path: path.read_bytes() for path in (notes, tok)}
+    kw = dict(max_new_tokens=4, temperature=0.0, progress=False)
+    for path in files:
+        with pytest.raises(FileNotFoundError, match="nonexistent"):
+            gen.generate_samples(tmp_path / "nonexistent", prompts, path, **kw)
+        with pytest.raises(ValueError, match=f"{path} line 1 is not a sample of this prompts file"):
+            gen.generate_samples(tiny_run, prompts, path, **kw)
+        with pytest.raises(FileNotFoundError):
+            gen.generate_samples(tiny_run, tmp_path / "no-prompts.jsonl", path, **kw)
+    assert {path: path.read_bytes() for path in files} == files
+
+
 def test_generate_samples_reads_text_prompt_files(tmp_path, tiny_run):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cat\n\nthe dog\n")

@@ -156,6 +156,12 @@ def test_jsonl_fields(tmp_path, corpus):
     path.write_text('{"body": "x"}\n')
     with pytest.raises(ValueError, match="line 1 has neither 'text' nor prompt/completion"):
         data.prepare(str(path), tok)
+    # a line that is JSON but not an object, or not JSON at all: the file and the line (issue 25)
+    for line, message in (("5", "line 2 is 5, not a JSON object"), ('"hello"', "line 2 is 'hello', not a JSON object"),
+                          ('{"text": "a",', "line 2 is not valid JSON")):
+        path.write_text('{"text": "hello"}\n' + line + "\n")
+        with pytest.raises(ValueError, match=f"{path} {message}"):
+            data.prepare(str(path), tok)
 
 
 def test_bad_data_is_a_clear_error_and_keeps_checkpoints(tmp_path, corpus, capsys):

@@ -29,7 +29,7 @@ class DistillConfig:
             errors.append(f"kd_loss={self.kd_loss!r} must be 'fkl', 'rkl', 'jsd' or 'tvd'")
         if not 0 <= self.kd_beta <= 1 or not 0 <= self.kd_weight <= 1 or not 0 <= self.on_policy <= 1:
             errors.append("kd_beta, kd_weight and on_policy must be in [0, 1]")
-        if self.kd_temperature <= 0 or self.kd_topk < 0:
+        if not 0 < self.kd_temperature < float("inf") or self.kd_topk < 0:  # a NaN fails `<= 0` too
             errors.append(f"kd_temperature={self.kd_temperature} must be > 0 and kd_topk={self.kd_topk} >= 0")
         if not self.teacher and (self.kd_topk or self.on_policy):
             errors.append("kd_topk and on_policy need a teacher (--teacher DIR / --set teacher=DIR)")

@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from ..formats import topk_cache
 from .config import DistillConfig
 from .losses import distill_loss
 from .offline import build_topk_cache
@@ -43,7 +44,7 @@ class Distillation:
         self.cache = None
         if cfg.kd_topk:
             t0 = time.perf_counter()
-            self.cache = build_topk_cache(self.teacher, splits.train, root=splits.directory.parent / "teacher-topk",
+            self.cache = build_topk_cache(self.teacher, splits.train, root=splits.directory.parent / topk_cache.ROOT,
                                           data_fingerprint=splits.directory.name, seq_len=cfg.seq_len,
                                           k=cfg.kd_topk, temperature=cfg.kd_temperature)
             log(f"offline teacher: top-{cfg.kd_topk} log-probs of {self.cache.tokens:,} tokens, "

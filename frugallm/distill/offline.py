@@ -11,25 +11,16 @@ rest-bucket rule). Dense storage would take V·4 bytes per token (517 KB at V = 
 Windows are the trainer's (train/data.py Batches): window w feeds tokens[w·S : w·S + S] and its
 position t predicts token w·S + t + 1, so `get([w, ...])` lines up with Batches' (inputs, targets).
 
-Layout, one directory per key (teacher hash, data fingerprint, seq_len, k, τ, token count) under the
-root the caller gives (the trainer puts it beside its data cache):
-    shard-00000.bin ...   a chunk of `chunk_windows` windows: ids int32 (n, S, k), then log-probs
-                          fp16 (n, S, k), then the log rest mass fp16 (n, S); read with np.memmap
-    topk.json             the key, shapes, dtypes, build time, bytes per token
-    manifest.json         written last by frugallm/io.py (kind "data-cache"); verified on open
-Building resumes: each finished chunk is written whole (io.write_file), then `progress.json` in a hidden
-`.NAME.partial` folder beside the cache records it, atomically. A restart continues after the last
-recorded chunk; only then is the directory sealed with its manifest. Two processes must not build the
-same key at once.
+The cache's on-disk layout (one directory per key, fp16 / int32 shards, topk.json, the `.partial`
+folder of a build in progress) is formats/topk_cache.py's; this module runs the teacher and turns the
+stored records into TopK. Building resumes: each finished chunk is written whole, then recorded. A
+restart continues after the last recorded chunk; only then is the directory sealed with its manifest.
+Two processes must not build the same key at once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -38,15 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import io
+from ..formats import topk_cache
 from .losses import TopK, safe_logsumexp
 
-VERSION = 1
-ID_DTYPE = np.dtype(np.int32)  # vocabularies pass 2^16 (Qwen: 152k), so 16-bit ids do not fit
-# Log-probs in fp16, not bf16. Both take 2 bytes; the values are log-probs in about [-30, 0], far inside
-# fp16's range (|x| <= 65504, and -inf is representable). fp16 keeps 10 mantissa bits to bf16's 7: a
-# log-prob of -5 is off by at most 2^-9 = 0.002 (a 0.2% error in p) in fp16, 0.016 (1.6%) in bf16.
-LOGPROB_DTYPE = np.dtype(np.float16)
 CHUNK_BYTES = 64 << 20  # default chunk: ~64 MB of shard, built in memory, written whole
 
 
@@ -60,85 +45,12 @@ def topk_record(logits: torch.Tensor, k: int, temperature: float = 1.0) -> TopK:
     return TopK(ids, lp, rest, temperature)
 
 
-def cache_key(teacher_hash: str, data_fingerprint: str, seq_len: int, k: int, temperature: float,
-              n_tokens: int) -> dict:
-    return {"version": VERSION, "teacher": teacher_hash, "data": data_fingerprint, "seq_len": int(seq_len),
-            "k": int(k), "temperature": float(temperature), "tokens": int(n_tokens)}
-
-
-def cache_dir(root: str | Path, key: dict) -> Path:
-    """Where the cache for `key` lives under `root`."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return Path(root) / f"topk-{digest}"
-
-
-class TopKCache:
-    """A built cache, read through memory maps. `get(window_indices)` -> TopK (B, S, k)."""
-
-    def __init__(self, directory: str | Path, verify: bool = True):
-        self.directory = Path(directory)
-        if verify:
-            io.verify(self.directory, "data-cache")  # a flipped bit would distil toward garbage
-        self.meta = json.loads((self.directory / "topk.json").read_text())
-        key = self.meta["key"]
-        self.seq_len, self.k, self.temperature = key["seq_len"], key["k"], key["temperature"]
-        self.teacher_hash, self.data_fingerprint = key["teacher"], key["data"]
-        self.windows, self.chunk_windows = self.meta["windows"], self.meta["chunk_windows"]
-        self.build_seconds: float = self.meta["build_seconds"]
-        self._shards: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    @property
-    def tokens(self) -> int:
-        """Positions covered: windows × seq_len."""
-        return self.windows * self.seq_len
-
-    @property
-    def bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.directory.iterdir() if f.is_file())
-
-    @property
-    def bytes_per_token(self) -> float:
-        """On disk, all files included: k·6 + 2 for the shards, plus the (small) metadata."""
-        return self.bytes / max(self.tokens, 1)
-
-    def __len__(self) -> int:
-        return self.windows
-
-    def _shard(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if c not in self._shards:
-            n = min(self.chunk_windows, self.windows - c * self.chunk_windows)
-            self._shards[c] = _open_shard(self.directory / _shard_name(c), n, self.seq_len, self.k)
-        return self._shards[c]
+class TopKCache(topk_cache.Reader):
+    """A built cache, read through memory maps (formats/topk_cache.py). `get(window_indices)` -> TopK (B, S, k)."""
 
     def get(self, window_indices: Sequence[int] | torch.Tensor | np.ndarray) -> TopK:
         """The records of windows [w, ...]: ids (B, S, k) int64, logprobs (B, S, k) and rest (B, S) fp32."""
-        ws = [int(w) for w in (window_indices.tolist() if hasattr(window_indices, "tolist") else window_indices)]
-        bad = [w for w in ws if not 0 <= w < self.windows]
-        if bad:
-            raise IndexError(f"windows {bad[:5]} are outside this cache's {self.windows} windows")
-        ids, lp, rest = [], [], []
-        for w in ws:
-            s_ids, s_lp, s_rest = self._shard(w // self.chunk_windows)
-            row = w % self.chunk_windows
-            ids.append(s_ids[row])
-            lp.append(s_lp[row])
-            rest.append(s_rest[row])
-        return TopK(torch.from_numpy(np.stack(ids).astype(np.int64)),
-                    torch.from_numpy(np.stack(lp).astype(np.float32)),
-                    torch.from_numpy(np.stack(rest).astype(np.float32)), self.temperature)
-
-
-def _shard_name(c: int) -> str:
-    return f"shard-{c:05d}.bin"
-
-
-def _open_shard(path: Path, n: int, S: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Three views into one shard file: ids (n, S, k), log-probs (n, S, k), rest (n, S)."""
-    at_lp = n * S * k * ID_DTYPE.itemsize
-    at_rest = at_lp + n * S * k * LOGPROB_DTYPE.itemsize
-    return (np.memmap(path, ID_DTYPE, "r", 0, (n, S, k)),
-            np.memmap(path, LOGPROB_DTYPE, "r", at_lp, (n, S, k)),
-            np.memmap(path, LOGPROB_DTYPE, "r", at_rest, (n, S)))
+        return TopK(*self.read(window_indices), self.temperature)
 
 
 def _window_inputs(tokens: np.ndarray, ws: range, S: int) -> torch.Tensor:
@@ -164,19 +76,19 @@ def build_topk_cache(teacher, tokens: np.ndarray, *, root: str | Path, data_fing
     windows = (len(tokens) - 1) // seq_len  # as Batches counts them
     if windows < 1:
         raise ValueError(f"{len(tokens):,} tokens make no window of seq_len={seq_len}")
-    key = cache_key(teacher.hash, data_fingerprint, seq_len, k, temperature, len(tokens))
-    directory = cache_dir(root, key)
-    if io.read_manifest(directory) is not None:
+    key = topk_cache.key(teacher.hash, data_fingerprint, seq_len, k, temperature, len(tokens))
+    directory = topk_cache.directory(root, key)
+    if topk_cache.is_built(directory):
         return TopKCache(directory)
 
-    partial = directory.with_name(f".{directory.name}.partial")  # survives interruptions; hidden
+    partial = topk_cache.partial_directory(directory)
     partial.mkdir(parents=True, exist_ok=True)
-    state = {"key": key, "chunk_windows": chunk_windows or max(1, CHUNK_BYTES // (seq_len * (6 * k + 2))),
+    per_window = seq_len * topk_cache.shard_bytes_per_token(k)
+    state = {"key": key, "chunk_windows": chunk_windows or max(1, CHUNK_BYTES // per_window),
              "chunks_done": 0, "seconds": 0.0}
-    if (partial / "progress.json").exists():
-        saved = json.loads((partial / "progress.json").read_text())
-        if saved.get("key") == key:
-            state = saved  # resume, with the chunk size the shards on disk were written with
+    saved = topk_cache.read_progress(partial)
+    if saved is not None and saved.get("key") == key:
+        state = saved  # resume, with the chunk size the shards on disk were written with
     cw = state["chunk_windows"]
     n_chunks = math.ceil(windows / cw)
 
@@ -186,9 +98,7 @@ def build_topk_cache(teacher, tokens: np.ndarray, *, root: str | Path, data_fing
         for c in range(state["chunks_done"], n_chunks):
             t0 = time.perf_counter()
             w0, w1 = c * cw, min((c + 1) * cw, windows)
-            ids = np.empty((w1 - w0, seq_len, k), ID_DTYPE)
-            lp = np.empty((w1 - w0, seq_len, k), LOGPROB_DTYPE)
-            rest = np.empty((w1 - w0, seq_len), LOGPROB_DTYPE)
+            ids, lp, rest = topk_cache.empty_shard(w1 - w0, seq_len, k)
             for b in range(w0, w1, batch_windows):
                 ws = range(b, min(b + batch_windows, w1))
                 rec = topk_record(teacher.logits(_window_inputs(tokens, ws, seq_len)), k, temperature)
@@ -197,24 +107,13 @@ def build_topk_cache(teacher, tokens: np.ndarray, *, root: str | Path, data_fing
                 rest[b - w0: b - w0 + len(ws)] = rec.rest.numpy()
                 bar.update(len(ws) * seq_len)
             # the shard whole (atomic, fsynced), THEN the record that says it is done
-            io.write_file(partial / _shard_name(c), ids.tobytes() + lp.tobytes() + rest.tobytes())
+            topk_cache.write_shard(partial, c, ids, lp, rest)
             state.update(chunks_done=c + 1, seconds=state["seconds"] + time.perf_counter() - t0)
-            io.write_file(partial / "progress.json", json.dumps(state, indent=2))
+            topk_cache.write_progress(partial, state)
             if on_chunk is not None:
                 on_chunk(c + 1, n_chunks)
     finally:
         bar.close()
 
-    meta = {"key": key, "windows": windows, "chunk_windows": cw, "shards": n_chunks,
-            "id_dtype": ID_DTYPE.name, "logprob_dtype": LOGPROB_DTYPE.name,
-            "layout": "per shard: ids (n, S, k), logprobs (n, S, k), log rest mass (n, S); n = chunk_windows",
-            "build_seconds": round(state["seconds"], 3), "shard_bytes_per_token": 6 * k + 2}
-    with io.write_directory(directory, "data-cache") as tmp:
-        for c in range(n_chunks):  # hard links: the partial copies stay until the sealed cache is in place
-            try:
-                os.link(partial / _shard_name(c), tmp / _shard_name(c))
-            except OSError:
-                shutil.copyfile(partial / _shard_name(c), tmp / _shard_name(c))
-        (tmp / "topk.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(partial, ignore_errors=True)
+    topk_cache.seal(directory, key, windows, cw, state["seconds"])
     return TopKCache(directory)

@@ -89,6 +89,7 @@ def generate_samples(teacher: str | os.PathLike, prompts_path: str | os.PathLike
     prompts = read_prompts(prompts_path)
     if not prompts:
         raise ValueError(f"{prompts_path} holds no prompts")
+    opened = _open_teacher(Path(teacher))  # a missing or unreadable teacher fails before out_path is touched
     done = _written(out_path, prompts)
     work = [(j, i) for j in range(len(prompts)) for i in range(samples_per_prompt)]
     batches = [work[k: k + batch_size] for k in range(0, len(work), batch_size)]
@@ -98,7 +99,7 @@ def generate_samples(teacher: str | os.PathLike, prompts_path: str | os.PathLike
                  seconds=0.0, tokens_per_s=0.0, teacher=None, out=str(out_path))
     if not todo:
         return stats
-    model = _load_teacher(Path(teacher))
+    model = _load_teacher(opened)
     stats["teacher"] = model.kind
     encoded = {}
     t0 = time.perf_counter()
@@ -146,29 +147,42 @@ def _seed(seed: int, j: int, i: int) -> int:
 
 def _written(out_path: Path, prompts: list) -> set[tuple[int, int]]:
     """The (prompt_index, sample) pairs already in out_path. A torn last line (no newline after it, or not
-    JSON) is cut off the file: its record is written again."""
+    JSON) that follows records of this very job is cut off the file: its record is written again. Any
+    other line that is not such a record (the file is someone else's) is refused, and nothing is cut."""
     if not out_path.exists():
         return set()
+    if not out_path.is_file():
+        raise ValueError(f"{out_path} is not a file; pass a .jsonl file path as --out")
     lines = out_path.read_bytes().split(b"\n")  # the last item: what follows the last newline
     last = max((k for k, line in enumerate(lines) if line.strip()), default=-1)
     done, offset = set(), 0
     for k, line in enumerate(lines):
         if line.strip():
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                rec = None
-            if k == last and (rec is None or k == len(lines) - 1):
-                os.truncate(out_path, offset)  # a crash mid-write
+            rec = _sample_record(line, prompts)
+            # a crash mid-write tears the last record: a line that is not JSON, taken for a torn record only
+            # after this job's own records (alone, it is somebody's file), or one of this job's records
+            # with no newline after it yet
+            if k == last and (rec is None and done or rec is not None and k == len(lines) - 1):
+                os.truncate(out_path, offset)
                 break
-            j, i = (rec.get("prompt_index"), rec.get("sample")) if isinstance(rec, dict) else (None, None)
-            if not (isinstance(j, int) and isinstance(i, int) and 0 <= j < len(prompts)
-                    and _same_prompt(rec, prompts[j])):
-                raise ValueError(f"{out_path} line {k + 1} is not a sample of this prompts file; use another "
-                                 "output path, or delete it to start over")
-            done.add((j, i))
+            if rec is None:
+                raise ValueError(f"{out_path} line {k + 1} is not a sample of this prompts file, so the file is "
+                                 "not this job's output; use another output path, or delete it to start over")
+            done.add(rec)
         offset += len(line) + 1
     return done
+
+
+def _sample_record(line: bytes, prompts: list) -> tuple[int, int] | None:
+    """(prompt_index, sample) of a record of these prompts written by generate_samples, else None."""
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    j, i = (rec.get("prompt_index"), rec.get("sample")) if isinstance(rec, dict) else (None, None)
+    if isinstance(j, int) and isinstance(i, int) and 0 <= j < len(prompts) and _same_prompt(rec, prompts[j]):
+        return j, i
+    return None
 
 
 def _same_prompt(rec: dict, prompt: str | list[dict]) -> bool:
@@ -185,12 +199,18 @@ def _fsync_dir(path: Path) -> None:
 
 # --- teachers: encode a prompt, complete a batch ---------------------------------------------------
 
-def _load_teacher(path: Path):
+def _open_teacher(path: Path):
+    """What the teacher directory is (formats/open.py), its weights not read: a FileNotFoundError naming it
+    when it is no model directory."""
     from ..formats.open import open as open_model
 
-    if not open_model(path).deepseek:
-        return _TransformersTeacher(path)  # a Hugging Face model frugallm's Transformer cannot hold
-    return _FrugallmTeacher(path)
+    return open_model(path)
+
+
+def _load_teacher(opened):
+    if not opened.deepseek:
+        return _TransformersTeacher(opened.path)  # a Hugging Face model frugallm's Transformer cannot hold
+    return _FrugallmTeacher(opened.path)
 
 
 def _cut(ids: list[int], stops: set[int]) -> tuple[list[int], bool]:
@@ -203,8 +223,8 @@ class _FrugallmTeacher:
     kind = "frugallm"
 
     def __init__(self, path: Path):
+        from ..formats.checkpoint import load_tokenizer
         from ..plan import load_for_inference
-        from ..tokenizer import load_tokenizer
 
         self.model = load_for_inference(path)
         self.tokenizer = load_tokenizer(path)

@@ -128,8 +128,8 @@ class Teacher:
              dtype="auto") -> "Teacher":
         """The teacher at `path` (a frugallm run, checkpoint or Hugging Face directory), its vocabulary
         checked against the student's (match_vocab: a ValueError if they differ)."""
+        from ..formats.checkpoint import load_tokenizer
         from ..plan import load
-        from ..tokenizer import load_tokenizer
 
         teacher_tokenizer = load_tokenizer(path)
         model = load(path)

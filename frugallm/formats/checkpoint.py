@@ -26,8 +26,9 @@ from torch import nn
 from .. import io
 from ..config import ModelConfig
 from ..model.moe import upgrade_expert_name
-from ..tokenizer import TOKENIZER
-from .names import CHECKPOINTS, CONFIG, TRAIN_CONFIG, WEIGHTS
+from ..tokenizer import TOKENIZER, Tokenizer
+from ..tokenizer import load_tokenizer as read_tokenizer
+from ..names import CHECKPOINTS, CONFIG, TRAIN_CONFIG, WEIGHTS
 
 PREFIX = "step_"  # checkpoints/step_000100
 CorruptCheckpoint = io.CorruptOutput  # the name callers catch
@@ -90,6 +91,10 @@ def save(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opti
     opt_tensors, opt_meta = optimizer_tensors(model, optimizer, full)
     if not write:
         return final
+    # a save killed mid-write (kill -9, power loss) leaves its temp dir; the run's lock (train/setup.py)
+    # keeps every other writer out, so any found now is dead: it goes before this save's joins it
+    for dead in final.parent.glob(f".{PREFIX}*.tmp-*"):
+        shutil.rmtree(dead, ignore_errors=True)
     # re-saving a step after a resume swaps the new copy in; there is never a moment without one
     with io.write_directory(final, "checkpoint") as tmp:
         save_file(state, tmp / WEIGHTS)
@@ -124,6 +129,27 @@ def latest(run_dir: Path) -> Path | None:
         except CorruptCheckpoint as e:
             warnings.warn(f"skipping checkpoint: {e}")
     return None
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """The tokenizer of the weights at `path`. A run's is its newest checkpoint's whose tokenizer.json
+    matches the checkpoint's manifest: the run-level tokenizer.json is a copy no manifest covers, which
+    `frugallm tokenizer train --out RUN` once replaced unnoticed. A directory with a frugallm manifest
+    listing tokenizer.json (a checkpoint, an export) has it verified; anything else (a Hugging Face
+    directory, a tokenizer file or folder) is read as it is."""
+    path = Path(path)
+    if (path / CHECKPOINTS).is_dir():
+        for ckpt in reversed(checkpoints(path)):
+            try:
+                io.verify(ckpt, "checkpoint", files=(TOKENIZER,))
+                return read_tokenizer(ckpt)
+            except CorruptCheckpoint as e:
+                warnings.warn(f"skipping checkpoint: {e}")
+        raise FileNotFoundError(f"{path} is a frugallm run without a checkpoint whose {TOKENIZER} verifies; train "
+                                f"it (frugallm train --out {path} --resume) or pass another directory")
+    if path.is_dir() and TOKENIZER in ((io.read_manifest(path) or {}).get("files") or {}):
+        io.verify(path, None, files=(TOKENIZER,))
+    return read_tokenizer(path)
 
 
 def load_model(path: Path, dtype: torch.dtype | None = None, quantized: bool | None = None):

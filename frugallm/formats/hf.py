@@ -29,7 +29,7 @@ from ..model.transformer import Transformer
 from ..kernels.fp8 import E4M3, weight_dequant
 from ..kernels.quantize import SUFFIX
 from ..tokenizer import TOKENIZER, load_tokenizer
-from .names import CONFIG, WEIGHTS
+from ..names import CONFIG, WEIGHTS
 
 TOP_KEYS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
             "head.weight": "lm_head.weight"}

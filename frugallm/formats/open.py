@@ -26,7 +26,7 @@ import torch
 from .. import io
 from ..config import ModelConfig
 from . import checkpoint, hf
-from .names import CHECKPOINTS, CONFIG
+from ..names import CHECKPOINTS, CONFIG
 from . import quantized as quantized_layout
 
 @dataclass(frozen=True)

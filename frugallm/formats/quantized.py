@@ -32,13 +32,13 @@ from ..config import ModelConfig
 from ..model.transformer import Transformer
 from ..tokenizer import TOKENIZER
 from .checkpoint import latest
-from .names import CHECKPOINTS, CONFIG, WEIGHTS
+from ..names import CHECKPOINTS, CONFIG, QUANTIZATION, WEIGHTS
 from .hf import hf_format, keep_quantized, to_hf
 from ..kernels.fp8 import DEFAULT_SKIP
 from ..kernels.quantize import FORMATS, SUFFIX, dequantize_state_dict, from_quantized_state_dict, quantize_model
 
 LAYOUTS = ("deepseek", "frugallm")
-META = "quantization.json"  # frugallm layout: {"format", "layout", "scale_suffix", ...}
+META = QUANTIZATION  # frugallm layout: {"format", "layout", "scale_suffix", ...}
 TOKENIZER_FILES = (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja")
 

@@ -40,8 +40,8 @@ def stream_completion(model, tokenizer, prompt: str, max_new_tokens: int, *, tem
 def print_sample(run, prompt: str, n_tokens: int) -> None:
     """Print up to `n_tokens` sampled after `prompt` by the model in `run` (temperature 0.8, top-k 40,
     seed 0: the same text for the same weights), between two rules."""
+    from ..formats.checkpoint import load_tokenizer
     from ..plan import load
-    from ..tokenizer import load_tokenizer
 
     model, tok = load(run), load_tokenizer(run)
     ids = torch.tensor([[tok.bos_id, *tok.encode(prompt)]])

@@ -1,7 +1,8 @@
 """The OpenAI wire protocol as this server speaks it: request bodies, their strict parsing, and errors.
 
-Bodies are pydantic models in strict mode ("5" is not a number, true is not an int; unknown fields are
-ignored). `parse` reads a body itself, within a size limit, and turns the first validation error into
+Bodies are pydantic models in strict mode ("5" is not a number, true is not an int). An unknown field
+gets OpenAI's answer to an unrecognised argument, a 400 "Unrecognized request argument supplied: NAME"
+(a typo such as "max_token" would otherwise pass silently). `parse` reads a body itself, within a size limit, and turns the first validation error into
 OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with `param` the field's path
 ("messages[0].content"). The same models describe the bodies in the app's OpenAPI schema
 (`add_request_schemas`), so clients and fuzzers see what `parse` accepts.
@@ -18,6 +19,8 @@ from typing import Literal
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import access
 
 log = logging.getLogger("frugallm.server")
 ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/docs",
@@ -37,7 +40,7 @@ class APIError(Exception):
 
 # --- request bodies
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class StreamOptions(_Strict):
@@ -59,6 +62,7 @@ class Sampling(_Strict):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    user: str | None = None  # OpenAI's end-user id for abuse monitoring: accepted, unused
 
 
 class TextPart(_Strict):
@@ -69,13 +73,16 @@ class TextPart(_Strict):
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
+    name: str | None = None  # OpenAI's participant name: accepted, not shown to the model
 
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list | None = None
+    tools: list | None = None  # refused when given (server.py): OpenAI's names, so not "unrecognized"
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
 
 
 class CompletionRequest(Sampling):
@@ -118,6 +125,11 @@ async def parse(request: Request, schema: type[_Strict], limit: int) -> _Strict:
         return schema.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
+        if err["type"] == "extra_forbidden":  # OpenAI's wording, with the field's path as the param
+            *path, field = err["loc"]
+            name = _param((*(q for q in path if isinstance(q, int) or q in _FIELDS), field))
+            raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
+                           code="unrecognized_argument") from None
         # keep list indices and field names; drop pydantic's union-branch tags ("str", "list[int]")
         loc = tuple(p for p in err["loc"] if isinstance(p, int) or p in _FIELDS)
         name = _param(loc) or None
@@ -162,9 +174,12 @@ def add_request_schemas(spec: dict, model_name: str) -> dict:
 MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs
 
 
-def completion_logprobs(entries: list, token: "callable", offset: int = 0, top: bool = True) -> dict:
+def completion_logprobs(entries: list, token: "callable", offset: int = 0, top: bool = True,
+                        width: "callable" = None) -> dict:
     """The legacy completions shape: {tokens, token_logprobs, top_logprobs, text_offset} for records
-    (id, log-prob or None, [(id, log-prob)]); token(id) -> (text, bytes). `offset`: the text before them."""
+    (id, log-prob or None, [(id, log-prob)]); token(id) -> (text, bytes). `offset`: the text before them.
+    width(id): the characters the token adds to the reply's `text` (default: its own text's length); a
+    control token such as <|bos|> is listed under `tokens` but adds none, as decoding skips it."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for i, lp, alternatives in entries:
         text = token(i)[0]
@@ -172,7 +187,7 @@ def completion_logprobs(entries: list, token: "callable", offset: int = 0, top: 
         out["token_logprobs"].append(lp)
         out["top_logprobs"].append({token(a)[0]: v for a, v in alternatives} if top and lp is not None else None)
         out["text_offset"].append(offset)
-        offset += len(text)
+        offset += len(text) if width is None else width(i)
     return out
 
 
@@ -213,8 +228,8 @@ def sse_event(obj: dict) -> str:
 # --- in front of every route
 class Guard:
     """ASGI middleware in front of every route, /docs and /openapi.json included (FastAPI's dependencies
-    skip those): gives the request an id, checks the API key, and turns whatever escapes the handlers into
-    a generic 500 with the detail in the log."""
+    skip those): gives the request an id, checks Host, Origin, the API key and a POST's Content-Type
+    (`_refusal`), and turns whatever escapes the handlers into a generic 500 with the detail in the log."""
 
     def __init__(self, app, server):
         self.app, self.server = app, server
@@ -234,13 +249,9 @@ class Guard:
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
-        key = self.server.api_key
-        if scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
-            key = None  # the chat page is static and holds nothing; its own API calls send the key
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if key is not None and not secrets.compare_digest(given, f"Bearer {key}".encode()):
-            return await reply(APIError(401, "Incorrect or missing API key: send the header 'Authorization: "
-                                         "Bearer KEY'.", code="invalid_api_key"))(scope, receive, send_with_id)
+        refused = self._refusal(scope)
+        if refused is not None:
+            return await reply(refused)(scope, receive, send_with_id)
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:
@@ -248,3 +259,28 @@ class Guard:
             if started:  # too late for a status: the connection just closes
                 raise
             await reply(internal(rid))(scope, receive, send_with_id)
+
+    def _refusal(self, scope) -> APIError | None:
+        """The first check a request fails (access.py): its Host (keyless servers only: a key already keeps
+        a rebound page out), its Origin, the API key, a POST body's Content-Type; None when it passes."""
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        host, key = headers.get("host"), self.server.api_key
+        if key is None and not access.host_ok(host, self.server.allowed_hosts):
+            return APIError(400, f"This server does not answer for the host name {host!r} (a web page could be "
+                            f"driving it through DNS rebinding); add it with --allowed-hosts, or use 127.0.0.1.",
+                            param="Host", code="invalid_host")
+        if not access.origin_ok(headers.get("origin"), host):
+            return APIError(403, f"Requests from the web page at {headers.get('origin')!r} are refused: only "
+                            f"this server's own chat page may call it from a browser.", param="Origin",
+                            code="forbidden_origin")
+        if scope["path"] == "/" and scope["method"] in ("GET", "HEAD"):
+            key = None  # the chat page is static and holds nothing; its own API calls send the key
+        given = headers.get("authorization", "").encode("latin-1")
+        if key is not None and not secrets.compare_digest(given, f"Bearer {key}".encode()):
+            return APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'.",
+                            code="invalid_api_key")
+        if scope["method"] == "POST" and not access.json_body(headers.get("content-type")):
+            return APIError(415, f"The request body must be JSON, sent with 'Content-Type: application/json'; "
+                            f"got {headers.get('content-type')!r}.", param="Content-Type",
+                            code="unsupported_media_type")
+        return None

@@ -19,9 +19,11 @@ prompt log-probs are the model's own (raw) distribution.
 
 Errors are OpenAI-shaped, {"error": {"message", "type", "param", "code"}}: 400 for malformed JSON, wrong
 types, a missing field, max_tokens < 1 (< 0 with echo), prompt + max_tokens past the context or the cache budget
-(the message names the limit), unsupported options (tools, suffix, best_of > 1); 401 for a missing or wrong API
-key; 404 for an unknown model or route; 413 for a body over 1 MiB + 32 bytes per context token; 429 when the
-queue is full. Every response carries an X-Request-Id header.
+(the message names the limit), unsupported options (tools, response_format, suffix, best_of > 1), an
+unknown field ("Unrecognized request argument supplied", as OpenAI), a keyless server's unknown Host name; 401
+for a missing or wrong API key; 403 for a foreign Origin; 404 for an unknown model or route; 413 for a body over
+1 MiB + 32 bytes per context token; 415 for a POST body not sent as application/json; 429 when the queue is
+full. Every response carries an X-Request-Id header.
 
 Limits, each a `serve` argument (CLI: --max-cache-tokens, --max-queue, --request-timeout, --default-max-tokens),
 so that load or a hostile client degrades service instead of taking the host down:
@@ -45,8 +47,11 @@ budget (max_cache_tokens * bytes_per_token) + the prefill transient of one chunk
 
 Security: the API key is checked on every route, /docs, /redoc, /openapi.json, /health and /metrics included (a
 load balancer's probe and Prometheus send the key too), but the chat page itself: static, holding nothing, it asks
-the user for the key and sends it with its own API calls; a Content-Security-Policy keeps it to this server. `serve` refuses a non-loopback host without a key (`InsecureServe`)
-unless `insecure_no_api_key` is set. An internal error answers 500 "internal error, see the server log
+the user for the key and sends it with its own API calls; a Content-Security-Policy keeps it to this server.
+`serve` refuses a non-loopback host without a key (`InsecureServe`) unless `insecure_no_api_key` is set. Web
+pages cannot drive the server (access.py): a foreign Origin gets 403, a POST must be JSON, and a keyless server
+answers only loopback names, IP literals, --host and --allowed-hosts (DNS rebinding). Prompts are encoded off
+the event loop, a checkpoint's chat template in a child process with a time limit (prompts.py). An internal error answers 500 "internal error, see the server log
 (request id ...)"; its detail goes to the log (logger "frugallm.server"), never to the client.
 """
 
@@ -54,7 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import time
@@ -66,19 +70,18 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, Job, QueueFull
-from .jobs import Limits, jobs_for
+from .engine import Engine, Job
+from .jobs import Limits, jobs_for, run_jobs
 from .memory import bytes_per_token, default_cache_tokens, memory_budget, rss
+from . import access
+from .access import InsecureServe, api_key_from, check_exposure  # noqa: F401 (the API)
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .prompts import PromptEncoder
 from .protocol import (MAX_LOGPROBS, APIError, ChatRequest, CompletionRequest, Guard, Sampling, add_request_schemas,
-                       body_schema, chat_logprobs, completion_logprobs, failure, parse, reply, sse_event,
-                       total_usage)
+                       body_schema, chat_logprobs, completion_logprobs, failure, internal, log, parse, reply,
+                       sse_event, total_usage)
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
-
-
-class InsecureServe(ValueError):
-    """Serving beyond this host without an API key, and without saying so on purpose."""
 
 
 class Server:
@@ -87,8 +90,10 @@ class Server:
     def __init__(self, model, tokenizer, model_name: str, api_key: str | None = None, slots: int = 16,
                  decoder=None, max_cache_tokens: int | None = None, max_queue: int = 64,
                  request_timeout: float = 600.0, default_max_tokens: int = 1024, prefill_chunk: int = 256,
-                 memory_budget: int | None = None, policy: str = "batch"):
+                 memory_budget: int | None = None, policy: str = "batch", host: str = "127.0.0.1",
+                 allowed_hosts: tuple[str, ...] = (), template_timeout: float = 5.0):
         self.model, self.tokenizer, self.model_name, self.api_key = model, tokenizer, model_name, api_key or None
+        self.allowed_hosts = access.allowed_hosts(host, allowed_hosts)  # keyless only (access.py)
         self.context = model.config.max_seq_len
         self.max_cache_tokens = max_cache_tokens or slots * self.context
         if request_timeout <= 0 or default_max_tokens < 1:
@@ -98,7 +103,10 @@ class Server:
         self.max_body = (1 << 20) + 32 * self.context
         self.memory_budget = memory_budget
         self.created = int(time.time())
-        self.limits = Limits(self.context, self.max_cache_tokens, model.config.vocab_size, max(1, max_queue))
+        # ids a request may name: those both the model and the tokenizer hold (a padded embedding has more)
+        self.vocab = min(model.config.vocab_size, tokenizer.vocab_size)
+        self.limits = Limits(self.context, self.max_cache_tokens, self.vocab, max(1, max_queue))
+        self.prompts = PromptEncoder(tokenizer, self.context, template_timeout)
         self.engine: Engine | None = None
         self.metrics = Metrics(lambda: self.engine.queue_stats())
         self._tokens: dict[int, tuple[str, list[int]]] = {}  # token id -> (text, bytes), for log-probs
@@ -112,6 +120,7 @@ class Server:
             self.engine = Engine(self.model, self.tokenizer, **engine_args)
             yield
             self.engine.close()
+            self.prompts.close()
 
         app = FastAPI(title="frugallm", lifespan=lifespan)
         app.add_middleware(Guard, server=self)
@@ -173,8 +182,10 @@ class Server:
     async def chat_completions(self, request: Request):
         req = await parse(request, ChatRequest, self.max_body)
         self._check_model(req.model)
-        if req.tools:
-            raise APIError(400, "tools are not supported", param="tools")
+        for name in ("tools", "tool_choice", "response_format"):  # a 200 that ignores them would mislead
+            if getattr(req, name) is not None and (name != "tools" or req.tools):
+                raise APIError(400, f"'{name}' is not supported by this server (no tool calls, no JSON mode)",
+                               param=name)
         if req.logprobs is not None and not isinstance(req.logprobs, bool):
             raise APIError(400, "chat's 'logprobs' is a boolean; ask for alternatives with 'top_logprobs'",
                            param="logprobs")
@@ -184,10 +195,7 @@ class Server:
         for m in req.messages:
             content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
             messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-        try:
-            prompt = self.tokenizer.encode_chat(messages)  # contents as plain text: no forged turns
-        except ValueError as e:  # no chat template for this vocabulary, or the template refused
-            raise APIError(400, str(e), param="messages") from None
+        prompt = await self.prompts.chat(messages)  # contents as plain text: no forged turns (prompts.py)
         max_tokens = req.max_completion_tokens if req.max_tokens is None else req.max_tokens
         jobs = jobs_for(req, [prompt], max_tokens, "messages", default=self.default_max_tokens,
                         logprobs=(req.top_logprobs or 0) if req.logprobs else None, limits=self.limits)
@@ -205,18 +213,17 @@ class Server:
                            f"to {MAX_LOGPROBS}, got {req.logprobs!r}", param="logprobs")
         prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], (str, list)) \
             else [req.prompt]
-        ids = []
-        for i, prompt in enumerate(prompts):
-            if isinstance(prompt, str):
-                ids.append(self._bos() + self.tokenizer.encode(prompt))
-            elif prompt and all(0 <= t < self.model.config.vocab_size for t in prompt):
-                ids.append(list(prompt))
-            else:
-                raise APIError(400, f"token ids must be a non-empty list in [0, {self.model.config.vocab_size})",
-                               param="prompt" if len(prompts) == 1 else f"prompt[{i}]")
-        echo = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts] if req.echo else []
+        params = ["prompt" if len(prompts) == 1 else f"prompt[{i}]" for i in range(len(prompts))]
+        for prompt, param in zip(prompts, params):
+            if not isinstance(prompt, str) and not (prompt and all(0 <= t < self.vocab for t in prompt)):
+                raise APIError(400, f"token ids must be a non-empty list in [0, {self.vocab}): ids the model and "
+                               f"the tokenizer both hold", param=param)
+        strings = [(p, q) for p, q in zip(prompts, params) if isinstance(p, str)]
+        encoded = iter(await self.prompts.texts([p for p, _ in strings], [q for _, q in strings]))
+        ids = [self._bos() + next(encoded) if isinstance(p, str) else list(p) for p in prompts]
         jobs = jobs_for(req, ids, req.max_tokens, "prompt", default=16, logprobs=req.logprobs, limits=self.limits,
                         echo=bool(req.echo))
+        echo = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in prompts] if req.echo else []
         return await self._respond(request, req, jobs, chat=False, echo=echo)
 
     # --- helpers
@@ -229,53 +236,15 @@ class Server:
                            param="model", code="model_not_found")
 
     def _token(self, i: int) -> tuple[str, list[int]]:
+        """(text, bytes) of token i; an id past the tokenizer (a padded embedding's row) is empty text."""
         if i not in self._tokens:
-            self._tokens[i] = self.tokenizer.token(i)
+            self._tokens[i] = self.tokenizer.token(i) if i < self.tokenizer.vocab_size else ("", [])
         return self._tokens[i]
 
-    def _events(self, jobs: list[Job]):
-        """Submit the jobs (429 when the queue is full) and give (choice index, event) from the engine until each
-        is "done", or one gives "error" / "cancelled", or the time is up: (None, ("timeout",)). Whatever ends
-        them early, the jobs are cancelled."""
-        try:
-            for job in jobs:
-                self.engine.submit(job)
-        except QueueFull as e:
-            for job in jobs:
-                self.engine.cancel(job)
-            raise APIError(429, f"The server is busy: {e} (--max-queue). Retry later.", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
-        deadline = time.monotonic() + self.request_timeout
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, job: Job):
-            while True:
-                event = await job.queue.get()
-                merged.put_nowait((i, event))
-                if event[0] not in ("text", "prompt"):
-                    return
-
-        async def stream():
-            pumps = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
-            running = len(jobs)
-            try:
-                while running:
-                    try:
-                        i, event = await asyncio.wait_for(merged.get(), deadline - time.monotonic())
-                    except asyncio.TimeoutError:
-                        i, event = None, ("timeout",)
-                    yield i, event
-                    if event[0] == "done":
-                        running -= 1
-                    elif event[0] not in ("text", "prompt"):
-                        return
-            finally:
-                for task in pumps:
-                    task.cancel()
-                for job in jobs:
-                    self.engine.cancel(job)  # a no-op once it has finished; frees its row at once if not
-
-        return stream()
+    def _width(self, i: int) -> int:
+        """The characters token i adds to a reply's text: none for a control token (<|bos|>), which
+        decoding skips, else its own text's."""
+        return len(self._token(i)[0]) if i < self.tokenizer.vocab_size and self.tokenizer.decode([i]) else 0
 
     async def _respond(self, request: Request, req: Sampling, jobs: list[Job], chat: bool, echo: list[str]):
         """Run the jobs; a JSON reply, or server-sent events. echo: each prompt's text, for completions' echo."""
@@ -284,7 +253,7 @@ class Server:
             job.rid = rid
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}", "object": "chat.completion" if chat
                 else "text_completion", "created": int(time.time()), "model": self.model_name}
-        events = self._events(jobs)
+        events = run_jobs(self.engine, jobs, self.request_timeout)
         watch = asyncio.create_task(self._watch_disconnect(request, jobs))
         n = req.n or 1
         try:
@@ -325,7 +294,7 @@ class Server:
             else:
                 prefix = echo[i // n] if echo else ""
                 logprobs = None if job.logprobs is None else completion_logprobs(
-                    entries[i], self._token, top=job.logprobs > 0)
+                    entries[i], self._token, top=job.logprobs > 0, width=self._width)
                 choices.append({"index": i, "text": prefix + body, "logprobs": logprobs, "finish_reason": finish[i]})
         return {**head, "choices": choices, "usage": total_usage(usage, n)}
 
@@ -350,9 +319,10 @@ class Server:
                 lp = chat_logprobs(records, self._token) if wanted else None
                 choice = {"index": i, "delta": d, "logprobs": lp, "finish_reason": finish}
             else:
-                lp = completion_logprobs(records, self._token, offsets[i], top=jobs[i].logprobs > 0) if wanted else None
+                lp = completion_logprobs(records, self._token, offsets[i], top=jobs[i].logprobs > 0,
+                                         width=self._width) if wanted else None
                 if lp:
-                    offsets[i] += sum(len(t) for t in lp["tokens"])
+                    offsets[i] += sum(self._width(r[0]) for r in records)
                 choice = {"index": i, "text": delta or "", "logprobs": lp, "finish_reason": finish}
             done = finish is not None and all(u is not None for u in usage)
             return sse_event({**head, "choices": [choice], "usage": total_usage(usage, n) if done else None})
@@ -382,39 +352,35 @@ class Server:
                         yield sse_event({**head, "choices": [], "usage": total_usage(usage, n)})
                     break
                 i, event = await anext(events)
-            yield "data: [DONE]\n\n"
+        except Exception:  # headers are gone: the error can only be an event, and [DONE] still ends the stream
+            log.exception("request %s failed mid-stream", rid)
+            yield sse_event(internal(rid).body())
         finally:
             await events.aclose()
-
-
-def check_exposure(host: str, api_key: str | None, insecure_no_api_key: bool = False) -> None:
-    """InsecureServe when `host` is reachable from other machines and nothing guards it."""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name, or "" (every interface)
-        loopback = False
-    if not (api_key or insecure_no_api_key or loopback):
-        raise InsecureServe(f"refusing to serve on {host!r} without an API key: anyone who can reach it could use "
-                            f"the model. Pass --api-key KEY (clients send 'Authorization: Bearer KEY'), bind to "
-                            f"127.0.0.1, or pass --insecure-no-api-key to serve it openly on purpose.")
+        yield "data: [DONE]\n\n"
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, slots: int = 16, threads: int | None = None,
           log_level: str = "info", compile: bool = False, dtype="auto", max_cache_tokens: int | None = None,
           max_queue: int = 64, request_timeout: float = 600.0, default_max_tokens: int = 1024,
-          prefill_chunk: int = 256, insecure_no_api_key: bool = False, policy: str = "batch") -> None:
+          prefill_chunk: int = 256, insecure_no_api_key: bool = False, policy: str = "batch",
+          api_key_file: str | None = None, allowed_hosts: tuple[str, ...] = ()) -> None:
     """Load RUN (a frugallm run or a Hugging Face DeepSeek dir) and serve it until interrupted.
     policy: "batch" (continuous batching) or "round-robin" (one request per forward; engine.py).
     compile: compile the decode step (kernels/compiled.py) before listening. dtype: "auto" (the
     host profile's inference choice, host.py) or a dtype name. The limits are in the module docstring;
-    a non-loopback `host` needs `api_key` or `insecure_no_api_key` (else InsecureServe, before loading)."""
+    a non-loopback `host` needs `api_key` or `insecure_no_api_key` (else InsecureServe, before loading).
+    The key: `api_key`, or `api_key_file`'s first line, or $FRUGALLM_API_KEY (access.api_key_from).
+    allowed_hosts: Host names a keyless server answers besides loopback names, IP literals and `host`
+    ("*": any; access.py says why it checks)."""
+    api_key = api_key_from(api_key, api_key_file)
     check_exposure(host, api_key, insecure_no_api_key)
     import torch
     import uvicorn
 
+    from ..formats.checkpoint import load_tokenizer
     from ..plan import prepare_inference
-    from ..tokenizer import load_tokenizer
 
     # one core stays with the event loop (HTTP, JSON, streaming): on a 2-core Zen 4 (benchmarks/bench_serve.py)
     # one torch thread gave 103 vs 63 tok/s at 1 client and 560 vs 361 at 16 clients against two
@@ -432,7 +398,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: s
     server = Server(model, tokenizer, name, api_key=api_key, slots=slots, decoder=decoder,
                     max_cache_tokens=max_cache_tokens, max_queue=max_queue, request_timeout=request_timeout,
                     default_max_tokens=default_max_tokens, prefill_chunk=prefill_chunk, memory_budget=budget,
-                    policy=policy)
+                    policy=policy, host=host, allowed_hosts=tuple(allowed_hosts or ()))
     per = bytes_per_token(model.config, model.embed.weight.dtype)
     print(f"frugallm: serving '{name}' ({model.config.max_seq_len}-token context, {slots} slots) "
           f"on http://{host}:{port}/v1{' with an API key' if api_key else ' WITHOUT an API key'}", flush=True)

@@ -79,12 +79,13 @@ def resolve(model_cfg: ModelConfig, train_cfg: ParallelConfig, world: int) -> La
                       "pp_schedule=dualpipev")
     if train_cfg.fp8_dispatch and ep == 1:
         errors.append("fp8_dispatch compresses the expert-parallel all-to-all and needs ep > 1")
-    if train_cfg.grad_accum % layout.data_ranks:
-        errors.append(f"grad_accum={train_cfg.grad_accum} (micro-batches per step, in all) must divide by the "
+    grad_accum = grad_accum_for(layout, train_cfg)
+    if grad_accum % layout.data_ranks:
+        errors.append(f"grad_accum={grad_accum} (micro-batches per step, in all) must divide by the "
                       f"{layout.data_ranks} data ranks (ep * dp), each running its share; "
-                      f"e.g. --set grad_accum={layout.data_ranks * max(1, train_cfg.grad_accum // layout.data_ranks)}")
+                      f"e.g. --set grad_accum={layout.data_ranks * max(1, grad_accum // layout.data_ranks)}")
     if pp > 1:
-        chunks = train_cfg.grad_accum // max(layout.data_ranks, 1)
+        chunks = grad_accum // max(layout.data_ranks, 1)
         if train_cfg.pp_schedule not in PP_SCHEDULES:
             errors.append(f"pp_schedule={train_cfg.pp_schedule!r} must be one of {', '.join(PP_SCHEDULES)}")
         stages = 2 * pp if train_cfg.pp_schedule in ("dualpipev", "zbv") else pp
@@ -94,7 +95,7 @@ def resolve(model_cfg: ModelConfig, train_cfg: ParallelConfig, world: int) -> La
         need = 2 * pp if train_cfg.pp_schedule == "dualpipev" else pp
         if chunks < need:
             errors.append(f"{train_cfg.pp_schedule} with pp={pp} needs >= {need} micro-batches per data rank, "
-                          f"and grad_accum={train_cfg.grad_accum} over {layout.data_ranks} data ranks gives {chunks}; "
+                          f"and grad_accum={grad_accum} over {layout.data_ranks} data ranks gives {chunks}; "
                           f"raise grad_accum to {need * layout.data_ranks}")
         if dp > 1:
             errors.append(f"pp={pp} with dp={dp} is not built yet (FSDP inside pipeline stages); use --dp 1 with "
@@ -115,6 +116,20 @@ def resolve(model_cfg: ModelConfig, train_cfg: ParallelConfig, world: int) -> La
     if errors:
         raise LayoutError("invalid parallel layout: " + "; ".join(errors))
     return layout
+
+
+def fewest_micro_batches(layout: Layout, pp_schedule: str) -> int:
+    """The smallest grad_accum `layout` takes: one micro-batch per data rank, and per pipeline the
+    schedule's minimum (DualPipeV: 2 * pp, its two directions; 1F1B and ZB-V: pp)."""
+    per_rank = 2 * layout.pp if layout.pp > 1 and pp_schedule == "dualpipev" else layout.pp
+    return layout.data_ranks * per_rank
+
+
+def grad_accum_for(layout: Layout, train_cfg: ParallelConfig) -> int:
+    """train_cfg.grad_accum, or where it is None (the default) the fewest micro-batches `layout` takes."""
+    if train_cfg.grad_accum is None:
+        return fewest_micro_batches(layout, train_cfg.pp_schedule)
+    return train_cfg.grad_accum
 
 
 def world_from_env() -> int:

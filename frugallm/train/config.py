@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +31,14 @@ class DataConfig:
     val_fraction: float = 0.01
     seq_len: int = 256
     batch_size: int = 16
-    grad_accum: int = 1
+    grad_accum: int | None = None  # micro-batches per optimizer step, in all ranks; None = the fewest the
+    # parallel layout takes (1 in one process, one per data rank, a pipeline's minimum: parallel/layout.py)
     tokenizer: str = ""  # tokenizer.json (or its dir); "" = reuse the run's, or train one on the data
     tokenizer_train_chars: int = 8_000_000  # text sampled to train a tokenizer
 
     def problems(self) -> list[str]:
-        errors = [f"{name}={getattr(self, name)} must be > 0" for name in ("seq_len", "batch_size", "grad_accum")
-                  if getattr(self, name) <= 0]
-        if not 0 < self.val_fraction < 1:
-            errors.append(f"val_fraction={self.val_fraction} must be in (0, 1)")
-        return errors
+        return out_of_range(self, seq_len="> 0", batch_size="> 0", grad_accum="> 0", tokenizer_train_chars="> 0",
+                            val_fraction="in (0, 1)")
 
 
 @dataclass
@@ -49,7 +48,7 @@ class ScheduleConfig:
     time_budget: str = ""  # "" = none; "90s", "8m", "1h": plan the steps that fit (trainer.py), capped by steps
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int | None = None  # None = 30, cut to a quarter of a shorter run (train/schedule.py)
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay, the V3 style)
     decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays to min_lr
     weight_decay: float = 0.1  # matrices only; never norms, biases or the gate bias
@@ -71,13 +70,12 @@ class ScheduleConfig:
             duration_seconds(self.time_budget)
         except ValueError as e:
             errors.append(str(e))
-        if self.steps <= 0:
-            errors.append(f"steps={self.steps} must be > 0")
-        if not 0 <= self.decay_fraction <= 1 or not 0 <= self.mtp_lambda_late_from <= 1:
-            errors.append("decay_fraction and mtp_lambda_late_from must be in [0, 1]")
-        if self.lr <= 0:
-            errors.append(f"lr={self.lr} must be > 0")
-        return errors
+        # every number: a negative grad_clip turned training into gradient ascent, a negative
+        # min_lr_ratio or warmup_steps bent the schedule, a NaN passed every `<=` test
+        return errors + out_of_range(
+            self, steps="> 0", lr="> 0", min_lr_ratio="in [0, 1]", warmup_steps=">= 0", decay_fraction="in [0, 1]",
+            weight_decay=">= 0", beta1="in [0, 1)", beta2="in [0, 1)", adam_eps="> 0", grad_clip="> 0",
+            bias_gamma=">= 0", bias_freeze_tokens=">= 0", mtp_lambda_late=">= 0", mtp_lambda_late_from="in [0, 1]")
 
 
 @dataclass
@@ -97,7 +95,9 @@ class PrecisionConfig:
             errors.append(f"precision={self.precision!r} must be 'auto', 'bf16' or 'fp32'")
         if self.optim_state_dtype not in ("fp32", "bf16"):
             errors.append(f"optim_state_dtype={self.optim_state_dtype!r} must be 'fp32' or 'bf16'")
-        return errors
+        if self.seed >= 2**63:  # torch.manual_seed's range
+            errors.append(f"seed={self.seed} must be < 2**63")
+        return errors + out_of_range(self, threads=">= 0", seed=">= 0")
 
 
 @dataclass
@@ -113,9 +113,26 @@ class EvalConfig:
     sample_prompt: str = "def "
 
     def problems(self) -> list[str]:
-        return [f"{name}={getattr(self, name)} must be > 0"
-                for name in ("eval_batches", "log_every", "eval_every", "save_every", "keep_last")
-                if getattr(self, name) <= 0]
+        return out_of_range(self, eval_batches="> 0", log_every="> 0", eval_every="> 0", save_every="> 0",
+                            keep_last="> 0", sample_tokens=">= 0")
+
+
+RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1]": lambda v: 0 <= v <= 1,
+          "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1)": lambda v: 0 < v < 1}
+
+
+def out_of_range(cfg, **ranges: str) -> list[str]:
+    """'name=value must be R' for each field outside its range R (a key of RANGES); NaN and infinity are
+    outside every range (a NaN compares False with everything, so `value <= 0` alone lets it through)."""
+    errors = []
+    for name, words in ranges.items():
+        value = getattr(cfg, name)
+        if value is None:  # an optional field's automatic value (e.g. warmup_steps): resolved where it is used
+            continue
+        finite = isinstance(value, int) or math.isfinite(value)  # (an int of 400 digits overflows isfinite)
+        if not (finite and RANGES[words](value)):
+            errors.append(f"{name}={value} must be {words}" + ("" if finite else " and finite"))
+    return errors
 
 
 # in the order their fields appear (a dataclass collects its bases' fields in reverse MRO order, hence the

@@ -16,23 +16,18 @@ them), which says which tokens the loss counts:
 
 Each document is split into train or val by a hash of its id (deterministic, order-free), encoded as
 BOS + tokens + EOS, and the documents are appended, a bounded batch at a time (memory does not grow
-with the corpus), to one flat uint16/uint32 stream per split on disk: `train.bin`, `val.bin`, beside
-`data.json` (source, tokenizer hash, token and document counts). A source holding SFT records also
-gets a parallel uint8 stream per split, `train.mask`, `val.mask`: one byte per token, 1 where the token
-is a target of the loss (plain-text documents in it: all 1); a source without them has no mask files,
-meaning every token counts. The directory is written through
-frugallm/io.py (kind "data-cache": atomic, manifest.json verified on every load). The cache key is the
-source fingerprint (paths, sizes, mtimes) + tokenizer hash + split fraction, so a second run reuses the
-shards. Batches are windows of seq_len + 1 tokens (packed: one window may span
-documents); which window a step reads is a pure function of (seed, step), so a resumed run reads
-exactly what the uninterrupted run would have. A target whose token's mask is 0 is -100 (the loss's
-ignore_index).
+with the corpus), to one flat token stream per split in the data cache, whose on-disk layout
+(the streams, the uint8 mask streams of a source holding SFT records, data.json, the io.py manifest
+verified on every load) is formats/data_cache.py's. The cache key is the source fingerprint (paths,
+sizes, mtimes) + tokenizer hash + split fraction + text field, so a second run reuses the shards.
+Batches are windows of seq_len + 1 tokens (packed: one window may span documents); which window a
+step reads is a pure function of (seed, step), so a resumed run reads exactly what the uninterrupted
+run would have. A target whose token's mask is 0 is -100 (the loss's ignore_index).
 """
 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import contextvars
 import functools
 import glob as globlib
@@ -40,15 +35,15 @@ import hashlib
 import json
 import os
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from .. import io
-from ..io import cache_root
+from ..formats import data_cache
+from ..formats.data_cache import Splits  # noqa: F401 (re-exported: prepare returns it)
+from ..io import cache_root  # noqa: F401 (train/setup.py finds its tokenizer cache through this module)
 from ..tokenizer import ROLES, Tokenizer
 
 
@@ -144,8 +139,22 @@ def iter_examples(source: str, text_field: str = "text",
             for raw in f:
                 for line in replacements.decode(raw).splitlines():
                     if line.strip():
-                        yield f"{doc}:{n}", _record(json.loads(line), text_field, f"{path} line {n + 1}")
+                        yield f"{doc}:{n}", _record(_json_line(line, f"{path} line {n + 1}"), text_field,
+                                                    f"{path} line {n + 1}")
                     n += 1
+
+
+def _json_line(line: str, where: str) -> dict:
+    """One .jsonl line's object, or a ValueError naming the file and the line."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON ({e}); each line of a .jsonl file is one JSON object") from None
+    if not isinstance(obj, dict):
+        shown = repr(obj) if len(repr(obj)) <= 40 else repr(obj)[:37] + "..."
+        raise ValueError(f"{where} is {shown}, not a JSON object; each line of a .jsonl file is one object such as "
+                         '{"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]}')
+    return obj
 
 
 def _record(obj: dict, text_field: str, where: str) -> str | dict:
@@ -177,9 +186,6 @@ def _hf_documents(source: str, text_field: str) -> Iterator[tuple[str, str]]:
 
 
 SPLIT_VERSION = 2  # 2: documents are split by their path relative to the corpus (1: absolute path)
-# 3: SFT records (prompt / completion encoded apart, chat through the template) with mask streams
-# 2: written through frugallm/io.py, metadata in data.json (1: in manifest.json)
-CACHE_VERSION = 3
 
 
 def fingerprint(source: str) -> str:
@@ -196,33 +202,17 @@ def is_val(doc_id: str, val_fraction: float) -> bool:
     return h / 2**64 < val_fraction
 
 
-# --- shards ----------------------------------------------------------------------------------
-
-@dataclass
-class Splits:
-    train: np.ndarray  # memory-mapped token stream
-    val: np.ndarray
-    manifest: dict
-    directory: Path
-    train_mask: np.ndarray | None = None  # uint8 per token, 1 = a target of the loss; None: all targets
-    val_mask: np.ndarray | None = None
-
+# --- shards (the layout: formats/data_cache.py) -----------------------------------------------
 
 def prepare(source: str, tokenizer: Tokenizer, val_fraction: float = 0.01, text_field: str = "text",
             cache_dir: Path | None = None) -> Splits:
     """Tokenize `source` into cached train/val shards (reused when source and tokenizer are unchanged)."""
     if tokenizer.bos_id is None or tokenizer.eos_id is None:
         raise ValueError("the tokenizer has no bos/eos tokens, which packing needs")
-    key = f"{CACHE_VERSION}|{fingerprint(source)}|{tokenizer.hash()}|{val_fraction}|{text_field}"
-    directory = (cache_dir or cache_root() / "data") / hashlib.sha256(key.encode()).hexdigest()[:20]
-    if io.read_manifest(directory) is None:
+    directory = data_cache.directory((fingerprint(source), tokenizer.hash(), val_fraction, text_field), cache_dir)
+    if not data_cache.is_built(directory):
         _build(directory, source, tokenizer, val_fraction, text_field)
-    io.verify(directory, "data-cache")  # a few ms per 10 MB; a flipped bit would train on garbage
-    manifest = json.loads((directory / "data.json").read_text())
-    load = lambda name, dtype: np.memmap(directory / name, dtype=dtype, mode="r")
-    masks = [load(f"{split}.mask", np.uint8) if manifest.get("masked") else None for split in ("train", "val")]
-    return Splits(load("train.bin", manifest["dtype"]), load("val.bin", manifest["dtype"]), manifest, directory,
-                  *masks)
+    return data_cache.open_splits(directory)  # verified on every open
 
 
 def encode_examples(tokenizer: Tokenizer, examples: list[str | dict]) -> list[tuple[list[int], list[int] | None]]:
@@ -247,68 +237,27 @@ def encode_examples(tokenizer: Tokenizer, examples: list[str | dict]) -> list[tu
 
 def _build(directory: Path, source: str, tokenizer: Tokenizer, val_fraction: float, text_field: str) -> None:
     replacements = _Replacements()
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
-    tokens, docs, n_bytes = {"train": 0, "val": 0}, {"train": 0, "val": 0}, 0
-    targets = {"train": 0, "val": 0}
-    batch: list[tuple[str, str | dict]] = []
-    with io.write_directory(directory, "data-cache") as tmp:
-        with contextlib.ExitStack() as files:
-            out = {split: files.enter_context(open(tmp / f"{split}.bin", "wb")) for split in ("train", "val")}
-            masks = {}  # split -> its .mask file, opened at the first SFT record
+    n_bytes, batch = 0, []  # batch: (doc id, document), encoded 256 at a time
+    with data_cache.write(directory, tokenizer.vocab_size) as cache:
+        def flush():  # encode a batch of documents and append each to its split
+            for (doc_id, _), (ids, mask) in zip(batch, encode_examples(tokenizer, [e for _, e in batch])):
+                cache.append("val" if is_val(doc_id, val_fraction) else "train", ids, mask)
+            batch.clear()
 
-            def open_masks():  # the tokens written before it are plain text: all targets
-                for split in out:
-                    masks[split] = files.enter_context(open(tmp / f"{split}.mask", "wb"))
-                    for start in range(0, tokens[split], 1 << 24):
-                        masks[split].write(np.ones(min(1 << 24, tokens[split] - start), np.uint8).tobytes())
-                    targets[split] = tokens[split]
-
-            def flush():  # encode a batch of documents and append each to its split's file(s)
-                for (doc_id, _), (ids, mask) in zip(batch, encode_examples(tokenizer, [e for _, e in batch])):
-                    split = "val" if is_val(doc_id, val_fraction) else "train"
-                    if mask is not None and not masks:
-                        open_masks()
-                    out[split].write(np.asarray(ids, dtype=dtype).tobytes())
-                    if masks:
-                        mask = np.ones(len(ids), np.uint8) if mask is None else np.asarray(mask, np.uint8)
-                        masks[split].write(mask.tobytes())
-                        targets[split] += int(mask.sum())
-                    tokens[split] += len(ids)
-                    docs[split] += 1
-                batch.clear()
-
-            for doc_id, example in iter_examples(source, text_field, replacements):
-                text = example_text(example)
-                if text.strip():
-                    n_bytes += len(text.encode())
-                    batch.append((doc_id, example))
-                    if len(batch) >= 256:
-                        flush()
-            flush()
-        if docs["train"] + docs["val"] == 0:
+        for doc_id, example in iter_examples(source, text_field, replacements):
+            text = example_text(example)
+            if text.strip():
+                n_bytes += len(text.encode())
+                batch.append((doc_id, example))
+                if len(batch) >= 256:
+                    flush()
+        flush()
+        if sum(cache.documents.values()) == 0:
             raise ValueError(f"data {source or 'built-in corpus'!r} holds no text")
-        if tokens["val"] == 0 or tokens["train"] == 0:
-            # too few documents for a document split: cut the one token stream (and its mask stream
-            # alike), its head to train
-            full = sum(tokens.values())
-            cut = max(1, int(full * (1 - max(val_fraction, 0.01))))
-            for suffix, kind in [(".bin", dtype)] + ([(".mask", np.dtype(np.uint8))] if masks else []):
-                if tokens["train"] == 0:
-                    os.replace(tmp / f"val{suffix}", tmp / f"train{suffix}")
-                np.memmap(tmp / f"train{suffix}", dtype=kind, mode="r")[cut:].tofile(tmp / f"val{suffix}")
-                os.truncate(tmp / f"train{suffix}", cut * kind.itemsize)
-            if masks:
-                head = int(np.memmap(tmp / "train.mask", dtype=np.uint8, mode="r").sum(dtype=np.int64))
-                targets = {"train": head, "val": sum(targets.values()) - head}
-            tokens = {"train": cut, "val": full - cut}
-        manifest = {
-            "source": source or f"built-in: Python {sysconfig.get_python_version()} standard library (PSF License)",
-            "tokenizer_hash": tokenizer.hash(), "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
-            "documents": docs, "tokens": tokens, "bytes": n_bytes,
-            "replaced_bytes": replacements.count, "val_fraction": val_fraction,
-            "masked": bool(masks), **({"target_tokens": targets} if masks else {}),
-        }
-        (tmp / "data.json").write_text(json.dumps(manifest, indent=2))
+        cache.finish(
+            source=source or f"built-in: Python {sysconfig.get_python_version()} standard library (PSF License)",
+            tokenizer_hash=tokenizer.hash(), n_bytes=n_bytes, replaced_bytes=replacements.count,
+            val_fraction=val_fraction)
 
 
 # --- batches ---------------------------------------------------------------------------------

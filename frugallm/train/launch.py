@@ -9,7 +9,7 @@ import os
 import sys
 
 from ..config import ModelConfig, get_preset
-from ..formats.names import CONFIG, TRAIN_CONFIG
+from ..names import CONFIG, TRAIN_CONFIG
 from .config import TrainConfig, apply_overrides
 
 DEFAULT_TIME = "8m"  # `frugallm train` with neither --steps nor --time: the main job fits in 10 minutes
@@ -63,8 +63,8 @@ def distill_overrides(teacher, init_from=None, *, config=None, resume=False,
     teacher's tokenizer (token-level KD compares the distributions id by id)."""
     if not teacher:
         raise ValueError("frugallm distill needs --teacher DIR (a frugallm run or Hugging Face DeepSeek directory)")
+    from ..formats.checkpoint import load_tokenizer
     from ..plan import load
-    from ..tokenizer import load_tokenizer
 
     student_tokenizer = load_tokenizer(init_from or teacher)
     extra = [f"teacher={teacher}", f"tokenizer={init_from or teacher}"]
@@ -86,8 +86,17 @@ def torchrun(model_cfg: ModelConfig, train_cfg: TrainConfig, nproc: int, argv: l
 
     resolve(model_cfg, train_cfg, nproc * nnodes)
     cmd = torchrun_command(nproc, without_launch_flags(argv), nnodes, node_rank, rdzv_endpoint)
+    # where OMP_NUM_THREADS is unset, torchrun sets it to 1 with a banner about it: set it here instead,
+    # the node's cores shared out among its processes (or `threads` each, where the run sets it)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(train_cfg.threads, nproc)))
     sys.stdout.flush()
     os.execv(cmd[0], cmd)
+
+
+def threads_per_process(threads: int, nproc: int) -> int:
+    """`threads` where set, else this machine's cores (those the process may use) shared out among nproc."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return threads or max(1, cores // nproc)
 
 
 def without_launch_flags(argv: list[str]) -> list[str]:

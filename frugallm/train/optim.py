@@ -83,17 +83,20 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float, schedule: str,
           decay_fraction: float) -> float:
-    """Learning rate for optimizer step `step` (0-based).
+    """Learning rate for optimizer step `step` (0-based; a re-planned run's nominal step is fractional,
+    train/schedule.py).
 
     cosine: linear warmup, then cosine from peak to min_ratio * peak at the last step.
     wsd:    linear warmup, constant peak, then the final `decay_fraction` of steps decays (cosine)
-            to min_ratio * peak: the V3 style (constant to 10T tokens, then decay).
+            to min_ratio * peak: the V3 style (constant to 10T tokens, then decay). A decay shorter
+            than 2 steps (a run under 10 steps at 0.2) is stretched to the last 2, from the peak to the floor.
     """
     if step < warmup:
         return peak * (step + 1) / warmup
     floor = peak * min_ratio
     if schedule == "wsd":
-        decay_start = max(warmup, int(total * (1 - decay_fraction)))
+        decay_start = int(total * (1 - decay_fraction))
+        decay_start = max(warmup, min(decay_start, total - 2) if decay_fraction > 0 else decay_start)
         if step < decay_start:
             return peak
         progress = (step - decay_start) / max(1, total - 1 - decay_start)

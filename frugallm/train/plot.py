@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..names import METRICS
+from .metrics_file import read_metrics
 
-def plot_run(run_dir: str | Path) -> list[Path]:
+
+def plot_run(run_dir: str | Path, warn=None) -> list[Path]:
+    """The PNGs written into run_dir; warn(message) is told of a torn last line of metrics.jsonl (dropped)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; is {run_dir} a frugallm run directory?")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(path, warn)
     if not rows:
         raise ValueError(f"{path} holds no metrics yet")
     steps = [r["step"] for r in rows]

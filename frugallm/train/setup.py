@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,16 +21,18 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..formats import checkpoint
-from ..formats.names import CHECKPOINTS, CONFIG, METRICS, TRAIN_CONFIG
-from ..io import write_file
+from ..names import CHECKPOINTS, CONFIG, METRICS, TRAIN_CONFIG
+from ..io import LOCK, OutputError, lock_directory, nobodys_output, write_file
 from ..model.transformer import Transformer
 from ..parallel import layout as parallel_layout
 from ..parallel.runtime import runtime_for
 from ..plan import Plan, apply, resolve
 from ..plan import load as load_model
-from ..tokenizer import TOKENIZER, Tokenizer, load_tokenizer, train_tokenizer
+from ..tokenizer import TOKENIZER, Tokenizer, train_tokenizer
+from ..tokenizer import load_tokenizer as read_tokenizer
 from . import data
 from .config import TrainConfig
+from .metrics_file import read_metrics
 from .optim import ExpertBiasUpdate, build_optimizer
 from .telemetry import eval_batch_count
 
@@ -39,16 +42,27 @@ def _silent(line: str) -> None:
 
 
 def _tokenizer_for(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, log,
-                   write: bool = True) -> Tokenizer:
-    if (run_dir / TOKENIZER).exists():
-        tok = load_tokenizer(run_dir)
+                   ckpt: Path | None = None) -> Tokenizer:
+    """The run's tokenizer: a resumed run's is its checkpoint's (verified, and the run-level copy must
+    be the same); a new run's is the copy a run that stopped before its first checkpoint left, else
+    train_cfg.tokenizer (a run's: its checkpoint's), else one trained on the data (cached)."""
+    if ckpt is not None:
+        tok, copy = read_tokenizer(ckpt / TOKENIZER), run_dir / TOKENIZER
+        if copy.exists() and read_tokenizer(copy).hash() != tok.hash():
+            # other ids for the same text: the data would be tokenized again and the run go on learning
+            # noise, its metrics still smooth
+            raise ValueError(f"--resume: {copy} differs from {ckpt / TOKENIZER}, the tokenizer this run was trained "
+                             f"with (replaced since, e.g. by `frugallm tokenizer train --out {run_dir}`); put the "
+                             f"run's back (cp {ckpt / TOKENIZER} {copy}) or start a new run with another --out")
+    elif (run_dir / TOKENIZER).exists():
+        tok = read_tokenizer(run_dir / TOKENIZER)
     elif train_cfg.tokenizer:
-        tok = load_tokenizer(train_cfg.tokenizer)
+        tok = checkpoint.load_tokenizer(train_cfg.tokenizer)
     else:  # train one on the run's data; cached per (data, vocab)
         key = f"{data.fingerprint(train_cfg.data)}-{model_cfg.vocab_size}-{train_cfg.tokenizer_train_chars}"
         cached = data.cache_root() / "tokenizers" / key
         if (cached / TOKENIZER).exists():
-            tok = load_tokenizer(cached)
+            tok = read_tokenizer(cached)
         else:
             log(f"training a {model_cfg.vocab_size}-token byte-level BPE on {train_cfg.data or 'the built-in corpus'}")
             tok = train_tokenizer(_sample_texts(train_cfg), model_cfg.vocab_size)
@@ -57,8 +71,6 @@ def _tokenizer_for(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                          f"{model_cfg.vocab_size}; raise vocab_size (--set vocab_size={tok.vocab_size})")
-    if write:
-        tok.save(run_dir)
     return tok
 
 
@@ -72,12 +84,44 @@ def _sample_texts(train_cfg: TrainConfig):
             budget -= len(text)
 
 
-# what a run directory holds (a run that stopped before its first checkpoint may be started again)
-RUN_FILES = {CONFIG, TRAIN_CONFIG, TOKENIZER, METRICS, CHECKPOINTS}
+# what a run directory holds (a run that stopped before its first checkpoint may be started again);
+# TRAIN_CONFIG, written first, or CHECKPOINTS marks a directory as a run; "trace": trace_step's timelines
+RUN_FILES = {CONFIG, TRAIN_CONFIG, TOKENIZER, METRICS, CHECKPOINTS, "trace"}
+_TEMPS = tuple(f".{name}.tmp-" for name in RUN_FILES)  # io.write_file's, left by a kill
 
 
 def _run_file(name: str) -> bool:
-    return name in RUN_FILES or name.endswith(".png") or name.startswith(".")  # plots, interrupted temp files
+    return name in RUN_FILES or name.endswith(".png") or name == LOCK or name.startswith(_TEMPS)
+
+
+def check_out(run_dir: Path, resume: bool) -> None:
+    """Refuse, before anything is written there, a run directory that is not this run's to fill: the
+    working or home directory (`--out .`), a file, a directory of other files (a run writes config.json
+    and appends to metrics.jsonl: never into somebody's project), and for a resume one without checkpoints."""
+    if why := nobodys_output(run_dir):
+        raise OutputError(f"refusing to train into {run_dir}: {why}; choose a new or empty --out, e.g. runs/NAME")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OutputError(f"refusing to train into {run_dir}: it is a file; choose a new or empty --out")
+    if resume and not (run_dir / CHECKPOINTS).is_dir():
+        raise FileNotFoundError(f"--resume: {run_dir} holds no valid checkpoint")
+    if resume or not run_dir.is_dir():
+        return
+    if strangers := sorted(p.name for p in run_dir.iterdir() if not _run_file(p.name)):
+        raise FileExistsError(f"{run_dir} holds files that are not a frugallm run ({', '.join(strangers[:3])}"
+                              f"{', ...' if len(strangers) > 3 else ''}); choose a new or empty --out")
+    ours = (run_dir / TRAIN_CONFIG).is_file() or (run_dir / CHECKPOINTS).is_dir()
+    if not ours and (found := sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)):
+        raise FileExistsError(f"{run_dir} holds {', '.join(found)} but no {TRAIN_CONFIG} or {CHECKPOINTS}/, so it "
+                              "is not a frugallm run; choose a new or empty --out")
+
+
+def claim(run_dir: Path):
+    """Create the run directory and take its lock (io.lock_directory) for the one process that writes it,
+    torchrun's rank 0 (or the only process); None on the other ranks. Close it to release it."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return lock_directory(run_dir)
 
 
 # what a resumed run may change: its length and its cadence, nothing its numbers depend on
@@ -93,7 +137,8 @@ def resume_conflicts(saved_model: ModelConfig, saved_train: TrainConfig, model_c
            for f in dataclasses.fields(ModelConfig) if getattr(saved_model, f.name) != getattr(model_cfg, f.name)]
     for f in dataclasses.fields(TrainConfig):
         have, asked = getattr(saved_train, f.name), getattr(train_cfg, f.name)
-        if f.name not in RESUMABLE and have != asked and not (f.name == "precision" and asked == "auto"):
+        automatic = asked is None or f.name == "precision" and asked == "auto"  # the run's own value is kept
+        if f.name not in RESUMABLE and have != asked and not automatic:
             out.append(f"{f.name}: run has {have!r}, asked {asked!r}")
     return out
 
@@ -106,10 +151,6 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path,
         if checkpoint.checkpoints(run_dir):
             raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another "
                                   "--out")
-        if run_dir.is_dir() and (strangers := sorted(p.name for p in run_dir.iterdir() if not _run_file(p.name))):
-            # a run only writes its own files: never config.json over somebody's project (`--out .`)
-            raise FileExistsError(f"{run_dir} holds files that are not a frugallm run ({', '.join(strangers[:3])}"
-                                  f"{', ...' if len(strangers) > 3 else ''}); choose a new or empty --out")
         return model_cfg, train_cfg, None
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
@@ -148,15 +189,16 @@ def execution_plan(train_cfg: TrainConfig, world, log) -> Plan:
     return plan
 
 
-def _prepare_data(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, world, log):
+def _prepare_data(run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt: Path | None, world, log):
     """The tokenizer and the tokenized splits; rank 0 first (it writes the configs and fills the
     shared caches once), then the others."""
     if not world.is_main:
         world.barrier()
-    else:
+    tokenizer = _tokenizer_for(run_dir, model_cfg, train_cfg, log, ckpt)  # refuses before anything is written
+    if world.is_main:
+        train_cfg.to_json(run_dir / TRAIN_CONFIG)  # first: it marks the directory as a run (check_out)
         model_cfg.to_json(run_dir / CONFIG)
-        train_cfg.to_json(run_dir / TRAIN_CONFIG)
-    tokenizer = _tokenizer_for(run_dir, model_cfg, train_cfg, log, write=world.is_main)
+        tokenizer.save(run_dir)
     splits = data.prepare(train_cfg.data, tokenizer, train_cfg.val_fraction, train_cfg.text_field)
     if world.is_main:
         world.barrier()
@@ -204,28 +246,58 @@ class Run:
     tokens: int = 0
     last_checkpoint: Path | None = None
     interrupted: bool = False
+    lock: object | None = None  # the run directory's lock (claim), held by the writing rank until release()
+    schedule_state: dict | None = None  # the resumed checkpoint's schedule and its re-plans (train/schedule.py)
 
     def on_sigint(self, signum, frame) -> None:
         self.interrupted = True
 
+    def release(self) -> None:
+        """Let the next writer in: the run directory's lock goes (the OS drops it at exit anyway)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
 
 def set_up(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path, resume: bool, log) -> Run:
-    """Everything before the first step, in order: the run directory, the ranks (checked before the
-    process group starts, parallel/layout.py), the plan, data, the model loaded and then planned once
-    (plan.apply: fp8, then EP / FSDP2 / pipeline stages, then compile), the optimizer and its state."""
+    """Everything before the first step, in order: the run directory (checked, then locked for the
+    writing rank: Run.release() lets it go), the ranks (checked before the process group starts,
+    parallel/layout.py), the plan, data, the model loaded and then planned once (plan.apply: fp8, then
+    EP / FSDP2 / pipeline stages, then compile), the optimizer and its state."""
+    check_out(run_dir, resume)
+    lock = claim(run_dir)  # a second trainer on this directory stops here, before it reads or writes a thing
+    try:
+        run = _set_up(model_cfg, train_cfg, run_dir, resume, log)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    run.lock = lock
+    return run
+
+
+def _set_up(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path, resume: bool, log) -> Run:
     model_cfg, train_cfg, ckpt = open_run(model_cfg, train_cfg, run_dir, resume)
+    metrics = None
+    if ckpt is not None and (run_dir / METRICS).exists() and os.environ.get("RANK", "0") == "0":
+        metrics = read_metrics(run_dir / METRICS, lambda line: log(f"warning: {line}"))  # bad lines: before any write
     # rank 0 alone logs and writes, and the others follow it through the set-up that fills shared caches
-    world = runtime_for(parallel_layout.resolve(model_cfg, train_cfg, parallel_layout.world_from_env()),
-                        train_cfg.fp8_dispatch, dict(schedule=train_cfg.pp_schedule, n_microbatches=train_cfg.grad_accum,
-                                                     micro_shape=(train_cfg.batch_size, train_cfg.seq_len),
-                                                     overlap=train_cfg.overlap))
+    layout = parallel_layout.resolve(model_cfg, train_cfg, parallel_layout.world_from_env())
+    auto_accum = train_cfg.grad_accum is None  # the fewest micro-batches the layout takes, recorded for a resume
+    train_cfg = dataclasses.replace(train_cfg, grad_accum=parallel_layout.grad_accum_for(layout, train_cfg))
+    world = runtime_for(layout, train_cfg.fp8_dispatch, dict(
+        schedule=train_cfg.pp_schedule, n_microbatches=train_cfg.grad_accum,
+        micro_shape=(train_cfg.batch_size, train_cfg.seq_len), overlap=train_cfg.overlap))
     if not world.is_main:
         log = _silent
+    if auto_accum and train_cfg.grad_accum > 1:
+        log(f"grad_accum {train_cfg.grad_accum}: the fewest micro-batches per step that {layout} take "
+            "(--set grad_accum=N for more)")
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(train_cfg.threads or torch.get_num_threads())
     plan = execution_plan(train_cfg, world, log)
     train_cfg = dataclasses.replace(train_cfg, precision=plan.precision)  # recorded: a resume repeats it
-    tokenizer, splits = _prepare_data(run_dir, model_cfg, train_cfg, world, log)
+    tokenizer, splits = _prepare_data(run_dir, model_cfg, train_cfg, ckpt, world, log)
     micro = train_cfg.batch_size
     train_batches = data.Batches(splits.train, train_cfg.seq_len, micro, train_cfg.seed, mask=splits.train_mask)
     val_batches = data.val_batches(splits.val, train_cfg.seq_len, micro, mask=splits.val_mask)
@@ -249,14 +321,8 @@ def set_up(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path, resume
     if ckpt is not None:
         checkpoint.load(ckpt, None, optimizer, world.shard, params_of=model)
         run.start, run.tokens, balance.tokens_seen = state["step"], state["tokens"], state["bias_tokens_seen"]
-        if world.is_main:
-            _truncate_metrics(run_dir / METRICS, run.start)
+        run.schedule_state = state.get("schedule")  # older checkpoints have none (train/schedule.py)
+        if metrics is not None:  # past the checkpoint: dropped, so the log reads as one uninterrupted run
+            write_file(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in metrics if r["step"] <= run.start))
         log(f"resumed from {ckpt} at step {run.start}")
     return run
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint being resumed, so the log reads as one uninterrupted run."""
-    if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        write_file(path, "".join(l + "\n" for l in lines))

@@ -10,7 +10,7 @@ import time
 import torch
 
 from ..config import ModelConfig
-from ..formats.names import TRAIN_CONFIG
+from ..names import TRAIN_CONFIG
 from ..model.count import count_params
 from ..model.transformer import Transformer
 from ..parallel.runtime import Local
@@ -75,9 +75,8 @@ def evaluate_run(run, source=None, n_batches: int = 16, log=print) -> str:
     import math
 
     from .config import TrainConfig
-    from ..formats.checkpoint import latest
+    from ..formats.checkpoint import latest, load_tokenizer
     from ..plan import load, resolve
-    from ..tokenizer import load_tokenizer
 
     ckpt = latest(run)
     if ckpt is None:
@@ -96,23 +95,37 @@ def evaluate_run(run, source=None, n_batches: int = 16, log=print) -> str:
 
 
 class Progress:
-    """A tqdm bar on a terminal; plain lines every `log_every` steps otherwise (CI, pipes)."""
+    """A tqdm bar on a terminal; plain lines every `log_every` steps otherwise (CI, pipes), and a short
+    line for each step before the first of them (the first steps are the slowest: the wait is shown)."""
 
     def __init__(self, total: int, initial: int, log, bar: bool = True):
         self.bar = None
         self.log = log
         self.start, self.initial = time.perf_counter(), initial
+        self.note, self.lines = "", 0  # note: a time budget's re-plan, shown on the next line
         if bar and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def set_total(self, total: int) -> None:  # a time budget's plan
+    def set_total(self, total: int, note: str = "") -> None:  # a time budget's plan or re-plan
+        self.note = note
         if self.bar is not None:
             self.bar.total = total
             self.bar.refresh()
 
+    def step_done(self, step: int, total: int, loss: float, lr: float) -> None:
+        """A step without a metrics line: the bar moves; plain lines show each step until the first metrics line."""
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+        elif self.lines == 0:
+            self.log(f"step {step}/{total} | loss {loss:.3f} | lr {lr:.2e} | {time.perf_counter() - self.start:.0f}s")
+
     def update(self, step: int, total: int, metrics: dict) -> None:
         text = f"loss {metrics['loss']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s"
+        if self.note:
+            text, self.note = f"{text} | {self.note}", ""
+        self.lines += 1
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix_str(text, refresh=True)

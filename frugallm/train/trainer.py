@@ -8,7 +8,8 @@ One optimizer step = `grad_accum` micro-batches. Per step, in order:
   pure function of the step, so a resumed run repeats the uninterrupted one bit for bit (fp32).
 
 The set-up (run directory, ranks, execution plan, data, model, optimizer) is train/setup.py. A time
-budget (`time_budget="8m"`, train/time_budget.py) plans `steps` from the first steps' measured time.
+budget (`time_budget="8m"`, train/time_budget.py) plans `steps` from the first steps' measured time and
+re-plans as it changes; the lr, MTP-lambda and warm-up phases follow the plan (train/schedule.py).
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ from torch.profiler import record_function
 
 from ..config import ModelConfig
 from ..formats import checkpoint
-from ..formats.names import METRICS, TRAIN_CONFIG
+from ..names import METRICS, TRAIN_CONFIG
 from ..model.count import count_params
 from ..model.hyperconn import composite_gains
 from ..parallel import timeline
 from . import time_budget
 from .config import TrainConfig, duration_seconds
-from .optim import lr_at
+from .schedule import Schedule
 from .setup import Run, set_up
 from .telemetry import Progress, evaluate, matmul_peak, train_flops_per_token
 
@@ -65,6 +66,7 @@ class Meter:
     peak: float  # the measured matmul FLOP/s of every rank together
     step_tokens: int
     budget: time_budget.TimeBudget
+    schedule: Schedule  # the step-counted phases, fitted to the planned length (train/schedule.py)
     progress: Progress | None = None
     t_last: float = 0.0
     tok_last: int = 0
@@ -90,6 +92,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
     t0 = time_budget.now()  # a time budget covers the whole call, set-up included
     t_setup = time.perf_counter()
     run = set_up(model_cfg, train_cfg, Path(run_dir), resume, log)
+    try:
+        return _train(run, t0, t_setup)
+    finally:
+        run.release()  # the run directory's lock: the next trainer of it may start
+
+
+def _train(run: Run, t0: float, t_setup: float) -> RunResult:
+    """The loop, from the set-up run to its last checkpoint."""
     meter = _announce(run, t0, t_setup)
     previous = signal.signal(signal.SIGINT, run.on_sigint)
     meter.progress = Progress(run.train_cfg.steps, run.start, run.log, bar=run.world.is_main)
@@ -99,11 +109,11 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
         run.model.train()
         for step in range(run.start, run.train_cfg.steps):
             meter.budget.step_begins(step)
-            out = _step(run, step)
+            out = _step(run, step, meter.schedule)
             loss = out.loss if out.loss is not None else loss
             out.grad_norm = world.clip_grad_norm(run.model, run.train_cfg.grad_clip) if out.finite else None
             if not out.finite or not torch.isfinite(out.grad_norm):
-                if _skip(run, step, out, loss):
+                if _skip(run, step, out, loss, meter.schedule):
                     break
                 continue
             run.optimizer.step()
@@ -111,13 +121,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: str | Path, r
             out.max_vio = run.balance.step()
             run.tokens += meter.step_tokens
             done = step + 1
-            if meter.budget.plan_due(done):
+            if _plan_due(run, meter, done):
                 _plan_length(run, meter, done)
             _telemetry(run, meter, done, out)
             if world.world > 1:  # a Ctrl-C on any rank stops all of them at the same step
                 run.interrupted = world.any(run.interrupted)
             if done % run.train_cfg.save_every == 0 or done == run.train_cfg.steps or run.interrupted:
-                run.last_checkpoint = _save(run, done)
+                run.last_checkpoint = _save(run, done, meter.schedule)
             if run.interrupted:
                 run.log(f"interrupted: saved {run.last_checkpoint}; continue with --resume")
                 break
@@ -139,29 +149,34 @@ def _announce(run: Run, t0: float, t_setup: float) -> Meter:
     flops_per_token = train_flops_per_token(run.model_cfg, cfg.seq_len)
     peak = matmul_peak(run.plan.dtype) * run.world.world  # every rank measures about the same
     step_tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    budget = time_budget.TimeBudget(duration_seconds(cfg.time_budget), run.start, cfg.steps, cfg.warmup_steps, t0)
-    length = f"{cfg.steps} steps"
-    if budget.active:
+    schedule = Schedule.from_state(run.schedule_state, cfg)
+    budget = time_budget.TimeBudget(duration_seconds(cfg.time_budget), run.start, cfg.steps, schedule.warmup, t0)
+    length, warmup = f"{cfg.steps} steps", ""
+    if budget.active:  # the warm-up is fitted, and said, at the plan
         length = f"up to {length} (time budget {cfg.time_budget}, planned after step {budget.plan_at})"
-    elif budget.seconds is not None and cfg.steps > budget.plan_at:
-        length += f" (planned for time budget {cfg.time_budget})"
-    run.log(f"model: {count_params(run.model_cfg)['total']:,} parameters | {length} x {step_tokens:,} tokens "
+    else:
+        if budget.seconds is not None and cfg.steps > budget.plan_at:
+            length += f" (planned for time budget {cfg.time_budget})"
+        warmup = f", {schedule.describe()}"
+        for line in schedule.problems(cfg, step_tokens):
+            run.log(f"warning: {line}")
+    run.log(f"model: {count_params(run.model_cfg)['total']:,} parameters | {length} x {step_tokens:,} tokens{warmup} "
             f"| {cfg.precision}{' + fp8' if cfg.fp8 else ''}{' compiled' if cfg.compile else ''} "
             f"| unigram baseline {run.unigram:.3f} "
             f"| set-up {time.perf_counter() - t_setup:.0f}s")
-    return Meter(flops_per_token, peak, step_tokens, budget)
+    return Meter(flops_per_token, peak, step_tokens, budget, schedule)
 
 
 # --- the step ---------------------------------------------------------------------------------------
 
-def _step(run: Run, step: int) -> StepOut:
+def _step(run: Run, step: int, schedule: Schedule) -> StepOut:
     """lr and MTP lambda from their schedules, then forward and backward of the step's micro-batches
     (by the pipeline schedule, or this rank's one after another); the loss parts summed over every rank."""
     cfg, world = run.train_cfg, run.world
-    lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio, cfg.schedule, cfg.decay_fraction)
+    lr = schedule.lr(step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    late = step >= cfg.mtp_lambda_late_from * cfg.steps
+    late = schedule.late(step, cfg.mtp_lambda_late_from)
     mtp_lambda = cfg.mtp_lambda_late if late else run.model_cfg.mtp_lambda
     sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
     if run.distill is not None:
@@ -254,7 +269,7 @@ def _trace_report(run: Run, step: int) -> None:
                 + ", ".join(f"{r['bubble']:.0%}" for r in report["ranks"]))
 
 
-def _skip(run: Run, step: int, out: StepOut, loss: torch.Tensor | None) -> bool:
+def _skip(run: Run, step: int, out: StepOut, loss: torch.Tensor | None, schedule: Schedule) -> bool:
     """A non-finite loss or gradient norm: stop the run (NonFiniteLoss), or with skip_nonfinite drop the
     step's gradients and expert load. True when an interrupt then ends the loop (after a save)."""
     if not out.finite:  # a pipeline step has no micro-batch loss here: its summed loss says it
@@ -269,7 +284,7 @@ def _skip(run: Run, step: int, out: StepOut, loss: torch.Tensor | None) -> bool:
             f"{run.last_checkpoint or 'none (no save yet)'}. Lower lr (now {out.lr:.2e}), or --set skip_nonfinite=true")
     run.log(f"step {step + 1}: non-finite {what}, step skipped (skip_nonfinite=true)")
     if run.interrupted:
-        run.last_checkpoint = _save(run, step)
+        run.last_checkpoint = _save(run, step, schedule)
         run.log(f"interrupted: saved {run.last_checkpoint}; continue with --resume")
         return True
     return False
@@ -277,23 +292,40 @@ def _skip(run: Run, step: int, out: StepOut, loss: torch.Tensor | None) -> bool:
 
 # --- telemetry and checkpoints ----------------------------------------------------------------------
 
+def _plan_due(run: Run, meter: Meter, done: int) -> bool:
+    """Whether the time budget plans (or re-plans) after step `done`. Only the first plan may come early
+    (by each rank's clock): rank 0's decides it for every rank; the re-plans fall on the same steps everywhere."""
+    due = meter.budget.plan_due(done) and done < run.train_cfg.steps
+    if run.world.world > 1 and meter.budget.timing and not meter.budget.planned:
+        due = bool(run.world.broadcast(int(due)))
+    return due
+
+
 def _plan_length(run: Run, meter: Meter, done: int) -> None:
-    """The time budget's plan once its steps are measured: `steps` becomes the most that fit, recorded in
-    train_config.json (and in every checkpoint from now on), the same on every rank."""
+    """The time budget's plan once its steps are measured, and its re-plans: `steps` becomes the most
+    that fit, recorded in train_config.json (and in every checkpoint from now on), and the schedule
+    re-maps the rest of the run onto it; the same on every rank."""
     cfg, world = run.train_cfg, run.world
     n_eval = min(cfg.eval_batches, run.val_batches.windows // run.val_batches.batch_size)
     state_bytes = sum(t.numel() * t.element_size() for t in run.model.state_dict().values()) + sum(
         t.numel() * t.element_size() for st in run.optimizer.state.values() for t in st.values()
         if isinstance(t, torch.Tensor))
+    first = not meter.budget.planned
     # an eval is n_eval forward passes of a micro-batch, ~1/3 of a micro-batch's forward + backward
     planned, how = meter.budget.plan(cfg.steps, done, n_eval / (3 * cfg.grad_accum), state_bytes,
                                      cfg.eval_every, cfg.save_every)
     planned = world.broadcast(planned)  # every rank stops at rank 0's plan
-    run.log(f"time budget {cfg.time_budget}: {how}")
-    run.train_cfg = dataclasses.replace(cfg, steps=planned)
-    if world.is_main:
-        run.train_cfg.to_json(run.run_dir / TRAIN_CONFIG)  # and every checkpoint from now on
-    meter.progress.set_total(planned)
+    if planned != cfg.steps:
+        meter.schedule.replan(done, planned)
+        run.train_cfg = dataclasses.replace(cfg, steps=planned)
+        if world.is_main:
+            run.train_cfg.to_json(run.run_dir / TRAIN_CONFIG)  # and every checkpoint from now on
+        meter.progress.set_total(planned, "" if first else f"re-planned from {cfg.steps}")
+    if how is not None:
+        run.log(f"time budget {cfg.time_budget}: {how}" + (f"; {meter.schedule.describe()}" if first else ""))
+    if first:
+        for line in meter.schedule.problems(run.train_cfg, meter.step_tokens):
+            run.log(f"warning: {line}")
 
 
 def _telemetry(run: Run, meter: Meter, done: int, out: StepOut) -> None:
@@ -302,6 +334,7 @@ def _telemetry(run: Run, meter: Meter, done: int, out: StepOut) -> None:
     cfg, world = run.train_cfg, run.world
     eval_due = done % cfg.eval_every == 0 or done == cfg.steps
     if not (done % cfg.log_every == 0 or eval_due):  # an eval step always gets its metrics line
+        meter.progress.step_done(done, cfg.steps, out.sums["loss"], out.lr)
         return
     now = time.perf_counter()
     tps = (run.tokens - meter.tok_last) / max(now - meter.t_last, 1e-9)
@@ -332,10 +365,11 @@ def _hc_gains(run: Run) -> dict[str, float]:
     return {"hc_gain_fwd": gains["hc_gain_fwd"], "hc_gain_bwd": gains["hc_gain_bwd"]}
 
 
-def _save(run: Run, step: int) -> Path:
+def _save(run: Run, step: int, schedule: Schedule) -> Path:
     """Checkpoint `step` (every rank takes part in gathering a sharded model; rank 0 writes)."""
     world = run.world
     world.before_save(run.model, run.optimizer)
-    state = {"step": step, "tokens": run.tokens, "bias_tokens_seen": run.balance.tokens_seen}
+    state = {"step": step, "tokens": run.tokens, "bias_tokens_seen": run.balance.tokens_seen,
+             "schedule": schedule.to_state()}  # a re-planned schedule resumes as it was
     return checkpoint.save(run.run_dir, step, run.model, run.optimizer, state, run.tokenizer.to_str(), run.model_cfg,
                            run.train_cfg, run.train_cfg.keep_last, full=run.world.full, write=world.is_main)
