@@ -13,7 +13,9 @@ on this machine is an execution plan, and every rule that combines the options l
 
 The rules: a model whose weights are quantized codes runs them as they are (they dequantize to the plan's
 dtype as they run), so it gets no other kernel; a compiled decode packs its own weights, so compile and
-prepack exclude each other; prepacking needs bf16 weights and a host that packs them. `apply` is the only
+prepack exclude each other; prepacking needs bf16 weights and a host that packs them; fp8, compile, an
+online teacher and bf16 optimizer moments run in one process (`one_process_refusals`, which
+parallel/layout.py reports with the layout's own problems before launch). `apply` is the only
 caller of model.to(dtype) for execution, swap_matmuls' converters, parallelize and torch.compile, and it
 applies them in one order (as torchtitan's parallelize does): dtype, numerics (fp8), grouped experts,
 parallelism, prepacking, compile. The grouped experts replace model/moe.py's reference loop for every
@@ -86,11 +88,37 @@ class Applied:
     decoder: object | None = None
 
 
+def one_process_refusals(ranks: int, *, fp8: bool = False, compile: bool = False, teacher: bool = False,
+                         optim_state_dtype: str = "fp32") -> list[str]:
+    """What a training run on `ranks` processes cannot combine, one message each (none on one process).
+    Each part below is built for one process: the FP8 converters are not wired for FSDP2's sharded
+    parameters, EP's twins or pipeline stages; the compiled model and the online teacher are whole-model
+    objects; the bf16 optimizer moments are not sharded. parallel/layout.py reports these with the
+    layout's own problems before any process starts; `resolve` refuses them again where the plan is made."""
+    if ranks <= 1:
+        return []
+    out = []
+    if teacher:
+        out.append("distillation (teacher) runs in one process; drop --nproc / torchrun or the teacher")
+    if fp8:
+        out.append("fp8 training runs in one process for now (its converters are not built for FSDP2, EP "
+                   "or pipeline stages); drop --set fp8=true, or run it without --nproc / torchrun")
+    if compile:
+        out.append("compile runs in one process only; drop --set compile=true")
+    if optim_state_dtype != "fp32":
+        out.append("optim_state_dtype=bf16 runs in one process only; use fp32 with several ranks")
+    return out
+
+
 def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", compile: bool = False,
-            prepack: bool = True, fp8: bool = False, quantized: bool = False, speculative: bool = False) -> Plan:
-    """Every rule in one place. quantized: the model holds int8/fp8 weight codes (kernels/quantize.py)."""
+            prepack: bool = True, fp8: bool = False, quantized: bool = False, speculative: bool = False,
+            ranks: int = 1) -> Plan:
+    """Every rule in one place. quantized: the model holds int8/fp8 weight codes (kernels/quantize.py);
+    ranks: the processes a training plan runs on."""
     if purpose not in PURPOSES:
         raise ValueError(f"purpose={purpose!r} must be one of {PURPOSES}")
+    if errors := one_process_refusals(ranks, fp8=fp8, compile=compile):
+        raise ValueError("; ".join(errors))
     profile = profile or host_profile()
     choice: DtypeChoice = choose_dtype("prefill" if purpose == "eval" else purpose, dtype, profile)
     reasons = [choice.reason]

@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 
 from ..config import ModelConfig
+from ..plan import one_process_refusals
 from .config import ParallelConfig
 
 PP_SCHEDULES = ("dualpipev", "1f1b", "zbv")
@@ -103,16 +104,8 @@ def resolve(model_cfg: ModelConfig, train_cfg: ParallelConfig, world: int) -> La
         if train_cfg.pp_schedule == "1f1b" and model_cfg.n_mtp:
             errors.append("pp_schedule=1f1b puts the MTP module (which reads the embedding) on another rank than "
                           "the embedding; use dualpipev or zbv (V-shaped: both on rank 0), or --set n_mtp=0")
-    if layout.world > 1:
-        if train_cfg.teacher:
-            errors.append("distillation (teacher) runs in one process; drop --nproc / torchrun or the teacher")
-        if train_cfg.fp8:
-            errors.append("fp8 training runs in one process for now (its converters are not built for FSDP2, EP "
-                          "or pipeline stages); drop --set fp8=true, or run it without --nproc / torchrun")
-        if train_cfg.compile:
-            errors.append("compile runs in one process only; drop --set compile=true")
-        if train_cfg.optim_state_dtype != "fp32":
-            errors.append("optim_state_dtype=bf16 runs in one process only; use fp32 with several ranks")
+    errors += one_process_refusals(layout.world, fp8=train_cfg.fp8, compile=train_cfg.compile,  # the plan's rules
+                                   teacher=bool(train_cfg.teacher), optim_state_dtype=train_cfg.optim_state_dtype)
     if errors:
         raise LayoutError("invalid parallel layout: " + "; ".join(errors))
     return layout

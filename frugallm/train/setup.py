@@ -177,7 +177,7 @@ def open_run(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path,
 def execution_plan(train_cfg: TrainConfig, world, log) -> Plan:
     """plan.resolve("train") for the run's precision, fp8 and compile; on several ranks, every rank
     takes rank 0's dtype (and rank 0 alone says why)."""
-    flags = dict(fp8=train_cfg.fp8, compile=train_cfg.compile)
+    flags = dict(fp8=train_cfg.fp8, compile=train_cfg.compile, ranks=world.world)
     plan = resolve("train", dtype=train_cfg.precision, **flags)  # a resumed run's is already resolved: honoured
     if world.world > 1 and not world.is_main:
         plan = resolve("train", dtype=("fp32", "bf16")[world.broadcast(int(plan.precision == "bf16"))], **flags)
