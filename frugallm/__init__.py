@@ -4,7 +4,8 @@ Re-exports only (docs/architecture.md): nothing in the package imports this modu
 """
 
 from .config import PRESETS, ModelConfig, get_preset
-from .formats.hf import from_hf, to_hf
+from .export import to_hf  # formats/hf.py's, with the tokenizer found for it
+from .formats.hf import from_hf
 from .infer.generate import generate, generate_stream
 from .model import ModelOutput, Transformer
 from .model.count import count_params

@@ -7,11 +7,13 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_args import (COMPILE, DESCRIPTION, DTYPE, DTYPE_CHOICES, MAX_NEW, RUN_DIR, SAMPLING, SOURCE,
+                       HelpFormatter, arg, positive_int, run_args, temperature)
 from .config import ModelConfig, get_preset
 from .host import host_profile
 from .plan import PURPOSES, explain, load, prepare_inference
 from .train import launch
-from .train.launch import DEFAULT_PRESET, DEFAULT_TIME
+from .train.launch import DEFAULT_PRESET
 
 
 def _pick(args: argparse.Namespace, names) -> dict:
@@ -75,12 +77,12 @@ def _distill(args: argparse.Namespace) -> int:
     by token); for a teacher with another tokenizer, sample it (`frugallm distill generate`) and train
     on the samples (`frugallm train --data FILE.jsonl`)."""
     if args.distill_command == "generate":
-        from .distill.sequences import generate_samples
+        from .distill.sequences import describe, generate_samples
 
         stats = generate_samples(args.teacher, args.prompts, args.out, samples_per_prompt=args.samples,
                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature_sample,
                                  top_p=args.top_p, batch_size=args.batch_size, seed=args.seed)
-        print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+        print(describe(stats))
         return 0
     kd = _pick(args, ("loss", "beta", "temperature", "kd_weight", "topk", "on_policy"))
     extra, model_from = launch.distill_overrides(args.teacher, args.init_from, config=args.config,
@@ -142,15 +144,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 SAMPLE_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "speculative")
-COMPILING = "compiling the decode step (once per shape; later runs reuse inductor's cache) ..."
 
 
 def _prepare(args: argparse.Namespace):
     """generate / chat's model (plan.prepare_inference), its set-up told on stderr: the dtype and why,
-    the matmul kernels, and with --compile the compile of batch 1's decode step, before the first prompt."""
+    the matmul kernels, and with --compile the compile of batch 1's decode step (kernels/compiled.py says
+    so as it starts), before the first prompt."""
     return prepare_inference(args.run, args.dtype, prepack=not args.compile, compile=args.compile,
-                             speculative=args.speculative, log=_say,
-                             before_compile=lambda: print(COMPILING, file=sys.stderr))[0]
+                             speculative=args.speculative, log=_say)[0]
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -177,119 +178,61 @@ def _generate(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace) -> int:
     from .kernels.quantize import weight_bytes
     from .export import quantize_checkpoint
+    from .model.count import count_params, in_words
 
     out = quantize_checkpoint(args.run, args.to, args.out, layout=args.layout)
-    sizes = weight_bytes(load(out))
-    print(f"wrote {out} ({args.to}, {args.layout or 'default'} layout): {sizes['params']:,} parameters, "
+    model = load(out)
+    sizes = weight_bytes(model)  # every weight held, MTP included: the total of in_words
+    print(f"wrote {out} ({args.to}, {args.layout or 'default'} layout): {in_words(count_params(model.config))}; "
           f"{sizes['bytes'] / 2**20:.1f} MiB, {sizes['bytes_per_param']:.2f} bytes/param")
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
-    return value
-
-
-def _temperature(text: str) -> float:
-    """A sampling temperature: a finite number >= 0 (NaN would reach torch's sampler as a raw error)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 = greedy)")
-    return value
-
-
 # --- the parser, as a table -------------------------------------------------------------------------
-
-DTYPE_CHOICES = ["auto", "fp32", "bf16", "float32", "bfloat16", "float64"]
-DTYPE_HELP = ("compute dtype (default auto: bf16 only where this host measures it clearly faster than fp32, "
-              "see `frugallm info --host`); an explicit dtype dequantizes a quantized checkpoint")
-SPECULATIVE_HELP = ("draft with the MTP modules, verify in one forward (exact; on a CPU at batch 1 it gains "
-                    "little, and with --compile it can be slower: see the README)")
-COMPILE_HELP = ("compile the decode step with torch.compile (1.9-2.6x faster decoding here; tens of seconds of "
-                "compiling first, needs a C++ compiler; a quantized checkpoint cannot be compiled)")
-
-
-def _a(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
-    """One argument: add_argument's flags and keywords, plus `exclusive=NAME` (joins that mutually
-    exclusive group of its parser) or `section=TITLE` (listed under that titled group)."""
-    return flags, kwargs
-
-
-SOURCE = {"exclusive": "source"}  # where the model comes from: one of these flags
-PARALLEL = {"section": "parallelism (torch.distributed; world = ep x pp x dp ranks)"}
-RUN_DIR = _a("run", help="a frugallm run directory or a Hugging Face DeepSeek directory")
-SAMPLING = [_a("--top-k", type=int), _a("--top-p", type=float), _a("--seed", type=int),
-            _a("--speculative", action="store_true", help=SPECULATIVE_HELP)]
-DTYPE = _a("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
-COMPILE = _a("--compile", action="store_true", help=COMPILE_HELP)
-
-
-def _run_args(out: str) -> list:
-    """The flags of a training run, shared by `train` and `distill`."""
-    return [
-        _a("--train-config", help="a TrainConfig JSON file"),
-        _a("--data", help="text files, a folder, a glob, JSONL, or hf:NAME (default: the Python stdlib)"),
-        _a("--out", default=out, help=f"run directory (default {out})"),
-        _a("--steps", type=int, help="the run's length; with --time, the most it may plan (default 500)"),
-        _a("--time", help="a time budget for the whole command, e.g. 90s, 8m, 1h: steps are planned from "
-                          f"the measured throughput (default {DEFAULT_TIME} unless --steps is given)"),
-        _a("--save-every", type=int),
-        _a("--resume", action="store_true", help="continue the run in --out from its last good checkpoint"),
-        _a("--set", action="append", metavar="KEY=VALUE", help="any ModelConfig or TrainConfig field"),
-        _a("--no-sample", dest="sample", action="store_false", help="do not print a sample at the end"),
-        _a("--ep", type=int, help="expert parallelism: shard the routed experts over this many ranks", **PARALLEL),
-        _a("--pp", type=int, help="pipeline ranks (--set pp_schedule=dualpipev|zbv|1f1b; not with ep/dp)", **PARALLEL),
-        _a("--dp", type=int, help="data parallelism (FSDP2); default: the world / (ep x pp)", **PARALLEL),
-        _a("--nproc", type=_positive_int, help="launch this many processes per node with torchrun (same as "
-           "`torchrun --nproc-per-node N -m frugallm train ...`); the layout is checked first", **PARALLEL),
-        _a("--nnodes", type=_positive_int, default=1, help="machines taking part (with --nproc)", **PARALLEL),
-        _a("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1", **PARALLEL),
-        _a("--rdzv-endpoint", default="", help="HOST:PORT every node meets at (--nnodes > 1)", **PARALLEL),
-    ]
+# (the argument types and the flags several commands share: cli_args.py)
+_a, _positive_int, _temperature, _run_args = arg, positive_int, temperature, run_args
 
 
 # (the subcommand's path, its help, its handler (None: a group of subcommands), its arguments in order)
 COMMANDS = [
     (("info",), "count parameters, build the model and run one forward pass", _info, [
         _a("--preset", default="tiny", help="preset name (tiny, small, v2-lite, v3)", **SOURCE),
-        _a("--config", help="a ModelConfig JSON file", **SOURCE),
+        _a("--config", help="a ModelConfig JSON file (default: --preset)", **SOURCE),
         _a("--host", action="store_true",
            help="print this machine's profile: ISA, bf16 support, measured fp32/bf16 speeds, auto choices"),
         _a("--max-build-params", type=float, default=2e9,
            help="only count, do not build, models larger than this (default 2e9)"),
         _a("--plan", nargs="?", const="", metavar="RUN", help="print the execution plan for --purpose on this "
-           "host and why each part was chosen (with RUN: for its weights, quantized or not)"),
+           "host and why each part was chosen (with RUN: for its weights, quantized or not; default: no plan, the "
+           "parameter counts)"),
         _a("--purpose", choices=PURPOSES, default="inference", help="with --plan (default inference)"),
         _a("--dtype", choices=DTYPE_CHOICES, default="auto", help="with --plan (default auto)"),
-        _a("--compile", action="store_true", help="with --plan"), _a("--fp8", action="store_true", help="with --plan"),
-        _a("--no-prepack", dest="prepack", action="store_false", help="with --plan"),
+        _a("--compile", action="store_true", help="with --plan: the plan of a compiled decode step"),
+        _a("--fp8", action="store_true", help="with --plan: the plan of FP8 training (--purpose train)"),
+        _a("--no-prepack", dest="prepack", action="store_false", help="with --plan: the plan without prepacked "
+           "bf16 weights"),
     ]),
     (("train",), "train a model (default: the tiny preset on the built-in corpus)", _train, [
         _a("--preset", help=f"a named model (default {DEFAULT_PRESET}; with --resume, the run's own)", **SOURCE),
-        _a("--config", help="a ModelConfig JSON file", **SOURCE),
+        _a("--config", help="a ModelConfig JSON file (default: --preset)", **SOURCE),
         *_run_args("runs/tiny"),
     ]),
     (("distill",), "train a student on a teacher's next-token distribution (token-level KD, offline top-k, "
                    "on-policy); `distill generate` samples a teacher for SFT", _distill, [
-        _a("--teacher", help="a frugallm run or Hugging Face DeepSeek directory (the student uses its tokenizer)"),
+        _a("--teacher", help="a frugallm run or Hugging Face DeepSeek directory (the student uses its tokenizer; "
+           "required, no default)"),
         _a("--student-preset", dest="preset", help=f"the student's preset (default {DEFAULT_PRESET})", **SOURCE),
-        _a("--student-config", dest="config", help="the student's ModelConfig JSON file", **SOURCE),
-        _a("--init-from", help="start the student from this run or Hugging Face directory", **SOURCE),
+        _a("--student-config", dest="config", help="the student's ModelConfig JSON file (default: the preset)",
+           **SOURCE),
+        _a("--init-from", help="start the student from this run or Hugging Face directory (default: a new "
+           "student, initialised at random)", **SOURCE),
         *_run_args("runs/distill"),
         _a("--loss", choices=["fkl", "rkl", "jsd", "tvd"], help="the divergence D (default fkl)"),
         _a("--beta", type=float, help="jsd's beta: 0 = forward KL, 1 = reverse KL (default 0.5)"),
         _a("--temperature", type=float, help="tau, softening both distributions (default 1)"),
         _a("--kd-weight", type=float, help="w in (1-w) CE + w tau^2 D (default 0.5)"),
         _a("--topk", type=int, help="offline teacher: cache its top-k log-probs once (default 0: online)"),
-        _a("--on-policy", type=float, help="fraction of micro-batches the student samples itself (GKD)"),
+        _a("--on-policy", type=float, help="fraction of micro-batches the student samples itself (GKD; default 0)"),
     ]),
     (("distill", "generate"), "sample a teacher on prompts into prompt/completion or messages JSONL (the R1 "
                               "recipe: then `frugallm train --data FILE.jsonl`); resumes", None, [
@@ -298,35 +241,38 @@ COMMANDS = [
         _a("--prompts", required=True, help="JSONL with 'prompt' or 'messages' per line, or a .txt file"),
         _a("--samples", type=_positive_int, default=1, help="samples per prompt (default 1)"),
         _a("--out", required=True, help="the JSONL file to write (appended to: a rerun resumes)"),
-        _a("--max-new-tokens", type=_positive_int, default=256),
-        _a("--temperature", dest="temperature_sample", type=float, default=0.7),
-        _a("--top-p", type=float, default=0.95),
-        _a("--batch-size", type=_positive_int, default=8),
-        _a("--seed", type=int, default=0),
+        _a("--max-new-tokens", type=_positive_int, default=256, help=MAX_NEW + " per sample"),
+        _a("--temperature", dest="temperature_sample", type=_temperature, default=0.7,
+           help="the teacher's sampling temperature (0 = greedy)"),
+        _a("--top-p", type=float, default=0.95, help="nucleus sampling: the likeliest tokens whose probabilities "
+           "add up to p"),
+        _a("--batch-size", type=_positive_int, default=8, help="samples generated together"),
+        _a("--seed", type=int, default=0, help="random seed: a rerun resumes with the same samples"),
     ]),
     (("eval",), "validation loss and perplexity of a run", _eval, [
-        _a("run"),
-        _a("--data", help="evaluate on this data's val split instead of the run's"),
+        _a("run", help="a frugallm run directory (its last good checkpoint)"),
+        _a("--data", help="evaluate on this data's val split (default: the run's own data)"),
         _a("--batches", type=_positive_int, default=16, help="val batches to average (default 16)"),
     ]),
     (("tokenizer",), "tokenizer tools", None, []),
     (("tokenizer", "train"), "train a byte-level BPE with special tokens", _tokenizer_train, [
         _a("data", nargs="?", default="", help="text/JSONL path or glob (default: the Python stdlib)"),
-        _a("--vocab", type=int, default=4096),
-        _a("--out", required=True),
-        _a("--text-field", default="text"),
+        _a("--vocab", type=_positive_int, default=4096, help="tokens in the vocabulary, special tokens and the "
+           "256 bytes included"),
+        _a("--out", required=True, help="directory to write tokenizer.json to (not a run's)"),
+        _a("--text-field", default="text", help="the field holding the text in JSONL records"),
     ]),
-    (("plot",), "write PNG plots of a run's metrics", _plot, [_a("run")]),
+    (("plot",), "write PNG plots of a run's metrics", _plot, [_a("run", help="a frugallm run directory")]),
     (("serve",), "an OpenAI-compatible HTTP server (needs the [serve] extra)", _serve, [
         RUN_DIR,
         _a("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, loopback only)"),
-        _a("--port", type=int, default=8000),
+        _a("--port", type=int, default=8000, help="TCP port to listen on"),
         _a("--api-key", help="require 'Authorization: Bearer KEY' on every request (visible in `ps`: prefer "
-           "--api-key-file or the FRUGALLM_API_KEY environment variable)"),
-        _a("--api-key-file", metavar="FILE", help="read the API key from the first line of FILE"),
+           "--api-key-file or the FRUGALLM_API_KEY environment variable; default: none, any key)"),
+        _a("--api-key-file", metavar="FILE", help="read the API key from the first line of FILE (default: none)"),
         _a("--allowed-hosts", nargs="+", default=(), metavar="NAME", help="Host names a server without a key "
            "answers besides localhost, IP addresses and --host ('*': any); others are refused, so that a web "
-           "page cannot reach it through DNS rebinding"),
+           "page cannot reach it through DNS rebinding (default: none)"),
         _a("--model-name", help="the model id clients ask for (default: the run directory's name)"),
         _a("--slots", type=int, default=16, help="requests generated at once; the rest wait in order"),
         _a("--policy", choices=("batch", "round-robin"), default="batch",
@@ -345,24 +291,29 @@ COMMANDS = [
         _a("--insecure-no-api-key", action="store_true",
            help="allow a non-loopback --host without --api-key (anyone who reaches it can use it)"),
     ]),
-    (("chat",), "an interactive chat in the terminal (/reset, /system TEXT, /exit)", _chat, [
+    (("chat",), "an interactive chat in the terminal (/reset, /system TEXT, /exit); samples at temperature "
+                "0.8 by default", _chat, [
         RUN_DIR,
-        _a("--system", help="a system prompt"),
-        _a("--max-new-tokens", type=int, default=256),
-        _a("--temperature", type=float, default=0.8),
+        _a("--system", help="a system prompt (default: none)"),
+        _a("--max-new-tokens", type=_positive_int, default=256, help=MAX_NEW + " per reply"),
+        _a("--temperature", type=_temperature, default=0.8, help="sampling temperature; chat samples by "
+           "default (generate is greedy); 0 = greedy"),
         *SAMPLING, COMPILE, DTYPE,
     ]),
-    (("generate",), "continue a prompt, streaming to the terminal, then report tokens/s", _generate, [
+    (("generate",), "continue a prompt, streaming to the terminal, then report tokens/s; greedy by default",
+     _generate, [
         RUN_DIR,
-        _a("--prompt", required=True),
-        _a("--max-new-tokens", type=int, default=128),
-        _a("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)"),
+        _a("--prompt", required=True, help="the text to continue (bos is put in front of it)"),
+        _a("--max-new-tokens", type=_positive_int, default=128, help=MAX_NEW),
+        _a("--temperature", type=_temperature, default=0.0, help="sampling temperature; 0 = greedy, the "
+           "likeliest token each step, the same text every time (generate's default; chat samples at 0.8)"),
         *SAMPLING, DTYPE, COMPILE,
     ]),
     (("parallel",), "pipeline-parallel tools", None, []),
     (("parallel", "simulate"), "simulate 1F1B, ZB-V and DualPipeV op orders: makespan, bubble, peak "
                                "activations, beside DeepSeek-V3 Table 2", _parallel_simulate, [
-        _a("--schedule", choices=["all", "1f1b", "zbv", "dualpipev"], default="all"),
+        _a("--schedule", choices=["all", "1f1b", "zbv", "dualpipev"], default="all", help="the schedule(s) "
+           "to simulate"),
         _a("--pp", type=int, required=True, help="pipeline ranks (V schedules hold 2 stages per rank)"),
         _a("--chunks", type=int, required=True, help="micro-batches per step (dualpipev: >= 2*pp)"),
         _a("--f", type=float, default=1.0, help="forward time of one micro-batch on one stage (default 1)"),
@@ -370,7 +321,8 @@ COMMANDS = [
         _a("--w", type=float, default=1.0, help="weight-grad backward time (default 1; 0 = no split)"),
         _a("--fb", type=float, help="time of an overlapped F&B pair (default F+B+W: no overlap gain)"),
         _a("--json", action="store_true", help="print the results as JSON"),
-        _a("--trace", metavar="FILE.json", help="write a Chrome trace of the timelines (one pid per rank)"),
+        _a("--trace", metavar="FILE.json", help="write a Chrome trace of the timelines (one pid per rank; "
+           "default: none)"),
     ]),
     (("quantize",), "write a weight-only int8 or fp8 copy of a model for CPU inference", _quantize, [
         RUN_DIR,
@@ -391,15 +343,16 @@ EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="frugallm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="frugallm", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parsers, subparsers = {(): parser}, {}
     for path, help_text, handler, arguments in COMMANDS:
         parent = path[:-1]
         if parent not in subparsers:
             dest, required = SUBCOMMANDS[parent]
-            subparsers[parent] = parsers[parent].add_subparsers(dest=dest, required=required)
-        p = parsers[path] = subparsers[parent].add_parser(path[-1], help=help_text)
+            subparsers[parent] = parsers[parent].add_subparsers(dest=dest, required=required, metavar="COMMAND")
+        p = parsers[path] = subparsers[parent].add_parser(path[-1], help=help_text, description=help_text,
+                                                          formatter_class=HelpFormatter)
         groups = {}
         for flags, kwargs in arguments:
             kwargs = dict(kwargs)

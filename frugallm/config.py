@@ -80,6 +80,10 @@ class ModelConfig:
     hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations (column then row normalisation each)
     hc_dynamic: bool = True  # input-dependent coefficients (HC's W / mHC's phi) on top of the static biases
     hc_alpha_init: float = 0.01  # initial scale of the dynamic part (HC's s_alpha, s_beta; mHC's alpha)
+    # --- dsa: DeepSeek Sparse Attention (DeepSeek-V3.2 §2.1; docs/design/dsa.md; model/indexer.py)
+    index_topk: int = 0  # k keys each query attends to, chosen by the lightning indexer; 0 = no indexer (dense MLA)
+    index_n_heads: int = 0  # the indexer's heads H^I (release: 64); used only with index_topk > 0
+    index_head_dim: int = 0  # their width d^I (release: 128), RoPE on its first qk_rope_head_dim dims
 
     def __post_init__(self) -> None:
         errors = check_types(self)
@@ -122,6 +126,18 @@ class ModelConfig:
                 errors.append(f"rope_factor={self.rope_factor} must be >= 1 with rope_scaling='yarn'")
             if self.original_seq_len <= 0:
                 errors.append(f"original_seq_len={self.original_seq_len} must be > 0")
+        if self.index_topk < 0:
+            errors.append(f"index_topk={self.index_topk} must be >= 0 (0 = no indexer, dense attention)")
+        elif self.index_topk > 0:
+            if self.q_lora_rank == 0:
+                errors.append(f"index_topk={self.index_topk} needs q_lora_rank > 0: the indexer's query reads the "
+                              f"query latent; set q_lora_rank or index_topk=0")
+            if self.index_n_heads <= 0:
+                errors.append(f"index_n_heads={self.index_n_heads} must be > 0 with index_topk={self.index_topk}")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                errors.append(f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
+                              f"{self.qk_rope_head_dim} (RoPE rotates the first qk_rope_head_dim dims of each "
+                              f"indexer head) with index_topk={self.index_topk}")
         if self.residual != "plain":
             for name in ("hc_streams", "hc_sinkhorn_iters"):
                 if getattr(self, name) < 1:
@@ -250,6 +266,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         norm_topk_prob=True, route_scale=2.5, gate_bias=True, n_mtp=1, mtp_lambda=0.3,
     ),
 }
+# DeepSeek-V3.2 (DeepSeek-V3.2 §2): V3 plus a lightning indexer on every layer (671,877,944,064 parameters
+# with the gate biases, MTP excluded). For counting and meta-device construction only.
+PRESETS["v32"] = dict(PRESETS["v3"], index_topk=2048, index_n_heads=64, index_head_dim=128)
+# tiny plus an indexer: each query attends to 128 of up to 512 keys once past the first 128.
+PRESETS["tiny-v32"] = dict(PRESETS["tiny"], index_topk=128, index_n_heads=4, index_head_dim=32)
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:

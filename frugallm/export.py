@@ -1,13 +1,21 @@
-"""Exports of a trained model for inference elsewhere: a weight-only quantized copy (int8 / fp8).
+"""Exports of a trained model for use elsewhere: a Hugging Face folder, and a weight-only quantized copy
+(int8 / fp8).
 
-The orchestration only: open the source (plan.load), quantize its weights (kernels/quantize.py), and
-write them in a layout (formats/quantized.py). Each of those steps lives in its own room.
+The orchestration only: open the source (plan.load) and its tokenizer (formats/checkpoint.py), quantize
+its weights (kernels/quantize.py), and write them in a layout (formats/hf.py, formats/quantized.py).
+Each of those steps lives in its own room.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from pathlib import Path
+
 import torch
 
+from .formats import hf
+from .formats.checkpoint import load_tokenizer
 from .formats.quantized import check_layout, check_request, write_quantized
 from .kernels.fp8 import DEFAULT_SKIP
 from .kernels.quantize import quantize_model
@@ -32,3 +40,24 @@ def quantize_checkpoint(src, to: str, out, *, layout: str | None = None, skip=DE
     quantize_model(model, to, skip)
     model.to(dtype)  # the tensors kept high precision are stored in dtype (codes and scales stay as they are)
     return write_quantized(model, out, to, layout, src, guard, skip, dtype)
+
+
+def to_hf(model, path: str | os.PathLike, dtype: torch.dtype | None = None, files=(), *, tokenizer=None,
+          log=None) -> Path:
+    """Write `model` as a complete Hugging Face folder: config.json, model.safetensors, the tokenizer
+    (AutoTokenizer loads it; it adds bos in front of a text as frugallm does) and a README.md.
+
+    tokenizer: a frugallm Tokenizer, or the path of a run (its verified checkpoint's tokenizer), a
+        checkpoint, a Hugging Face folder or a tokenizer.json; for a model from frugallm.load(RUN),
+        pass RUN. Without one (and no tokenizer.json among `files`), the folder has none: a warning.
+    log(line): told the MTP note (formats/hf.py mtp_note) when the model has MTP modules.
+    dtype, files: formats/hf.py to_hf's."""
+    if tokenizer is not None and not hasattr(tokenizer, "hf_files"):
+        tokenizer = load_tokenizer(tokenizer)
+    if tokenizer is None and not any(Path(f).name == hf.TOKENIZER for f in files):
+        warnings.warn(f"{path} gets no tokenizer, so AutoTokenizer.from_pretrained cannot load it; pass "
+                      f"tokenizer= (the run directory the model was loaded from, or its Tokenizer)")
+    out = hf.to_hf(model, path, dtype, files, tokenizer=tokenizer)
+    if log is not None and (note := hf.mtp_note(model.config)):
+        log(note)
+    return out

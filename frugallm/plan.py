@@ -40,7 +40,7 @@ from .kernels import compiled as compiled_decode
 from .kernels import prepack as prepacking
 from .kernels.experts import use_grouped_experts
 from .kernels.fp8 import convert_to_fp8
-from .kernels.swap import converted, kernels_in_use
+from .kernels.swap import converted, kernels_in_words
 
 # train: fp32 master weights, bf16 by autocast; inference: generate / chat / serve (weights cast);
 # prefill: a distillation teacher's logits (weights cast); eval: validation loss (autocast over fp32 weights)
@@ -141,7 +141,8 @@ def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", c
     if quantized:
         if compile:
             raise ValueError("compiled decoding takes a plain model and this one holds quantized weight codes: "
-                             "drop --compile, or load a plain checkpoint")
+                             "drop --compile, or add --dtype bf16 (or fp32) to dequantize the weights into a "
+                             "plain model that compiles (in Python: dtype='bf16')")
         reasons.append(f"quantized weights kept as codes, dequantized to {choice.name} as they run: no other kernel")
         return Plan(purpose, choice.dtype, tuple(reasons), cast=True)
     packs = prepack and not compile and choice.dtype == torch.bfloat16 and profile.bf16_prepack
@@ -212,7 +213,7 @@ def prepare_inference(path, dtype="auto", *, prepack: bool = True, compile: bool
         plan = dataclasses.replace(plan, cast=False)  # already read in that dtype
 
     def chosen(model):
-        log(f"matmul kernels: {kernels_in_use(model)}")
+        log(f"matmul kernels: {kernels_in_words(model)}")
         if plan.compile and before_compile is not None:
             before_compile()
 

@@ -108,8 +108,26 @@ class Tokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
                   "bos_token": self.bos_token, "eos_token": self.eos_token,
                   "pad_token": "<|pad|>" if self.pad_id is not None else self.eos_token,
-                  "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+                  "add_bos_token": self.bos_id is not None, "add_eos_token": False,
+                  "clean_up_tokenization_spaces": False}
         return config | ({"chat_template": template} if template else {})
+
+    def hf_files(self, model_max_length: int) -> dict[str, str]:
+        """{file name: text} of the tokenizer in a Hugging Face export: tokenizer.json, whose post-processor
+        puts bos in front of a text as frugallm does (generate, serve, training documents all start with
+        it), so `AutoTokenizer(text)` gives frugallm's ids; and tokenizer_config.json (hf_config). The
+        post-processor lives in tokenizer.json because transformers 5 ignores add_bos_token there."""
+        from tokenizers import processors
+
+        tok = _HFTokenizer.from_str(self.to_str())
+        adds_bos = tok.encode("a").ids[:1] == [self.bos_id]  # a checkpoint's own tokenizer may already
+        if self.bos_id is not None and not adds_bos:  # frugallm's encode never runs it (add_special_tokens=False)
+            bos = processors.TemplateProcessing(single=f"{self.bos_token} $A", pair=f"{self.bos_token} $A $B:1",
+                                                special_tokens=[(self.bos_token, self.bos_id)])
+            tok.post_processor = bos if tok.post_processor is None else processors.Sequence(
+                [tok.post_processor, bos])
+        config = json.dumps(self.hf_config(model_max_length), indent=2, ensure_ascii=False) + "\n"
+        return {TOKENIZER: tok.to_str(), "tokenizer_config.json": config}
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The token ids of a chat prompt, bos included: the checkpoint's own Jinja template when it

@@ -44,7 +44,8 @@ def test_generate_and_quantize_commands(tiny_run, tmp_path, capsys, monkeypatch,
     if host != "this-host":
         assert f"inference dtype auto -> {'fp32' if host == 'no-bf16' else 'bf16'}" in captured.err
     if host == "no-bf16":  # fp32: plain weights (MKL reads them as they are), nothing prepacked
-        assert "matmul kernels: plain x" in captured.err and "prepacked" not in captured.err
+        assert "matmul kernels: 23 plain PyTorch, 2 grouped experts" in captured.err and "prepacked" not in captured.err
+        assert "(of the 25 matmul modules: linear layers and expert groups)" in captured.err
     for fmt in ("int8", "fp8"):
         assert main(["quantize", str(tiny_run), "--to", fmt, "--out", str(tmp_path / fmt)]) == 0
         assert "bytes/param" in capsys.readouterr().out
@@ -102,3 +103,45 @@ def test_info_plan_follows_the_host(tiny_run, tmp_path, capsys, monkeypatch):
     assert "quantized weights kept as codes" in capsys.readouterr().out
     assert main(["info", "--plan", str(tmp_path / "q"), "--compile"]) == 2
     assert "holds quantized weight codes" in capsys.readouterr().err
+
+
+def test_parameter_counts_use_the_same_words_everywhere(tiny_run, tmp_path, capsys, monkeypatch):
+    """Issue 31: train and info said 8,223,792 parameters ("total"), quantize 10,158,592: the main model
+    vs everything it holds, MTP included. Each now names the main model, MTP and the total."""
+    from frugallm import load
+    from frugallm.kernels.quantize import weight_bytes
+    from frugallm.model.count import count_params, in_words
+
+    assert main(["info", "--preset", "tiny"]) == 0
+    rows = {line[:33].strip(): line[33:].split()[0] for line in capsys.readouterr().out.splitlines()[1:7]}
+    assert rows == {"main model": "8,223,792", "main model, active per token": "4,684,848",
+                    "embedding + output head": "2,097,152", "MTP": "1,934,800", "MTP, active per token": "755,152",
+                    "total (main model + MTP)": "10,158,592"}
+    words = in_words(count_params(load(tiny_run).config))
+    assert words.endswith(" in MTP = 51,832 total") and "parameters in the main model" in words
+    assert main(["quantize", str(tiny_run), "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+    assert words in capsys.readouterr().out and weight_bytes(load(tmp_path / "q"))["params"] == 51_832
+    monkeypatch.setenv("FRUGALLM_CACHE", str(tiny_run.parent / "cache"))
+    pairs = json.loads((tiny_run / "config.json").read_text())
+    sets = [f"{k}={v}" for k, v in pairs.items() if k in ("dim", "n_layers", "n_dense_layers", "n_heads",
+            "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts",
+            "n_expert_groups", "n_limited_groups", "n_activated_experts", "moe_inter_dim", "inter_dim", "vocab_size")]
+    sets += ["seq_len=16", "batch_size=2", "eval_batches=1", "sample_tokens=0", "precision=fp32",
+             f"tokenizer={tiny_run}"]
+    assert main(["train", "--data", str(tiny_run.parent / "corpus"), "--out", str(tmp_path / "run"), "--steps", "1",
+                 "--no-sample", *[a for s in sets for a in ("--set", s)]]) == 0
+    assert f"model: {words} | 1 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["serve"]])
+def test_compiling_a_quantized_checkpoint_says_what_to_type(tiny_run, tmp_path, capsys, command):
+    """Issue 31: `serve RUN --compile` on a quantized checkpoint told a CLI user to call
+    frugallm.load_for_inference(path, prepack=False)."""
+    if command[0] == "serve":
+        pytest.importorskip("fastapi")
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_run), "--to", "int8", "--out", str(q)]) == 0
+    capsys.readouterr()
+    assert main([command[0], str(q), *command[1:], "--compile"]) == 2
+    err = capsys.readouterr().err
+    assert "drop --compile, or add --dtype bf16 (or fp32)" in err and "load_for_inference" not in err

@@ -72,11 +72,17 @@ def test_compiled_decode_equals_eager_greedy_batch_and_speculative():
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (9, 3, 6, 1)]
     want = generate(model, prompts, 10)
     spec_want = generate(model, prompts[:1], 10)
-    decoder = compile_decode(model)
+    said = []  # compile_decode returns at once: the wait is on each shape's first call, and is said there
+    decoder = compile_decode(model, log=said.append)
+    assert said == []
     assert torch.equal(generate(model, prompts, 10, decoder=decoder), want)
+    assert said == ["compiling the decode step for batch 4, 1 token (first use, ~30 s) ..."]
+    assert torch.equal(generate(model, prompts, 10, decoder=decoder), want) and len(said) == 1  # compiled once
     stats = {}
     assert torch.equal(generate(model, prompts[:1], 10, speculative=True, decoder=decoder, stats=stats), spec_want)
     assert stats["forwards"] < 10  # the verify graph (2 tokens per step) ran, not just the 1-token one
+    assert "compiling the decode step for batch 1, 2 tokens (first use, ~30 s) ..." in said
+    assert len(said) == len(set(said))
     with torch.inference_mode():  # logits, not only their argmax: within fp32 reassociation
         cache = KVCache(model.config, 1, max_len=16)
         model(torch.tensor([prompts[0]]), cache=cache)

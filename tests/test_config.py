@@ -44,9 +44,9 @@ def test_inconsistent_values_name_the_fields(changes, fields):
 
 
 def test_preset_lookup_is_exact():
-    with pytest.raises(ValueError, match="unknown preset 'V3'; choose one of: tiny, small, v2-lite, v3"):
+    with pytest.raises(ValueError, match="unknown preset 'V3'; choose one of: tiny, small, v2-lite, v3, v32, tiny-v32"):
         get_preset("V3")
-    assert set(PRESETS) == {"tiny", "small", "v2-lite", "v3"}
+    assert set(PRESETS) == {"tiny", "small", "v2-lite", "v3", "v32", "tiny-v32"}
 
 
 def test_parameter_counts():

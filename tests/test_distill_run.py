@@ -40,12 +40,16 @@ def _cache(tiny_run, monkeypatch):
     monkeypatch.setenv("FRUGALLM_CACHE", str(tiny_run.parent / "cache"))  # the teacher's data cache: no re-tokenizing
 
 
-def test_a_distilled_run_is_an_ordinary_run(tiny_run, tmp_path):
+def test_a_distilled_run_is_an_ordinary_run(tiny_run, tmp_path, capsys):
     out = tmp_path / "student"
     lines = distill(tiny_run, out, "--steps", "3", "--loss", "jsd", "--beta", "0.3", "--temperature", "2",
                     pairs=["batch_size=4"])
     assert [m["step"] for m in lines] == [1, 2, 3]
     assert all(m["kd"] > 0 and 0 <= m["agreement"] <= 1 and m["ce"] > 0 for m in lines)
+    # the progress line shows the parts, not only the blended loss that no `train` run can be compared with
+    m = lines[-1]
+    assert (f"step 3/3 | loss {m['loss']:.3f} (ce {m['ce']:.3f}, kd {m['kd']:.3f}, "
+            f"teacher agreement {m['agreement']:.0%})") in capsys.readouterr().out
     assert "val_loss" in lines[1] and "val_loss" in lines[2]
     cfg = json.loads((out / "train_config.json").read_text())
     assert (cfg["teacher"], cfg["kd_loss"], cfg["kd_beta"], cfg["kd_temperature"]) == (str(tiny_run), "jsd", 0.3, 2.0)
@@ -89,7 +93,7 @@ def test_distill_needs_a_teacher_and_refuses_bad_settings(tiny_run, tmp_path, ca
     assert "kd_weight" in capsys.readouterr().err
 
 
-def test_the_r1_recipe_samples_the_teacher_then_trains_on_completions_only(tiny_run, tmp_path):
+def test_the_r1_recipe_samples_the_teacher_then_trains_on_completions_only(tiny_run, tmp_path, capsys):
     """Sequence-level KD: `distill generate` writes prompt/completion records, `train --data` puts the
     loss on the completions (the data cache keeps a mask), and the run trains and evaluates."""
     prompts = tmp_path / "prompts.txt"
@@ -99,6 +103,12 @@ def test_the_r1_recipe_samples_the_teacher_then_trains_on_completions_only(tiny_
                  "--out", str(samples), "--max-new-tokens", "24", "--batch-size", "4"]) == 0
     records = [json.loads(line) for line in samples.read_text().splitlines()]
     assert len(records) == 24 and all(set(r) >= {"prompt", "completion"} for r in records)
+    said = capsys.readouterr().out  # a line for a person, not the stats dict
+    assert said.startswith(f"wrote 24 of 24 samples (12 prompts x 2) to {samples}") and "tokens/s" in said
+    assert "frugallm teacher" in said and "seconds" not in said and "{" not in said
+    assert main(["distill", "generate", "--teacher", str(tiny_run), "--prompts", str(prompts), "--samples", "2",
+                 "--out", str(samples), "--max-new-tokens", "24", "--batch-size", "4"]) == 0
+    assert capsys.readouterr().out == f"{samples} already holds all 24 samples (12 prompts x 2): nothing to do\n"
     out = tmp_path / "sft"
     argv = ["train", "--data", str(samples), "--out", str(out), "--steps", "2", "--no-sample",
             "--set", f"tokenizer={tiny_run}", *sets([*STUDENT, "batch_size=2", "seq_len=16", "val_fraction=0.2",

@@ -186,20 +186,53 @@ def test_rope_frequencies_and_attention_factor_match_transformers(rope):
 
 
 def test_an_export_carries_a_tokenizer_that_autotokenizer_loads_as_is(tiny_run, tmp_path):
-    """to_hf writes tokenizer_config.json beside tokenizer.json: the special tokens and frugallm's chat
-    template as Jinja, so AutoTokenizer (and vLLM, lm-eval's hf backend) builds the same prompts."""
+    """to_hf(tokenizer=RUN) writes tokenizer.json and tokenizer_config.json: bos added in front of a text
+    as frugallm adds it, the special tokens and frugallm's chat template as Jinja, so AutoTokenizer (and
+    vLLM, lm-eval's hf backend) gives the same ids for the same text and builds the same prompts."""
     import frugallm
     from frugallm.tokenizer import load_tokenizer
 
     transformers = pytest.importorskip("transformers")
-    out = frugallm.to_hf(frugallm.load(tiny_run), tmp_path / "hf", files=[tiny_run / "tokenizer.json"])
+    out = frugallm.to_hf(frugallm.load(tiny_run), tmp_path / "hf", tokenizer=tiny_run)
     ours = load_tokenizer(tiny_run)
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+    for text in ("def main(", "the cat sat", ""):  # frugallm's own encoding (generate, serve): bos + text
+        assert theirs(text).input_ids == [ours.bos_id, *ours.encode(text)]
     assert theirs.encode("the cat sat", add_special_tokens=False) == ours.encode("the cat sat")
+    assert load_tokenizer(out).encode("the cat") == ours.encode("the cat")  # frugallm reads it back the same
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"},
                 {"role": "assistant", "content": "sat"}, {"role": "user", "content": "on a mat"}]
     ids = ours.encode_chat(messages)
     rendered = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert theirs.encode(rendered, add_special_tokens=False) == ids
     assert load_tokenizer(out).encode_chat(messages) == ids  # the export's template path: the same ids
+
+
+def test_an_export_is_a_complete_folder_with_the_usual_permissions(tiny_run, tmp_path, monkeypatch):
+    """The README's call writes a folder that AutoTokenizer loads, whose README.md explains the MTP layer's
+    UNEXPECTED weights, with the modes of files the user made (mkdtemp's 0700 and safetensors' 0600 were
+    kept before); without a tokenizer, a warning says how to pass one."""
+    import os
+    import stat
+
+    import frugallm
+
+    model = frugallm.load(tiny_run)
+    old = os.umask(0o027)
+    try:
+        notes = []
+        out = frugallm.to_hf(model, tmp_path / "hf", tokenizer=tiny_run, log=notes.append)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
+        name: 0o640 for name in ("README.md", "config.json", "manifest.json", "model.safetensors",
+                                 "tokenizer.json", "tokenizer_config.json")}
+    card = (out / "README.md").read_text()
+    assert "UNEXPECTED" in card and "model.layers.2" in card and "main model" in card and "MTP" in card
+    assert len(notes) == 1 and "UNEXPECTED" in notes[0]
+    with pytest.warns(UserWarning, match="no tokenizer.*tokenizer="):
+        bare = frugallm.to_hf(model, tmp_path / "bare")
+    assert stat.S_IMODE(bare.stat().st_mode) == 0o777 & ~old
+    assert not (bare / "tokenizer.json").exists() and "tokenizer=RUN" in (bare / "README.md").read_text()

@@ -5,11 +5,13 @@ every per-choice log-likelihood within 1e-3.
 
 What local-completions sends for a log-likelihood request (lm_eval/models/openai_completions.py,
 api_models.py): POST base_url with 'Authorization: Bearer $OPENAI_API_KEY' and
-{"model", "prompt": [[token ids], ...] (context + continuation, no BOS, up to batch_size prompts),
+{"model", "prompt": [[token ids], ...] (context + continuation, up to batch_size prompts; BOS first with
+add_bos_token=True),
 "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": true}; it reads, per choice sorted
 by "index", sum(logprobs.token_logprobs[ctxlen:-1]) (the echoed prompt's continuation: the last entry is
 the one generated token) and compares each of those against max(logprobs.top_logprobs[i].values()).
-Both backends tokenize with the export's tokenizer and add no BOS, so they score the same ids.
+Both backends tokenize with the export's tokenizer and put BOS first, as frugallm does, so they score the
+same ids: hf by the tokenizer's default (the export's tokenizer adds BOS), local-completions by add_bos_token.
 """
 
 import json
@@ -71,7 +73,7 @@ def export(tiny_run, tmp_path_factory) -> Path:
     import frugallm
 
     return frugallm.to_hf(frugallm.load(tiny_run), tmp_path_factory.mktemp("hf") / "hf", dtype=torch.float32,
-                          files=[tiny_run / "tokenizer.json"])
+                          tokenizer=tiny_run)
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +83,10 @@ def hf_scores(export, tasks, tmp_path_factory):
                     f"pretrained={export},dtype=float32", "--device", "cpu", "--batch_size", "1")
 
 
-def test_both_backends_score_the_same_ids_without_bos(tiny_run, export):
+def test_both_backends_score_the_same_ids_with_bos(tiny_run, export):
     """hf encodes with the tokenizer's default (add_special_tokens=True), local-completions with
-    add_special_tokens=False and sends the ids as they are: the export adds no BOS either way."""
+    add_special_tokens=add_bos_token (True below) and sends the ids as they are: BOS first either way,
+    as frugallm's own encoding has it."""
     from transformers import AutoTokenizer
 
     from frugallm.tokenizer import load_tokenizer
@@ -91,7 +94,7 @@ def test_both_backends_score_the_same_ids_without_bos(tiny_run, export):
     tok = AutoTokenizer.from_pretrained(export)
     text = "a park cat sat on the cat and sat the ✓ é"
     ids = load_tokenizer(tiny_run).encode(text)
-    assert tok(text).input_ids == tok(text, add_special_tokens=False).input_ids == ids
+    assert tok(text).input_ids == [tok.bos_token_id, *ids] and tok(text, add_special_tokens=False).input_ids == ids
 
 
 def test_the_hf_reference_scores_every_choice_of_every_example(hf_scores):
@@ -117,7 +120,7 @@ def test_local_completions_against_the_server_matches_hf_on_the_export(server, e
                                                                        batch_size):
     hf_acc, hf_lls, hf_greedy = hf_scores
     args = (f"model={NAME},base_url={server}/v1/completions,tokenizer_backend=huggingface,tokenizer={export},"
-            "tokenized_requests=True,num_concurrent=1,max_retries=1")
+            "tokenized_requests=True,num_concurrent=1,max_retries=1,add_bos_token=True")
     acc, lls, greedy = _lm_eval(tasks, tmp_path / "out", "--model", "local-completions", "--model_args", args,
                                 "--batch_size", str(batch_size), env={"OPENAI_API_KEY": KEY})
     assert sorted(lls) == sorted(hf_lls)

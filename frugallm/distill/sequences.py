@@ -71,6 +71,18 @@ def read_prompts(path: str | os.PathLike) -> list[str | list[dict]]:
     return prompts
 
 
+def describe(stats: dict) -> str:
+    """generate_samples' stats as one line for a person: what was written, what was there already."""
+    asked = f"{stats['samples']:,} sample{'s' if stats['samples'] != 1 else ''} ({stats['prompts']:,} prompts x " \
+            f"{stats['samples'] // max(stats['prompts'], 1)})"
+    if not stats["written"]:
+        return f"{stats['out']} already holds all {asked}: nothing to do"
+    cut = f"; {stats['unfinished']:,} cut at the token limit (max_new_tokens)" if stats["unfinished"] else ""
+    there = f"; {stats['kept']:,} were there already" if stats["kept"] else ""
+    return (f"wrote {stats['written']:,} of {asked} to {stats['out']}{there}{cut}; {stats['new_tokens']:,} new tokens "
+            f"in {stats['seconds']:.1f} s ({stats['tokens_per_s']:,.0f} tokens/s) from the {stats['teacher']} teacher")
+
+
 def generate_samples(teacher: str | os.PathLike, prompts_path: str | os.PathLike, out_path: str | os.PathLike, *,
                      samples_per_prompt: int = 1, max_new_tokens: int = 256, temperature: float = 0.7,
                      top_p: float = 0.95, batch_size: int = 8, seed: int = 0, progress: bool = True) -> dict:

@@ -28,7 +28,7 @@ from ..config import ModelConfig, yarn_mscale
 from ..model.transformer import Transformer
 from ..kernels.fp8 import E4M3, weight_dequant
 from ..kernels.quantize import SUFFIX
-from ..tokenizer import TOKENIZER, load_tokenizer
+from ..tokenizer import TOKENIZER, Tokenizer, load_tokenizer
 from ..names import CONFIG, WEIGHTS
 
 TOP_KEYS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -45,6 +45,11 @@ LAYER_KEYS = {
     "attn.kv_norm.weight": "self_attn.kv_a_layernorm.weight",
     "attn.wkv_b.weight": "self_attn.kv_b_proj.weight",
     "attn.wo.weight": "self_attn.o_proj.weight",
+    "attn.indexer.wq_b.weight": "self_attn.indexer.wq_b.weight",  # DSA (deepseek_v32; model/indexer.py)
+    "attn.indexer.wk.weight": "self_attn.indexer.wk.weight",
+    "attn.indexer.k_norm.weight": "self_attn.indexer.k_norm.weight",
+    "attn.indexer.k_norm.bias": "self_attn.indexer.k_norm.bias",
+    "attn.indexer.weights_proj.weight": "self_attn.indexer.weights_proj.weight",
     "ffn.w1.weight": "mlp.gate_proj.weight",
     "ffn.w2.weight": "mlp.down_proj.weight",
     "ffn.w3.weight": "mlp.up_proj.weight",
@@ -61,7 +66,10 @@ MTP_KEYS = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
             "eh_proj.weight": "eh_proj.weight", "norm.weight": "shared_head.norm.weight"}
 MTP_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
 SCALE = SUFFIX  # NAME_scale_inv: the dequant multiplier of the codes in NAME, on both sides
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3")  # the Hugging Face model types frugallm's Transformer holds
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")  # the Hugging Face model types frugallm's Transformer holds
+# kept float32 whatever the dtype asked for: the gate bias (model/moe.py) and DSA's head weights (model/indexer.py)
+FP32_NAMES = ("gate.bias", "indexer.weights_proj.weight")
+TOKENIZER_CONFIG, README = "tokenizer_config.json", "README.md"
 FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
 
@@ -85,7 +93,8 @@ def hf_key(name: str, n_layers: int) -> str:
 def config_from_hf(d: dict) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"config.json has model_type={model_type!r}; frugallm loads 'deepseek_v3' or 'deepseek_v2'")
+        raise ValueError(f"config.json has model_type={model_type!r}; frugallm loads 'deepseek_v32', 'deepseek_v3' "
+                         f"or 'deepseek_v2'")
     for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("tie_word_embeddings", False)):
         if d.get(key, want) != want:
             raise ValueError(f"config.json has {key}={d[key]!r}; frugallm's DeepSeek model needs {want!r}")
@@ -108,7 +117,10 @@ def config_from_hf(d: dict) -> ModelConfig:
         route_scale=d.get("routed_scaling_factor", 1.0), n_mtp=d.get("num_nextn_predict_layers", 0) or 0,
         rope_theta=theta,
     )
-    if model_type == "deepseek_v3":
+    if model_type == "deepseek_v32":  # V3 plus DSA, with transformers' defaults for absent keys
+        kw.update(index_topk=d.get("index_topk", 2048), index_n_heads=d.get("index_n_heads", 64),
+                  index_head_dim=d.get("index_head_dim", 128), n_dense_layers=_dense_layers(d))
+    if model_type in ("deepseek_v3", "deepseek_v32"):
         # HF's V3 router is hard-coded: sigmoid, bias, top-2-sum group scores
         kw.update(score_func="sigmoid", group_score="top2_sum", gate_bias=True,
                   norm_topk_prob=d.get("norm_topk_prob", True),
@@ -137,8 +149,20 @@ def config_from_hf(d: dict) -> ModelConfig:
     return ModelConfig(**kw)
 
 
+def _dense_layers(d: dict) -> int:
+    """deepseek_v32's dense MLP layers: first_k_dense_replace (transformers' default 3), which an
+    mlp_layer_types list, where present, must agree with (frugallm's dense layers come first)."""
+    k = d.get("first_k_dense_replace", 3)
+    types = d.get("mlp_layer_types")
+    n = d["num_hidden_layers"]
+    if types is not None and list(types) != ["dense"] * min(k, n) + ["sparse"] * (n - min(k, n)):
+        raise ValueError(f"config.json has mlp_layer_types={types}; frugallm supports only the first "
+                         f"first_k_dense_replace={k} layers dense and the rest MoE")
+    return k
+
+
 def hf_format(cfg: ModelConfig) -> str:
-    """'deepseek_v3' or 'deepseek_v2', or a ValueError naming what the HF format cannot hold."""
+    """'deepseek_v32', 'deepseek_v3' or 'deepseek_v2', or a ValueError naming what the HF format cannot hold."""
     if cfg.residual != "plain":
         raise ValueError(
             f"residual={cfg.residual!r}: hyper-connection streams and their coefficients have no Hugging Face "
@@ -147,7 +171,11 @@ def hf_format(cfg: ModelConfig) -> str:
     if cfg.n_routed_experts == 0:
         raise ValueError("a dense model (n_routed_experts=0) has no Hugging Face DeepSeek representation")
     if cfg.score_func == "sigmoid" and cfg.group_score == "top2_sum" and cfg.gate_bias:
-        return "deepseek_v3"
+        return "deepseek_v32" if cfg.index_topk > 0 else "deepseek_v3"
+    if cfg.index_topk > 0:
+        raise ValueError(f"index_topk={cfg.index_topk} (DSA) exists in Hugging Face only as deepseek_v32, whose "
+                         f"router is V3's (score_func='sigmoid', group_score='top2_sum', gate_bias=True); this "
+                         f"model's is not, so it cannot be exported")
     if cfg.score_func == "softmax" and not cfg.gate_bias and not cfg.norm_topk_prob and (
             cfg.group_score == "max" or cfg.n_expert_groups == 1):
         return "deepseek_v2"
@@ -159,8 +187,9 @@ def hf_format(cfg: ModelConfig) -> str:
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     fmt = hf_format(cfg)
+    arch = {"deepseek_v32": "DeepseekV32ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
     d = {
-        "architectures": ["DeepseekV3ForCausalLM" if fmt == "deepseek_v3" else "DeepseekV2ForCausalLM"],
+        "architectures": [arch.get(fmt, "DeepseekV2ForCausalLM")],
         "model_type": fmt, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
         "intermediate_size": cfg.inter_dim, "moe_intermediate_size": cfg.moe_inter_dim,
         "num_hidden_layers": cfg.n_layers, "first_k_dense_replace": cfg.n_dense_layers,
@@ -169,7 +198,7 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "num_experts_per_tok": cfg.n_activated_experts, "n_group": cfg.n_expert_groups,
         "topk_group": cfg.n_limited_groups, "routed_scaling_factor": cfg.route_scale,
         "norm_topk_prob": cfg.norm_topk_prob, "scoring_func": cfg.score_func,
-        "topk_method": "noaux_tc" if fmt == "deepseek_v3" else (
+        "topk_method": "noaux_tc" if fmt != "deepseek_v2" else (
             "group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy"),
         "q_lora_rank": cfg.q_lora_rank or None, "kv_lora_rank": cfg.kv_lora_rank,
         "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
@@ -178,6 +207,8 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "rope_interleave": True, "hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False,
         "num_nextn_predict_layers": cfg.n_mtp, "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if fmt == "deepseek_v32":
+        d.update(index_topk=cfg.index_topk, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim)
     if cfg.rope_scaling == "yarn":
         d["rope_scaling"] = {"type": "yarn", "factor": cfg.rope_factor, "beta_fast": cfg.beta_fast,
                              "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale_all_dim,
@@ -296,12 +327,12 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
                                + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
             used.update(keys)
             stack = torch.stack if "{e}" in key else lambda ts: ts[0]
-            if keep and all(ckpt.is_fp8(k) for k in keys):  # codes and scales as stored
+            if keep and not name.endswith(FP32_NAMES) and all(ckpt.is_fp8(k) for k in keys):  # codes and scales as stored
                 t = state[name] = stack([ckpt.raw(k) for k in keys])
                 state[name + SCALE] = stack([ckpt.scale(k) for k in keys]).float()
             else:
                 t = stack([ckpt.get(k) for k in keys])
-                state[name] = t.float() if name.endswith("gate.bias") else t if dtype is None else t.to(dtype)
+                state[name] = t.float() if name.endswith(FP32_NAMES) else t if dtype is None else t.to(dtype)
             if t.shape != ref.shape:
                 raise ValueError(f"{key}: shape {tuple(t.shape)} in the checkpoint, "
                                  f"frugallm expects {tuple(ref.shape)}")
@@ -324,18 +355,24 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
 
 def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
-          files: tuple[str | os.PathLike, ...] = (), *, kind: str = "hf", sources=(),
-          suggest: str | None = None) -> Path:
+          files: tuple[str | os.PathLike, ...] = (), *, tokenizer: Tokenizer | None = None, kind: str = "hf",
+          sources=(), suggest: str | None = None) -> Path:
     """Write `model` as a HF DeepSeek directory that transformers.AutoModelForCausalLM loads.
 
     Refuses configurations the format cannot represent. A model quantized to fp8 by
     kernels/quantize.py is written in DeepSeek's FP8 layout (e4m3 weight + fp32
     weight_scale_inv, and quantization_config in config.json); int8 has no HF DeepSeek layout
-    and is refused. `files` (e.g. tokenizer.json) are copied in. Written through frugallm/io.py:
-    atomically, with a manifest of `kind` ("quantized" from quantize_checkpoint), and never over
-    `sources` (the model's origin) or a directory that is not an earlier output of that kind.
+    and is refused. `tokenizer` (or a tokenizer.json among `files`, which are copied in) is written
+    as AutoTokenizer loads it, adding bos as frugallm does (Tokenizer.hf_files), unless `files` bring
+    their own tokenizer_config.json. A README.md says how to load the folder and why transformers
+    lists the MTP layer's weights as UNEXPECTED. Written through frugallm/io.py: atomically, with a
+    manifest of `kind` ("quantized" from quantize_checkpoint), and never over `sources` (the model's
+    origin) or a directory that is not an earlier output of that kind.
     """
     cfg = model.config
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size:,} tokens but the model only {cfg.vocab_size:,} "
+                         f"rows of embedding: pass the tokenizer the model was trained with")
     dtype = dtype or next(model.parameters()).dtype
     hf_config = config_to_hf(cfg, dtype)
     state = model.state_dict()
@@ -347,7 +384,7 @@ def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None
     tensors = {}
     for name, t in state.items():
         key = hf_key(name, cfg.n_layers)
-        if name.endswith("gate.bias") or name.endswith(SCALE):
+        if name.endswith(FP32_NAMES) or name.endswith(SCALE):
             t = t.float()
         elif t.dtype != E4M3:
             t = t.to(dtype)
@@ -366,8 +403,40 @@ def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None
         (tmp / CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
         for f in files:
             shutil.copyfile(f, tmp / Path(f).name)
-        if (tmp / TOKENIZER).exists() and not (tmp / "tokenizer_config.json").exists():
-            # what AutoTokenizer needs beyond tokenizer.json: the special tokens and the chat template
-            config = load_tokenizer(tmp).hf_config(cfg.max_seq_len)
-            (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        if tokenizer is None and (tmp / TOKENIZER).exists():
+            tokenizer = load_tokenizer(tmp)
+        if tokenizer is not None and not (tmp / TOKENIZER_CONFIG).exists():
+            # what AutoTokenizer needs beyond tokenizer.json: bos added as frugallm adds it, the special
+            # tokens and the chat template
+            for name, text in tokenizer.hf_files(cfg.max_seq_len).items():
+                (tmp / name).write_text(text)
+        if not (tmp / README).exists():
+            (tmp / README).write_text(model_card(cfg, hf_config, path.name, tokenizer is not None))
     return path
+
+
+def mtp_note(cfg: ModelConfig) -> str | None:
+    """What a user loading an export with transformers should know about the MTP layer, or None."""
+    if not cfg.n_mtp:
+        return None
+    layers = ", ".join(f"model.layers.{cfg.n_layers + k}" for k in range(cfg.n_mtp))
+    return (f"transformers does not run the multi-token-prediction (MTP) layer ({layers}): loading the folder "
+            f"lists its weights as UNEXPECTED, which is harmless. They are kept, as in DeepSeek-V3's own "
+            f"checkpoint, because frugallm.from_hf reads them back for MTP self-speculative decoding "
+            f"(`--speculative`) and servers with DeepSeek MTP support draft tokens with them.")
+
+
+def model_card(cfg: ModelConfig, hf_config: dict, name: str, has_tokenizer: bool) -> str:
+    """README.md of an export: what it is, how to load it, and the MTP note."""
+    from ..model.count import count_params, in_words
+
+    lines = [f"# {name}", "", f"A {hf_config['architectures'][0]} model written by frugallm: "
+             f"{in_words(count_params(cfg))}.", "", "```python",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             f'model = AutoModelForCausalLM.from_pretrained("{name}")']
+    if has_tokenizer:
+        lines += [f'tok = AutoTokenizer.from_pretrained("{name}")  # adds the bos token, as frugallm does', "```"]
+    else:
+        lines += ["```", "", "This folder holds no tokenizer: write it with `frugallm.to_hf(model, path, "
+                  "tokenizer=RUN)` for one that AutoTokenizer loads."]
+    return "\n".join(lines + ([""] + [mtp_note(cfg)] if cfg.n_mtp else [])) + "\n"

@@ -387,10 +387,10 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: s
     torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - 1))
     print(f"frugallm: {torch.get_num_threads()} torch thread(s){'' if threads else ' (one core left for HTTP)'}",
           flush=True)
-    # compile: batch 1 now; each larger power-of-two batch on first use (engine.py pads batches to them)
+    # compile: batch 1 now; each larger power-of-two batch on first use (engine.py pads batches to them),
+    # each announced on stderr by kernels/compiled.py ("compiling the decode step for batch 4, ...")
     applied, _ = prepare_inference(run, dtype, prepack=not compile, compile=compile,
-                                   log=lambda line: print(f"frugallm: {line}", flush=True),
-                                   before_compile=lambda: print("frugallm: compiling the decode step ...", flush=True))
+                                   log=lambda line: print(f"frugallm: {line}", flush=True))
     model, decoder, tokenizer = applied.model, applied.decoder, load_tokenizer(run)
     name = model_name or Path(run).resolve().name
     max_cache_tokens = max_cache_tokens or default_cache_tokens(model, slots)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 import types
 
 import torch
@@ -62,8 +63,8 @@ def unavailable_reason(model) -> str | None:
     done = [name for name in converted(model) if not isinstance(model.get_submodule(name), (GemvLinear, StaticExperts))]
     if done:
         return (f"compiled decoding takes a plain model, and {done[0]} was converted "
-                f"({type(model.get_submodule(done[0])).kernel}): load a plain checkpoint with "
-                f"frugallm.load_for_inference(path, prepack=False)")
+                f"({type(model.get_submodule(done[0])).kernel}): load the model without that kernel "
+                f"(frugallm.load_for_inference(path, prepack=False); `--compile` on the command line does)")
     return None
 
 
@@ -117,11 +118,13 @@ class CompiledDecode:
     The model must stay frozen afterwards (its weights are compiled in) and in inference mode.
     """
 
-    def __init__(self, model, cpp_wrapper: bool = True):
+    def __init__(self, model, cpp_wrapper: bool = True, log=None):
         reason = unavailable_reason(model)
         if reason:
             raise RuntimeError(f"cannot compile the decode step: {reason}")
         self.model = model
+        self.log = log or _stderr
+        self._shapes = set()  # (step, batch, tokens) already compiled: a new one is a wait worth saying
 
         def make(name, m, reads_weight):  # eager calls (prefill, the first draft window) are unchanged
             if type(m) is nn.Linear and m is not model.head:  # the head stays on oneDNN (see above)
@@ -153,6 +156,7 @@ class CompiledDecode:
         """tokens (B, S) at positions lengths[b]..+S-1 of `cache` (a dynamic KVCache); its lengths
         advance by S, as with the eager model."""
         c_kv, k_pe = self._window(cache, tokens.shape[1])
+        self._say("decode step", *tokens.shape)
         with self._settings(tokens.shape[0]):
             logits, hidden = self._step(tokens, c_kv, k_pe, cache.lengths)
         return ModelOutput(logits=logits, hidden=hidden)
@@ -165,8 +169,17 @@ class CompiledDecode:
         if absorb is not True:
             return self.model.mtp_step(depth, h_prev, next_ids, cache, absorb, logits_at)
         c_kv, k_pe = self._window(cache, next_ids.shape[1])
+        self._say(f"MTP draft step {depth}", *next_ids.shape)
         with self._settings(next_ids.shape[0]):
             return self._mtp(depth, h_prev, next_ids, c_kv, k_pe, cache.lengths, logits_at)
+
+    def _say(self, step: str, batch_size: int, n_tokens: int) -> None:
+        """Tell the log before a shape's first call: that call compiles (tens of seconds), the others do not.
+        The ~30 s: the tiny preset on 2 cores; inductor's on-disk cache makes a later process quicker."""
+        if (step, batch_size, n_tokens) not in self._shapes:
+            self._shapes.add((step, batch_size, n_tokens))
+            rows = f"batch {batch_size}, {n_tokens} token{'s' if n_tokens > 1 else ''}"
+            self.log(f"compiling the {step} for {rows} (first use, ~30 s) ...")
 
     @contextlib.contextmanager
     def _settings(self, batch_size: int):
@@ -211,13 +224,21 @@ def _own_code(method):
                                                f.__closure__), method.__self__)
 
 
-def compile_decode(model, cpp_wrapper: bool = True, warmup: bool = False, speculative: bool = False) -> CompiledDecode:
+def _stderr(line: str) -> None:
+    print(f"frugallm: {line}", file=sys.stderr, flush=True)
+
+
+def compile_decode(model, cpp_wrapper: bool = True, warmup: bool = False, speculative: bool = False,
+                   log=None) -> CompiledDecode:
     """The model's decode step, compiled (see the module docstring); the model's routed experts
     become `StaticExperts` and its linears `GemvLinear` (kernels/swap.py swap_matmuls), for
-    traced calls; eager calls behave as before.
+    traced calls; eager calls behave as before. This returns at once: the compiling happens on
+    each shape's first call (the first `generate`), tens of seconds, or here with warmup.
     warmup: compile batch 1's decode step now (and, with `speculative`, its D+1-token verify step)
-    rather than on the first request."""
-    decoder = CompiledDecode(model, cpp_wrapper=cpp_wrapper)
+    rather than on the first request.
+    log(line): told before each compile ("compiling the decode step for batch 1, 1 token (first use,
+    ~30 s) ..."); default: stderr."""
+    decoder = CompiledDecode(model, cpp_wrapper=cpp_wrapper, log=log)
     for n_tokens in ([1] + ([model.config.n_mtp + 1] if speculative else [])) if warmup else []:
         decoder.warmup(1, n_tokens)
     return decoder

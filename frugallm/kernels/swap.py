@@ -71,6 +71,28 @@ def kernels_in_use(model: nn.Module) -> str:
     return ", ".join(f"{kind} x{n}" for kind, n in counts.items())
 
 
+# each kernel in a few words, for a person reading the set-up line of generate, chat and serve
+KERNEL_WORDS = {
+    "plain": "plain PyTorch",
+    "grouped": "grouped experts (one GEMM per weight for all experts)",
+    "prepacked-bf16": "bf16 weights prepacked for oneDNN",
+    "compiled-gemv": "compiled GEMVs",
+    "compiled-static-experts": "compiled experts",
+    "fp8": "FP8 (128-blocks)",
+    "weight-only-quantized": "quantized weights (int8/fp8, dequantized as they run)",
+    "expert-parallel": "experts sharded over ranks",
+}
+
+
+def kernels_in_words(model: nn.Module) -> str:
+    """kernels_in_use for a person: '16 bf16 weights prepacked for oneDNN, 3 plain PyTorch (of the 19
+    matmul modules: linear layers and expert groups)'."""
+    counts = [part.rsplit(" x", 1) for part in kernels_in_use(model).split(", ") if part]
+    total = sum(int(n) for _, n in counts)
+    return (", ".join(f"{n} {KERNEL_WORDS.get(kind, kind)}" for kind, n in counts)
+            + f" (of the {total} matmul modules: linear layers and expert groups)")
+
+
 def converted(model: nn.Module) -> list[str]:
     """Names of the modules already swapped for a twin (a replaceable one, still offered as plain,
     is not counted)."""

@@ -10,6 +10,9 @@ Two paths, one class, same weights:
   absorbed  fold W^UK into the query and W^UV into the output, and attend over the latent
             directly: MQA with one 576-dim key "head". Data-movement-friendly: used for decode.
 
+With DSA (index_topk > 0, DeepSeek-V3.2 §2.1) a lightning indexer (indexer.py) narrows the mask of
+each query to its top-k keys before either path runs, so both attend to the same keys.
+
 Shapes: B batch, S new tokens, T = start + S attended tokens, H heads,
 dn = qk_nope_head_dim, dr = qk_rope_head_dim, dv = v_head_dim, dc = kv_lora_rank.
 """
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .indexer import Indexer
 from .norm import RMSNorm, upcast
 from .rope import apply_rope, softmax_scale
 
@@ -46,6 +50,8 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(self.dc, cfg.n_heads * (self.dn + self.dv), bias=False)  # per head [W^UK | W^UV]
         self.wo = nn.Linear(cfg.n_heads * self.dv, cfg.dim, bias=False)
         self.softmax_scale = softmax_scale(cfg)
+        # DSA: reads x and the query latent, masks the keys (None: dense attention, V2/V3)
+        self.indexer = Indexer(cfg) if cfg.index_topk > 0 else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None = None,
                 cache=None, absorb: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,7 +64,8 @@ class MLA(nn.Module):
         per row and every row of the same length).
         """
         B, S, _ = x.shape
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank > 0 else self.wq(x)
+        q_lat = self.q_norm(self.wq_a(x)) if self.q_lora_rank > 0 else None  # (B, S, dq), the query latent
+        q = self.wq_b(q_lat) if q_lat is not None else self.wq(x)
         q = q.view(B, S, self.n_heads, self.dn + self.dr)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
         q_pe = apply_rope(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2))  # (B, S, H, dr)
@@ -70,6 +77,8 @@ class MLA(nn.Module):
             c_kv, k_pe = cache.update(positions, c_kv, k_pe)  # (B, T, dc), (B, T, dr)
         elif S > 1:
             mask = causal_mask(S, S, 0, x.device)  # (S, S)
+        if self.indexer is not None:  # each query keeps its top index_topk visible keys: (B, S, T)
+            mask = self.indexer(x, q_lat, cos, sin, positions, cache, mask)
         if absorb:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
         else:

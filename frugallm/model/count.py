@@ -37,6 +37,20 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
+def in_words(counts: dict[str, int]) -> str:
+    """The parameter count as every command words it (train, info, quantize, an export's README):
+    the main model (count_params' "total", the papers' figure), the MTP modules, and their total."""
+    main, mtp = counts["total"], counts["mtp"]
+    if not mtp:
+        return f"{main:,} parameters (main model; no MTP)"
+    return f"{main:,} parameters in the main model + {mtp:,} in MTP = {main + mtp:,} total"
+
+
+# count_params' keys as `frugallm info` words them (the same words as in_words)
+LABELS = {"total": "main model", "active": "main model, active per token", "embedding": "embedding + output head",
+          "mtp": "MTP", "mtp_active": "MTP, active per token"}
+
+
 def summary(cfg: ModelConfig, label: str, max_build_params: float = 2e9):
     """`frugallm info`'s lines for `cfg` (named `label`): the counts; then, unless the model has more than
     `max_build_params` parameters, a seeded build, one forward pass over up to 16 random ids, and
@@ -45,8 +59,9 @@ def summary(cfg: ModelConfig, label: str, max_build_params: float = 2e9):
 
     counts = count_params(cfg)
     yield f"frugallm model: {label}"
-    width = max(len(k) for k in counts)
-    for k, v in counts.items():
+    rows = {LABELS[k]: v for k, v in counts.items()} | {"total (main model + MTP)": counts["total"] + counts["mtp"]}
+    width = max(len(k) for k in rows)
+    for k, v in rows.items():
         yield f"  {k:<{width}}  {v:>17,}  ({v / 1e6:,.2f}M)"
     if counts["total"] > max_build_params:
         yield f"  (not built: {counts['total']:,} parameters exceed --max-build-params; counted on the meta device)"

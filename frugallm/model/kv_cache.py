@@ -1,7 +1,9 @@
 """The MLA latent cache: per layer only c_kv (B, T_max, kv_lora_rank) and k_pe (B, T_max, d_r).
 
 That is (kv_lora_rank + qk_rope_head_dim) values per token per layer, e.g. 576 for V3, instead
-of the H * (192 + 128) a naive K/V cache holds (V2 Table 1; docs/design/kv-cache.md). Buffers are preallocated at a
+of the H * (192 + 128) a naive K/V cache holds (V2 Table 1; docs/design/kv-cache.md). With DSA
+(index_topk > 0, model/indexer.py) each layer also holds the indexer's keys index_k (B, T_max,
+index_head_dim) beside its latents: 576 + 128 values per token per layer for V3.2. Buffers are preallocated at a
 static shape and reused across requests (`reset`). Each layer has buffers of its own, not a slice
 of one stacked tensor: a compiled step (kernels/compiled.py) then writes its new latents in place,
 where slices of a shared base made the traced graph copy every layer's buffer each step.
@@ -28,18 +30,30 @@ class LatentCache:
 
     def __init__(self, owner: "KVCache", i: int):
         self.owner, self.c_kv, self.k_pe = owner, owner.c_kv[i], owner.k_pe[i]  # (B, T_max, dc), (B, T_max, dr)
+        self.index_k = owner.index_k[i] if owner.index_k is not None else None  # (B, T_max, D) or None
 
     def update(self, positions: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write c_kv (B, S, dc), k_pe (B, S, dr) at positions (B, S); return the first T slots of every row."""
-        start, T = self.owner._start, self.owner._T
-        if start is not None:  # every row at the same length: a plain slice copy
-            self.c_kv[:, start:start + c_kv.shape[1]] = c_kv
-            self.k_pe[:, start:start + c_kv.shape[1]] = k_pe
-        else:
-            rows = torch.arange(c_kv.shape[0], device=c_kv.device)[:, None]
-            self.c_kv[rows, positions] = c_kv
-            self.k_pe[rows, positions] = k_pe
+        self._write(self.c_kv, positions, c_kv)
+        self._write(self.k_pe, positions, k_pe)
+        T = self.owner._T
         return self.c_kv[:, :T], self.k_pe[:, :T]
+
+    def update_index(self, positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Write the DSA indexer's keys (B, S, D) at positions (B, S); return the first T slots (B, T, D)."""
+        if self.index_k is None:
+            raise ValueError("this KVCache holds no indexer keys: build it from the model's config "
+                             "(index_topk > 0), or pass index_k to KVCache.over")
+        self._write(self.index_k, positions, keys)
+        return self.index_k[:, :self.owner._T]
+
+    def _write(self, buffer: torch.Tensor, positions: torch.Tensor, new: torch.Tensor) -> None:
+        start = self.owner._start
+        if start is not None:  # every row at the same length: a plain slice copy
+            buffer[:, start:start + new.shape[1]] = new
+        else:
+            rows = torch.arange(new.shape[0], device=new.device)[:, None]
+            buffer[rows, positions] = new
 
 
 class KVCache:
@@ -51,20 +65,24 @@ class KVCache:
         buffers = lambda width: [torch.zeros(batch_size, max_len, width, dtype=dtype, device=device)
                                  for _ in range(n_layers)]
         self._adopt(buffers(cfg.kv_lora_rank), buffers(cfg.qk_rope_head_dim),
-                    torch.zeros(batch_size, dtype=torch.long, device=device), static=False)
+                    torch.zeros(batch_size, dtype=torch.long, device=device), static=False,
+                    index_k=buffers(cfg.index_head_dim) if cfg.index_topk > 0 else None)
 
     @classmethod
     def over(cls, c_kv: list[torch.Tensor], k_pe: list[torch.Tensor], lengths: torch.Tensor,
-             static: bool = True) -> "KVCache":
-        """A cache on existing buffers, per layer (B, T, dc) and (B, T, dr), and lengths (B,), e.g. another
-        cache's or a slice of its rows (the server's batches): writes land in them, nothing is copied."""
+             static: bool = True, index_k: list[torch.Tensor] | None = None) -> "KVCache":
+        """A cache on existing buffers, per layer (B, T, dc) and (B, T, dr) (and (B, T, D) indexer keys with
+        DSA), and lengths (B,), e.g. another cache's or a slice of its rows (the server's batches): writes
+        land in them, nothing is copied."""
         cache = cls.__new__(cls)
-        cache._adopt(c_kv, k_pe, lengths, static=static)
+        cache._adopt(c_kv, k_pe, lengths, static=static, index_k=index_k)
         return cache
 
-    def _adopt(self, c_kv: list[torch.Tensor], k_pe: list[torch.Tensor], lengths: torch.Tensor, static: bool) -> None:
+    def _adopt(self, c_kv: list[torch.Tensor], k_pe: list[torch.Tensor], lengths: torch.Tensor, static: bool,
+               index_k: list[torch.Tensor] | None = None) -> None:
         # lengths: positions written, per row
         self.c_kv, self.k_pe, self.lengths, self.static = list(c_kv), list(k_pe), lengths, static
+        self.index_k = None if index_k is None else list(index_k)
         self._layers = [LatentCache(self, i) for i in range(len(c_kv))]
         self._start, self._T = 0, 0
 
@@ -103,8 +121,9 @@ class KVCache:
         self.lengths.zero_()
 
     def values_per_token(self) -> int:
-        """Cached values per token, all layers: n_layers * (kv_lora_rank + qk_rope_head_dim)."""
-        return len(self.c_kv) * (self.c_kv[0].shape[-1] + self.k_pe[0].shape[-1])
+        """Cached values per token, all layers: n_layers * (kv_lora_rank + qk_rope_head_dim [+ index_head_dim])."""
+        index = 0 if self.index_k is None else self.index_k[0].shape[-1]
+        return len(self.c_kv) * (self.c_kv[0].shape[-1] + self.k_pe[0].shape[-1] + index)
 
     def bytes_per_token(self) -> int:
         return self.values_per_token() * self.c_kv[0].element_size()

@@ -81,3 +81,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x0, x1 = xr[..., 0], xr[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+def apply_rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., d_r) in the half-split layout: pair i is (x[i], x[i + d_r/2]), rotated by cos/sin
+    broadcastable to (..., d_r/2). The DSA indexer's RoPE (model/indexer.py) is laid out this way, not
+    in MLA's interleaved pairs: the same angles, applied to other pairs of dims. In at least float32."""
+    x0, x1 = upcast(x).chunk(2, dim=-1)
+    return torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).type_as(x)

@@ -1,6 +1,7 @@
 """The DeepSeek-V2/V3 Transformer: embed -> blocks -> norm -> head, plus MTP modules.
 
-This file only wires the concepts together (MLA in attention.py, DeepSeekMoE in moe.py,
+This file only wires the concepts together (MLA in attention.py, with DSA's indexer in indexer.py
+for V3.2 configs (index_topk > 0), DeepSeekMoE in moe.py,
 MTP in mtp.py, RoPE/YaRN in rope.py, HC/mHC in hyperconn.py). It knows nothing of precision or
 parallelism.
 Block (pre-norm):  h = x + MLA(attn_norm(x));  out = h + FFN(ffn_norm(h)),
@@ -93,11 +94,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) for every matrix (V3 §4.2: 0.006), ones for norms, zero gate bias."""
+        """Normal(0, init_std) for every matrix (V3 §4.2: 0.006), ones for norms, zero gate bias and
+        zero norm biases (the DSA indexer's key LayerNorm, model/indexer.py)."""
         std = self.config.init_std
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 nn.init.normal_(p, std=std)
+            elif name.endswith("norm.bias"):
+                nn.init.zeros_(p)
             else:
                 nn.init.ones_(p)  # RMSNorm weights
         for m in self.modules():  # HC / mHC coefficients have their own init (hyperconn.py)

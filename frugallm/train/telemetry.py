@@ -122,7 +122,10 @@ class Progress:
             self.log(f"step {step}/{total} | loss {loss:.3f} | lr {lr:.2e} | {time.perf_counter() - self.start:.0f}s")
 
     def update(self, step: int, total: int, metrics: dict) -> None:
-        text = f"loss {metrics['loss']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s"
+        text = f"loss {metrics['loss']:.3f}"
+        if "kd" in metrics:  # distillation: its loss blends CE and KD; CE compares with a `train` run's loss
+            text += f" (ce {metrics['ce']:.3f}, kd {metrics['kd']:.3f}, teacher agreement {metrics['agreement']:.0%})"
+        text += f" | {metrics['tokens_per_s']:,.0f} tok/s"
         if self.note:
             text, self.note = f"{text} | {self.note}", ""
         self.lines += 1

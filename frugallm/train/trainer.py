@@ -30,7 +30,7 @@ from torch.profiler import record_function
 from ..config import ModelConfig
 from ..formats import checkpoint
 from ..names import METRICS, TRAIN_CONFIG
-from ..model.count import count_params
+from ..model.count import count_params, in_words
 from ..model.hyperconn import composite_gains
 from ..parallel import timeline
 from . import time_budget
@@ -160,7 +160,7 @@ def _announce(run: Run, t0: float, t_setup: float) -> Meter:
         warmup = f", {schedule.describe()}"
         for line in schedule.problems(cfg, step_tokens):
             run.log(f"warning: {line}")
-    run.log(f"model: {count_params(run.model_cfg)['total']:,} parameters | {length} x {step_tokens:,} tokens{warmup} "
+    run.log(f"model: {in_words(count_params(run.model_cfg))} | {length} x {step_tokens:,} tokens{warmup} "
             f"| {cfg.precision}{' + fp8' if cfg.fp8 else ''}{' compiled' if cfg.compile else ''} "
             f"| unigram baseline {run.unigram:.3f} "
             f"| set-up {time.perf_counter() - t_setup:.0f}s")
