@@ -23,7 +23,7 @@ the CPU model, avx512_bf16), in two variants of the host profile (frugallm/host.
 
 Comparison: on the recorded host (same fingerprint), every number, token and name must be equal bit for
 bit. On another host, against any recorded one: floats within tolerances (fp32 1e-4 relative, bf16 and
-quantized 3e-2); each plan's "tokens" test (tokens, argmaxes, speculative and routing-derived counters)
+quantized 3e-2, fp8 training 1e-1); each plan's "tokens" test (tokens, argmaxes, speculative and routing-derived counters)
 is skipped there with the reason, and dtype / kernel names are compared only where the host plays the
 record's profile. A host without a record of its own falls back to tolerance mode. EP / PP are compared against one process in tests/test_parallel.py, not here.
 
@@ -186,7 +186,10 @@ CASES = [(v, p, part) for v, plans in VARIANTS.items() for p in plans
          for part in (("values",) if p == "choices" else ("values", "tokens"))]
 
 # tolerance mode (another host): relative tolerances by the plan's arithmetic
-TOL = {"fp32": 1e-4, "bf16": 3e-2}
+# fp8: a host whose kernels sum in another order moves a value across an e4m3 rounding boundary now
+# and then, one code step = 2^-3 relative for that element; after a few optimizer steps the runs differ
+# by a few percent (measured: grad norm 3.2 %, val perplexity 3e-4 with AVX2 kernels on the recording CPU)
+TOL = {"fp32": 1e-4, "bf16": 3e-2, "fp8": 1e-1}
 # discrete values (or values derived from routing decisions) that another host may legitimately change
 DISCRETE_METRICS = {"max_violation", "max_violation_mean", "agreement"}
 DISCRETE_OUTPUTS = {"tokens", "speculative_tokens", "speculative_stats", "argmax"}
@@ -494,5 +497,6 @@ def test_golden(golden, variant, plan, part):
     same_profile = got_all[variant]["choices"] == record["variants"][variant]["choices"]
     if plan == "choices" and not same_profile:
         pytest.skip(f"this host plays another profile than the record's ({key}): {got} vs {want}")
-    bad = tolerance_diffs(got, want, plan_tolerance(got, want), compare_names=same_profile)
+    tol = TOL["fp8"] if "fp8" in plan else plan_tolerance(got, want)
+    bad = tolerance_diffs(got, want, tol, compare_names=same_profile)
     assert not bad, f"{variant}/{plan} differs beyond tolerance from the record of {key}:\n" + "\n".join(bad[:20])
