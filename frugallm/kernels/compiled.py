@@ -49,7 +49,7 @@ from torch._inductor.fx_passes import decompose_mem_bound_mm
 
 from ..model.moe import RoutedExperts
 from ..model.transformer import ModelOutput
-from .experts import static_experts
+from .experts import over_same_weights, static_experts
 from .swap import converted, swap_matmuls
 from ..model.kv_cache import KVCache
 
@@ -100,11 +100,7 @@ class StaticExperts(RoutedExperts):
 
     @classmethod
     def from_experts(cls, experts: RoutedExperts) -> "StaticExperts":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3  # the same Parameter objects
-        new.train(experts.training)
-        return new
+        return over_same_weights(cls, experts)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return static_experts(x, weights, idx, self.w1, self.w2, self.w3)

@@ -28,6 +28,17 @@ from ..model.norm import upcast
 from .swap import swap_matmuls
 
 
+def over_same_weights(cls: type, experts: RoutedExperts) -> RoutedExperts:
+    """A `cls` (RoutedExperts or one of its twins) holding `experts`' own Parameter objects, in its
+    training mode: what every experts twin's constructor shares, so an optimizer built before still
+    holds them and the state dict keeps its names."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3
+    new.train(experts.training)
+    return new
+
+
 class GroupedExperts(RoutedExperts):
     """RoutedExperts whose forward runs `grouped_experts`: the same Parameter objects and state dict.
     `replaceable`: kernels/swap.py offers it to later converters as its plain self, so expert
@@ -38,22 +49,14 @@ class GroupedExperts(RoutedExperts):
 
     @classmethod
     def from_experts(cls, experts: RoutedExperts) -> "GroupedExperts":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3  # the same Parameter objects
-        new.train(experts.training)
-        return new
+        return over_same_weights(cls, experts)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return grouped_experts(x, weights, idx, self.w1, self.w2, self.w3)
 
     def as_plain(self) -> RoutedExperts:
         """The reference module over the same Parameter objects (what swap_matmuls offers)."""
-        plain = RoutedExperts.__new__(RoutedExperts)
-        nn.Module.__init__(plain)
-        plain.w1, plain.w2, plain.w3 = self.w1, self.w2, self.w3
-        plain.train(self.training)
-        return plain
+        return over_same_weights(RoutedExperts, self)
 
 
 def use_grouped_experts(model: nn.Module, grouped: bool = True) -> list[str]:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import RoutedExperts
-from .experts import sort_by_expert, unsort
+from .experts import over_same_weights, sort_by_expert, unsort
 from .swap import swap_matmuls
 
 BLOCK = 128
@@ -299,11 +299,8 @@ class Fp8Experts(RoutedExperts):
     @classmethod
     def from_experts(cls, experts: RoutedExperts, scale_fmt: str | None = None,
                      gemm_dtype: torch.dtype = torch.float32) -> "Fp8Experts":
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
+        new = over_same_weights(cls, experts)
         new.scale_fmt, new.gemm_dtype = scale_fmt, gemm_dtype
-        new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3  # the same Parameter objects
-        new.train(experts.training)
         return new
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
