@@ -35,6 +35,19 @@ CHAT_TEMPLATE = (
     "{{ raise_exception('roles must be system, user or assistant') }}{% endif %}{% endfor %}"
     "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|eos|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+# DeepSeek-V3.2's chat prompt in its non-thinking ("chat") mode, as Jinja. The release ships no template,
+# only Python encoding scripts: bos, the system text as is, each user turn as <｜User｜>TEXT<｜Assistant｜>
+# then </think> (closing an empty thought: answer directly), each reply as TEXT<｜end▁of▁sentence｜>. A
+# final user turn is left open only with add_generation_prompt. Used where a checkpoint has no template
+# but has these role tokens (load_tokenizer), and written into its exports' tokenizer_config.json.
+DEEPSEEK_CHAT_TOKENS = ("<｜User｜>", "<｜Assistant｜>", "</think>")
+DEEPSEEK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('roles must be system, user or assistant') }}{% endif %}{% endfor %}"
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{% if not loop.last or add_generation_prompt %}{{ '<｜Assistant｜></think>' }}{% endif %}"
+    "{% else %}{{ message['content'] + '<｜end▁of▁sentence｜>' }}{% endif %}{% endfor %}")
 # Bumped when the same tokenizer.json starts encoding some text differently (2: special tokens'
 # literal text became plain text), so data caches keyed on `hash()` are rebuilt.
 ENCODING_VERSION = 2
@@ -313,6 +326,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     template = meta.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None and all(tok.token_to_id(t) is not None for t in DEEPSEEK_CHAT_TOKENS):
+        template = DEEPSEEK_CHAT_TEMPLATE  # DeepSeek-V3.2 (see DEEPSEEK_CHAT_TEMPLATE)
     if tok.token_to_id("<|bos|>") is not None:
         return Tokenizer(tok, chat_template=template)
     pick = lambda v: v.get("content") if isinstance(v, dict) else v

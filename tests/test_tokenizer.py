@@ -141,3 +141,33 @@ def test_chat_repl_conversation_keeps_typed_control_tokens_as_text():
     controls = [tok.tok.id_to_token(i) for i in convo.encode() if i in special]
     assert controls == ["<|bos|>", "<|system|>", "<|eos|>", "<|user|>", "<|eos|>", "<|assistant|>", "<|eos|>",
                         "<|user|>", "<|eos|>", "<|assistant|>"]
+
+
+def test_a_deepseek_v32_directory_without_a_template_chats_in_its_release_format(tmp_path):
+    """DeepSeek-V3.2 ships no Jinja chat template (its prompts come from Python encoding scripts); frugallm
+    renders its non-thinking chat mode: bos, system text, <｜User｜>..<｜Assistant｜></think>, reply, eos."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=HF_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(["hello world"] * 10, trainer=trainer)
+    hf.add_tokens(["<think>", "</think>"])  # ordinary added tokens in the release, not special ones
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": {"content": HF_SPECIALS[0]}, "eos_token": HF_SPECIALS[1]}))
+    tok = load_tokenizer(tmp_path)
+    bos, eos, user, assistant = (tok.tok.token_to_id(t) for t in HF_SPECIALS)
+    end_think = tok.tok.token_to_id("</think>")
+    messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "world"}]
+    ids = tok.encode_chat(messages)
+    assert ids == [bos, *tok.encode("sys"), user, *tok.encode("hi"), assistant, end_think, *tok.encode("hello"),
+                   eos, user, *tok.encode("world"), assistant, end_think]
+    assert tok.decode(ids, skip_special_tokens=False) == (
+        "<｜begin▁of▁sentence｜>sys<｜User｜>hi<｜Assistant｜></think>hello<｜end▁of▁sentence｜><｜User｜>world"
+        "<｜Assistant｜></think>")
+    ids, mask = tok.encode_chat_masked(messages[:3])  # training targets: the reply and its eos only
+    assert [i for i, m in zip(ids, mask) if m] == [*tok.encode("hello"), eos]
+    assert tok.encode_chat(messages[:2], add_generation_prompt=False)[-1] != end_think  # no open turn
+    assert tok.hf_config(4096)["chat_template"] == tok.chat_template  # an export carries it for AutoTokenizer
