@@ -43,6 +43,25 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from .train.estimate import PUBLISHED, lines, parse_tokens, run_estimate
+
+    if args.model:
+        from .formats.open import open as open_format
+
+        cfg, label, published = open_format(args.model).config, args.model, None
+    elif args.config:
+        cfg, label, published = ModelConfig.from_json(args.config), "--config " + args.config, None
+    else:
+        cfg, label, published = get_preset(args.preset), "preset " + args.preset, PUBLISHED.get(args.preset)
+    e = run_estimate(cfg, label, tokens=parse_tokens(args.tokens) if args.tokens else None, seq_len=args.seq_len,
+                     gpu=args.gpu, gpus=args.gpus, mfu=args.mfu, price=args.price, published=published)
+    print(json.dumps(e, indent=2) if args.json else "\n".join(lines(e)))
+    return 0
+
+
 RUN_FLAGS = ("config", "preset", "train_config", "resume", "data", "steps", "time", "save_every", "ep", "pp", "dp")
 
 
@@ -68,6 +87,12 @@ def _train(args: argparse.Namespace, extra: list[str] = (), model_from=None) -> 
 
         print_sample(args.out, train_cfg.sample_prompt, train_cfg.sample_tokens)
     return 0
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    """`frugallm train`: its --init-from and --dsa-stage (launch.train_overrides), then the run."""
+    extra, model_from = launch.train_overrides(args.init_from, args.dsa_stage, resume=args.resume)
+    return _train(args, extra, model_from)
 
 
 def _distill(args: argparse.Namespace) -> int:
@@ -212,9 +237,16 @@ COMMANDS = [
         _a("--no-prepack", dest="prepack", action="store_false", help="with --plan: the plan without prepacked "
            "bf16 weights"),
     ]),
-    (("train",), "train a model (default: the tiny preset on the built-in corpus)", _train, [
-        _a("--preset", help=f"a named model (default {DEFAULT_PRESET}; with --resume, the run's own)", **SOURCE),
+    (("train",), "train a model (default: the tiny preset on the built-in corpus)", _train_command, [
+        _a("--preset", help=f"a named model (default {DEFAULT_PRESET}; with --init-from, that model's; with "
+           "--resume, the run's own)", **SOURCE),
         _a("--config", help="a ModelConfig JSON file (default: --preset)", **SOURCE),
+        _a("--init-from", metavar="DIR", help="start from this run's or Hugging Face directory's weights and "
+           "tokenizer; with a --preset/--config that adds a DSA indexer to its model (e.g. a tiny run and "
+           "--preset tiny-v32) the indexers start fresh (default: random init)"),
+        _a("--dsa-stage", choices=["warmup", "sparse"], help="a model with a DSA indexer (DeepSeek-V3.2): "
+           "warmup = dense attention, only the indexers learn (their KL to the attention); sparse = top-k "
+           "attention, everything learns (default sparse)"),
         *_run_args("runs/tiny"),
     ]),
     (("distill",), "train a student on a teacher's next-token distribution (token-level KD, offline top-k, "
@@ -323,6 +355,23 @@ COMMANDS = [
         _a("--json", action="store_true", help="print the results as JSON"),
         _a("--trace", metavar="FILE.json", help="write a Chrome trace of the timelines (one pid per rank; "
            "default: none)"),
+    ]),
+    (("estimate",), "FLOPs, GPU-hours, days and dollars to train a model (V3's published budget reproduced)",
+     _estimate, [
+        _a("model", nargs="?", metavar="DIR", help="a run or Hugging Face directory (default: --preset)"),
+        _a("--preset", default="v3", help="a named model (default v3); v2, v3 and v32 follow their papers' "
+           "published phases unless --tokens is given", **SOURCE),
+        _a("--config", help="a ModelConfig JSON file", **SOURCE),
+        _a("--tokens", help="training tokens, e.g. 14.8T, 500B, 2M (default: the preset's published run)"),
+        _a("--seq-len", type=positive_int, help="context of the training sequences, which sets the attention "
+           "FLOPs (default 4096 or the model's context if shorter; published runs use their own)"),
+        _a("--gpu", default="h800", help="h800, h100, h200, a100 (dense bf16 peaks), or cpu: this machine, "
+           "its MFU measured by a few real training steps (default h800)"),
+        _a("--gpus", type=positive_int, default=2048, help="devices, for the days on the cluster (default 2048)"),
+        _a("--mfu", type=float, help="model FLOPs utilisation in (0, 1] (default 0.40, what V3's Table 1 "
+           "implies; with --gpu cpu, measured)"),
+        _a("--price", type=float, help="$ per device-hour (default 2, as V3's report; none with --gpu cpu)"),
+        _a("--json", action="store_true", help="print the estimate as JSON"),
     ]),
     (("quantize",), "write a weight-only int8 or fp8 copy of a model for CPU inference", _quantize, [
         RUN_DIR,

@@ -19,6 +19,7 @@ _CHOICES = {
     "group_score": ("top2_sum", "max"),
     "rope_scaling": ("none", "yarn"),
     "residual": ("plain", "hc", "mhc"),
+    "hc_form": ("paper", "release"),
 }
 
 
@@ -79,7 +80,11 @@ class ModelConfig:
     hc_streams: int = 4  # n, the expansion rate: the residual stream is n parallel streams of width dim
     hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations (column then row normalisation each)
     hc_dynamic: bool = True  # input-dependent coefficients (HC's W / mHC's phi) on top of the static biases
-    hc_alpha_init: float = 0.01  # initial scale of the dynamic part (HC's s_alpha, s_beta; mHC's alpha)
+    hc_alpha_init: float = 0.01  # initial scale of the dynamic part (HC's s_alpha, s_beta; paper mHC's alpha)
+    # mhc: "paper" (mHC's own maps, mean collapse) | "release" (DeepSeek-V4's: eps'd maps and Sinkhorn,
+    # a learned final collapse; model/mhc_release.py)
+    hc_form: str = "paper"
+    hc_eps: float = 1e-6  # release mhc: added to H_pre, to the softmax and to every Sinkhorn denominator
     # --- dsa: DeepSeek Sparse Attention (DeepSeek-V3.2 §2.1; docs/design/dsa.md; model/indexer.py)
     index_topk: int = 0  # k keys each query attends to, chosen by the lightning indexer; 0 = no indexer (dense MLA)
     index_n_heads: int = 0  # the indexer's heads H^I (release: 64); used only with index_topk > 0
@@ -144,6 +149,12 @@ class ModelConfig:
                     errors.append(f"{name}={getattr(self, name)} must be >= 1 with residual={self.residual!r}")
             if not self.hc_alpha_init >= 0:
                 errors.append(f"hc_alpha_init={self.hc_alpha_init} must be >= 0")
+        if self.hc_form == "release":
+            if self.residual != "mhc":
+                errors.append(f"hc_form='release' is a form of mHC but residual={self.residual!r}; set "
+                              f"residual='mhc' or hc_form='paper'")
+            if not self.hc_eps >= 0:
+                errors.append(f"hc_eps={self.hc_eps} must be >= 0 with hc_form='release'")
         if errors:
             raise ValueError("invalid ModelConfig: " + "; ".join(errors))
 
@@ -257,6 +268,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_routed_experts=64, n_shared_experts=2, n_activated_experts=6, moe_inter_dim=1408,
         n_expert_groups=1, n_limited_groups=1, score_func="softmax", group_score="max",
         norm_topk_prob=False, route_scale=1.0, gate_bias=False, n_mtp=0,
+    ),
+    # DeepSeek-V2 (236B, 21B active; V2 §3.1.2): group-limited softmax routing (8 groups, 3 per token),
+    # routed outputs scaled by 16. For counting and meta-device construction only.
+    "v2": dict(
+        _V3_DIMS, mscale=0.707, mscale_all_dim=0.707,
+        vocab_size=102400, dim=5120, n_layers=60, n_dense_layers=1, inter_dim=12288, n_heads=128,
+        n_routed_experts=160, n_shared_experts=2, n_activated_experts=6, moe_inter_dim=1536,
+        n_expert_groups=8, n_limited_groups=3, score_func="softmax", group_score="max",
+        norm_topk_prob=False, route_scale=16.0, gate_bias=False, n_mtp=0,
     ),
     # DeepSeek-V3 (671B): for counting and meta-device construction only.
     "v3": dict(

@@ -44,9 +44,9 @@ def test_inconsistent_values_name_the_fields(changes, fields):
 
 
 def test_preset_lookup_is_exact():
-    with pytest.raises(ValueError, match="unknown preset 'V3'; choose one of: tiny, small, v2-lite, v3, v32, tiny-v32"):
+    with pytest.raises(ValueError, match="unknown preset 'V3'; choose one of: tiny, small, v2-lite, v2, v3, v32, tiny-v32"):
         get_preset("V3")
-    assert set(PRESETS) == {"tiny", "small", "v2-lite", "v3", "v32", "tiny-v32"}
+    assert set(PRESETS) == {"tiny", "small", "v2-lite", "v2", "v3", "v32", "tiny-v32"}
 
 
 def test_parameter_counts():
@@ -58,6 +58,8 @@ def test_parameter_counts():
     lite = count_params(get_preset("v2-lite"))
     assert lite["total"] == 15_706_484_224
     assert lite["active"] == 2_661_150_208
+    v2 = count_params(get_preset("v2"))  # V2's "236B total, 21B activated" (V2 §1)
+    assert v2["total"] == 235_741_434_880 and v2["active"] == 21_375_800_320
     small = count_params(get_preset("small"))["total"]
     assert 30e6 <= small <= 60e6
 

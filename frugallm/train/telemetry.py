@@ -11,7 +11,7 @@ import torch
 
 from ..config import ModelConfig
 from ..names import TRAIN_CONFIG
-from ..model.count import count_params
+from ..model.flops import train_flops_per_token  # noqa: F401 (the MFU numerator, re-exported)
 from ..model.transformer import Transformer
 from ..parallel.runtime import Local
 from . import data
@@ -25,16 +25,6 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024) -> float:
     for _ in range(3):
         a @ b
     return 3 * 2 * n**3 / (time.perf_counter() - t)
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6 x matmul parameters a token activates (embedding lookup excluded, head counted per MTP
-    depth) + causal attention scores/values, forward and backward."""
-    c = count_params(cfg)
-    head = cfg.vocab_size * cfg.dim
-    matmul = c["active"] - head + c["mtp_active"] + cfg.n_mtp * head
-    attention = 2 * cfg.n_heads * (seq_len / 2) * (cfg.qk_head_dim + cfg.v_head_dim) * (cfg.n_layers + cfg.n_mtp)
-    return 6 * matmul + 3 * attention
 
 
 def evaluate(model: Transformer, batches: data.Batches, n_batches: int, autocast, world: Local = Local()) -> float:
