@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 _CHOICES = {
-    "score_func": ("sigmoid", "softmax"),
+    "score_func": ("sigmoid", "softmax", "sqrtsoftplus"),
     "group_score": ("top2_sum", "max"),
     "rope_scaling": ("none", "yarn"),
     "residual": ("plain", "hc", "mhc"),
@@ -59,6 +59,10 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the K gathered weights (V3 sigmoid gate)
     route_scale: float = 2.5
     gate_bias: bool = True  # aux-loss-free selection bias, fp32 buffer, never trained by gradient
+    # DeepSeek-V4 (docs/design/moe.md): the first n_hash_layers MoE layers choose their experts by a frozen
+    # token-id -> experts table (tid2eid) instead of by score; no selection bias, no bias update there
+    n_hash_layers: int = 0
+    swiglu_limit: float = 0.0  # V4: > 0 clamps SwiGLU's gate (above) and up (both sides) projections; 0 = off
     balance_loss_alpha: float = 1e-4  # sequence-wise balance loss (V3 eq. 17); 0 disables
     # --- mtp (DeepSeek-V3 §2.2; docs/design/mtp.md)
     n_mtp: int = 1  # D sequential MTP modules; 0 disables
@@ -126,6 +130,11 @@ class ModelConfig:
             elif g > 1 and self.group_score == "top2_sum" and e // g < 2:
                 errors.append(f"group_score='top2_sum' needs >= 2 experts per group "
                               f"(n_routed_experts / n_expert_groups = {e // g})")
+        n_moe = sum(self.is_moe_layer(i) for i in range(self.n_layers))
+        if not 0 <= self.n_hash_layers <= n_moe:
+            errors.append(f"n_hash_layers={self.n_hash_layers} must be in [0, the {n_moe} MoE layers]")
+        if not self.swiglu_limit >= 0:
+            errors.append(f"swiglu_limit={self.swiglu_limit} must be >= 0 (0 = no clamp)")
         if self.rope_scaling == "yarn":
             if self.rope_factor < 1.0:
                 errors.append(f"rope_factor={self.rope_factor} must be >= 1 with rope_scaling='yarn'")
@@ -165,6 +174,10 @@ class ModelConfig:
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return self.n_routed_experts > 0 and layer_id >= self.n_dense_layers
+
+    def is_hash_layer(self, layer_id: int) -> bool:
+        """One of the first n_hash_layers MoE layers of the main stack (V4's hash-routed MoE)."""
+        return self.is_moe_layer(layer_id) and layer_id < min(self.n_layers, self.n_dense_layers + self.n_hash_layers)
 
     # --- JSON round-trip
     def to_dict(self) -> dict[str, Any]:

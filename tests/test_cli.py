@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from frugallm.cli import main
 
@@ -16,6 +17,25 @@ def test_info_counts_v3_without_building(capsys):
     assert main(["info", "--preset", "v3"]) == 0
     out = capsys.readouterr().out
     assert "671,026,419,200" in out and "not built" in out
+
+
+def test_info_reports_kv_cache_bytes_per_token_and_the_indexer_keys(capsys):
+    from frugallm import get_preset
+    from frugallm.infer.memory import bytes_per_token
+    from frugallm.model.kv_cache import KVCache
+
+    assert main(["info", "--preset", "v32"]) == 0  # V3.2: 61 layers of 512 + 64 + 128 values, not built
+    out = capsys.readouterr().out
+    assert "KV cache per token: 704 values a layer (latent 512 + rope key 64 + indexer key 128: 18.2% DSA " in out
+    assert "all 61 layers  171,776 B fp32 (indexer keys 31,232 B), 85,888 B bf16 (indexer keys 15,616 B)" in out
+    assert main(["info", "--preset", "v3"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache per token: 576 values a layer (latent 512 + rope key 64)\n" in out and "indexer" not in out
+    assert main(["info", "--preset", "tiny-v32"]) == 0  # built: what it prints is what a KVCache allocates
+    cfg = get_preset("tiny-v32")
+    fp32 = KVCache(cfg, 1, 2).bytes_per_token()
+    assert f"all 4 layers   {fp32:,} B fp32 (indexer keys {4 * 32 * 4:,} B)" in capsys.readouterr().out
+    assert bytes_per_token(cfg, torch.float32) == fp32 + 8  # the server's budget counts the indexer keys too
 
 
 def test_info_reads_a_config_file(tmp_path, capsys):

@@ -32,24 +32,28 @@ def test_static_shape_experts_equal_the_loop(experts, n_tokens):
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-13)
 
 
-def test_static_cache_view_equals_the_dynamic_cache():
+@pytest.mark.parametrize("dsa", [{}, dict(index_topk=5, index_n_heads=2, index_head_dim=8)])
+def test_static_cache_view_equals_the_dynamic_cache(dsa):
     """KVCache.over (the whole buffers, as CompiledDecode passes them) masks the stale and the
-    never-written slots instead of slicing: same logits, same writes, ragged rows."""
-    model = Transformer(tiny_config()).double().eval()
+    never-written slots instead of slicing: same logits, same writes, ragged rows. With DSA the
+    indexer's keys too, and row 1's new tokens see 3 and 4 keys, fewer than index_topk 5, in a cache of
+    9 (dynamic) or 16 (static) slots: the gathered top-k rows are padded, and the padding masked."""
+    model = Transformer(tiny_config(**dsa)).double().eval()
     cache = KVCache(model.config, 2, max_len=16, dtype=torch.float64)
     with torch.no_grad():
         model(torch.randint(0, 97, (2, 7)), cache=cache)
-        cache.lengths.copy_(torch.tensor([7, 4]))  # row 1 is a shorter prompt: slots 4..6 are stale
+        cache.lengths.copy_(torch.tensor([7, 2]))  # row 1 is a shorter prompt: slots 2..6 are stale
         other = KVCache(model.config, 2, max_len=16, dtype=torch.float64)
-        for mine, theirs in zip(other.c_kv + other.k_pe + [other.lengths], cache.c_kv + cache.k_pe + [cache.lengths]):
+        for mine, theirs in zip([*sum(other.buffers(), []), other.lengths], [*sum(cache.buffers(), []), cache.lengths]):
             mine.copy_(theirs)
         ids = torch.randint(0, 97, (2, 2))
         want = model(ids, cache=cache, absorb=True).logits
-        static = KVCache.over(other.c_kv, other.k_pe, other.lengths)
+        static = KVCache.over(other.c_kv, other.k_pe, other.lengths, index_k=other.index_k)
         got = model(ids, cache=static, absorb=True).logits
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
     assert torch.equal(other.lengths, cache.lengths)
-    assert all(torch.equal(a, b) for a, b in zip(other.c_kv + other.k_pe, cache.c_kv + cache.k_pe))
+    assert len(cache.buffers()) == (3 if dsa else 2)
+    assert all(torch.equal(a, b) for a, b in zip(sum(other.buffers(), []), sum(cache.buffers(), [])))
 
 
 def test_converted_models_are_refused_with_the_fix():
@@ -128,3 +132,24 @@ def test_gemv_linear_equals_linear_traced_and_eager():
         want = linear(x)
         assert torch.allclose(gemv(x), want, rtol=1e-13, atol=1e-13)
         assert torch.allclose(traced(x), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(unavailable_reason(Transformer(tiny_config())) is not None,
+                    reason="torch.compile cannot run here (no C++ compiler or unsupported build)")
+def test_compiled_v32_decode_equals_the_full_forward():
+    """DSA (index_topk 5): the compiled step takes the indexer's keys as graph inputs beside the latents and
+    gathers each query's top-k rows of the whole static buffer (padded where a row sees fewer than k):
+    a ragged batch and speculative decoding (verify and MTP draft graphs) give the full forward's greedy
+    tokens, fp32."""
+    from test_generate import _greedy_full_recompute
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(n_layers=2, index_topk=5, index_n_heads=2, index_head_dim=8,
+                                    init_std=0.2)).eval()
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (9, 2, 6)]
+    want = [_greedy_full_recompute(model, p, 10) for p in prompts]
+    said, stats = [], {}
+    decoder = compile_decode(model, log=said.append)
+    assert generate(model, prompts, 10, speculative=True, decoder=decoder, stats=stats).tolist() == want
+    assert stats["forwards"] < 10
+    print(said)

@@ -96,6 +96,21 @@ def test_greedy_speculative_equals_greedy_random_model(n_mtp, residual):
     assert stats["drafted"] > 0 and stats["forwards"] < 15
 
 
+@pytest.mark.parametrize("n_mtp", [1, 2])
+def test_v32_cached_and_speculative_decode_equal_full_recompute(n_mtp):
+    """DSA (index_topk 5): the cache holds the indexer's keys, and each decode step reads only the top-k latent
+    rows (model/attention.py), for rows of different lengths, prompts shorter and longer than index_topk, and
+    speculative verify steps (MTP modules with indexers of their own): the full forward's greedy tokens."""
+    model = Transformer(tiny_config(index_topk=5, index_n_heads=2, index_head_dim=8, n_mtp=n_mtp,
+                                    init_std=0.2)).double().eval()
+    prompts = [torch.randint(0, 97, (n,)).tolist() for n in (9, 2, 5)]
+    want = [_greedy_full_recompute(model, p, 14) for p in prompts]
+    assert generate(model, prompts, 14).tolist() == want
+    stats = {}
+    assert generate(model, prompts, 14, speculative=True, stats=stats).tolist() == want
+    assert stats["drafted"] > 0
+
+
 @pytest.fixture(scope="module")
 def trained():
     """A model whose MTP module really predicts: t_{i+2} = perm[t_i] (see test_mtp)."""

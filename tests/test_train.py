@@ -33,7 +33,8 @@ def _cli(out, corpus, *extra, steps=12):
 
 
 def _losses(run):
-    return {r["step"]: (r["loss"], r.get("val_loss")) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    return {r["step"]: (r["loss"], r.get("val_loss"), r.get("indexer_loss"))
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
 def _run_until(cmd, run, step, sig):
@@ -48,19 +49,29 @@ def _run_until(cmd, run, step, sig):
     return proc.returncode, out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_resume_is_bit_identical(tmp_path, corpus, sig):
+# DeepSeek-V3.2's two DSA stages (model/indexer_loss.py): a query latent and an indexer whose top-8 of 32 keys
+# is a real selection; warm-up: dense attention, only the indexers trained; sparse: top-k, all trained
+DSA = ["--set=q_lora_rank=16", "--set=index_topk=8", "--set=index_n_heads=2", "--set=index_head_dim=16"]
+
+
+@pytest.mark.parametrize("sig, stage", [(signal.SIGKILL, None), (signal.SIGINT, None), (signal.SIGKILL, "warmup"),
+                                        (signal.SIGKILL, "sparse")])
+def test_resume_is_bit_identical(tmp_path, corpus, sig, stage):
+    extra = ["--save-every", "3", *(DSA + [f"--dsa-stage={stage}"] if stage else [])]
+    steps = 12 if stage else 24  # (CI time)
     full = tmp_path / "full"
-    subprocess.run(_cli(full, corpus, "--save-every", "3", steps=24), check=True, capture_output=True)
+    subprocess.run(_cli(full, corpus, *extra, steps=steps), check=True, capture_output=True)
     cut = tmp_path / "cut"
-    rc, out = _run_until(_cli(cut, corpus, "--save-every", "3", steps=24), cut, 6, sig)
+    rc, out = _run_until(_cli(cut, corpus, *extra, steps=steps), cut, 6, sig)
     if sig == signal.SIGINT:
         assert rc == 130 and "interrupted: saved" in out, out
     else:
         assert rc == -signal.SIGKILL
     assert checkpoint.latest(cut) is not None
-    subprocess.run(_cli(cut, corpus, "--resume", "--save-every", "3", steps=24), check=True, capture_output=True)
-    assert _losses(cut) == _losses(full)  # every logged step, bit for bit (fp32)
+    subprocess.run(_cli(cut, corpus, "--resume", *extra, steps=steps), check=True, capture_output=True)
+    assert _losses(cut) == _losses(full)  # every logged step, bit for bit (fp32), the indexer's KL included
+    if stage:
+        assert all(r[2] > 0 for r in _losses(full).values())
 
 
 def test_corrupt_and_partial_checkpoints_fall_back(tmp_path, corpus):

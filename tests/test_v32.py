@@ -14,7 +14,8 @@ from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf_v32
 
 import frugallm
 from frugallm import Transformer
-from frugallm.model.indexer import select
+from frugallm.model import attention
+from frugallm.model.indexer import select, top_rows
 from frugallm.model.kv_cache import KVCache
 
 from conftest import tiny_config
@@ -194,6 +195,57 @@ def test_ties_go_to_the_earliest_keys_whatever_the_row_length():
     assert select(scores[..., :5], 3).tolist() == [[[True, True, False, True, False]]]
     few = torch.tensor([[True, True, False, False, False, False, False]])  # fewer visible than k: all of them
     assert select(scores, 3, few).tolist() == [[[True, True, False, False, False, False, False]]]
+
+
+def test_top_rows_lists_the_kept_keys_in_order_and_pads():
+    keep = torch.tensor([[[True, False, True, True, False], [False, True, False, False, False]]])
+    idx, valid = top_rows(keep, 3)
+    assert idx.tolist() == [[[0, 2, 3], [1, 0, 0]]]
+    assert valid.tolist() == [[[True, True, True], [True, False, False]]]
+
+
+def _ragged_decode(model, ids, lengths, steps):
+    """Logits (B, steps, V) of absorbed decode steps after a right-padded prefill whose rows keep only
+    their first lengths[b] tokens: row b then feeds ids[b, lengths[b] + i] at its own position."""
+    B = ids.shape[0]
+    cache = KVCache(model.config, B, 64)
+    lengths = torch.tensor(lengths)
+    out = []
+    with torch.no_grad():
+        model(ids[:, :int(lengths.max())], cache=cache)
+        cache.lengths.copy_(lengths)
+        for i in range(steps):
+            out.append(model(ids.gather(1, (lengths + i)[:, None]), cache=cache, absorb=True).logits)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("heads", [1, 8])  # 1 indexer head: ties at the top-k boundary
+def test_gathered_sparse_attention_equals_the_masked_twin(monkeypatch, heads):
+    """The absorbed path reading only each query's k kept latent rows (MLA._over_rows) against the same path
+    over all rows under the top-k mask (GATHER_RATIO 0: never gather): full-forward logits, and cached
+    decode of rows of different lengths, from prompts shorter (3, 5) and longer (20) than index_topk 6."""
+    model = Transformer(tiny_config(index_topk=6, index_n_heads=heads, index_head_dim=8, init_std=0.2)).eval()
+    ids = torch.randint(0, 97, (3, 40))
+    gathered = []
+    over_rows = attention.MLA._over_rows
+    monkeypatch.setattr(attention.MLA, "_over_rows", lambda *a: gathered.append(1) or over_rows(*a))
+
+    def run(ratio):
+        monkeypatch.setattr(attention, "GATHER_RATIO", ratio)
+        with torch.no_grad():
+            full = model(ids, absorb=True).logits
+        return full, _ragged_decode(model, ids, [3, 20, 5], 16)
+
+    masked = run(0)
+    assert not gathered
+    sparse = run(10 ** 9)  # every absorbed call past index_topk gathers
+    assert len(gathered) == 3 * 17
+    assert _rel(sparse[0], masked[0]) <= 1e-5 and _rel(sparse[1], masked[1]) <= 1e-5
+    gathered.clear()
+    monkeypatch.setattr(attention, "GATHER_RATIO", 4)  # the default: every decode step gathers, S = 40 does not
+    with torch.no_grad():
+        assert _rel(model(ids, absorb=True).logits, masked[0]) <= 1e-5 and not gathered
+    assert _rel(_ragged_decode(model, ids, [3, 20, 5], 16), masked[1]) <= 1e-5 and len(gathered) == 3 * 16
 
 
 def test_transformers_topk_ties_depend_on_the_sequence_length(tmp_path):

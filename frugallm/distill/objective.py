@@ -89,7 +89,7 @@ class Distillation:
                              temperature=cfg.kd_temperature, kd_weight=weight, tau_squared=cfg.kd_tau_squared,
                              denominator=denominator, ce_sum=out.lm_loss * targets)  # the forward's own CE
         share = int(parts["tokens"]) / max(denominator, 1)
-        extra = sum(t for t in (out.mtp_loss, out.balance_loss) if t is not None)
+        extra = sum(t for t in (out.mtp_loss, out.balance_loss, out.indexer_loss) if t is not None)
         loss = parts["loss"] + extra * share
         return loss, {"loss": loss.item(), "ce": parts["ce"].item(), "kd": parts["kd"].item(),
                       "agreement": parts["agreement"].item() * share}

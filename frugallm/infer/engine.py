@@ -16,7 +16,8 @@ A request's output does not depend on what else runs with it: its cache row hold
 attention sees only its own positions (the cache's per-row mask), sampling uses its own generator (`seed`)
 and its own penalties; only the matmuls' blocking changes with the batch size, at the level of rounding.
 
-The cache (model/kv_cache.py) is one (rows, T) block per layer: decoding jobs in rows [0, n_dec), prefilling
+The cache (model/kv_cache.py) is one (rows, T) block per layer and buffer (latents, rope keys and, with DSA,
+the indexer's keys: moving or copying a row moves all of them): decoding jobs in rows [0, n_dec), prefilling
 jobs in the rows after them, so that each forward runs on a slice (a view, no copy); moving a job is a row
 swap. T is the longest reservation (prompt + max_tokens) among the jobs admitted. A job waits until
 (running jobs + 1) * T fits `max_cache_tokens`, the budget of all jobs together; the block grows (and shrinks
@@ -263,7 +264,7 @@ class Engine:
         used = self._n_dec + self._n_pre
         if self.cache is not None and used:
             t = min(T, self.cache.max_len)
-            for new, old in ((cache.c_kv, self.cache.c_kv), (cache.k_pe, self.cache.k_pe)):
+            for new, old in zip(cache.buffers(), self.cache.buffers()):  # latents, rope keys, indexer keys
                 for a, b in zip(new, old):
                     a[:used, :t] = b[:used, :t]
             cache.lengths[:used] = self.cache.lengths[:used]
@@ -274,7 +275,7 @@ class Engine:
         if i == j:
             return
         c = self.cache
-        for buffers in (c.c_kv, c.k_pe):
+        for buffers in c.buffers():
             for b in buffers:
                 b[[i, j]] = b[[j, i]]
         c.lengths[[i, j]] = c.lengths[[j, i]]
@@ -284,8 +285,7 @@ class Engine:
                 self._rows[r].row = r
 
     def _view(self, a: int, b: int) -> KVCache:
-        c = self.cache
-        return KVCache.over([x[a:b] for x in c.c_kv], [x[a:b] for x in c.k_pe], c.lengths[a:b], static=False)
+        return self.cache.rows(a, b)
 
     # --- model steps
     @torch.inference_mode()

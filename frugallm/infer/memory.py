@@ -11,12 +11,15 @@ import os
 
 import torch
 
+from ..model.kv_cache import token_widths
+
 SLACK = 512 << 20  # memory budget headroom: requests in flight, event queues, allocator slack
 
 
 def bytes_per_token(cfg, dtype: torch.dtype) -> int:
-    """Generation state per reserved token: the latent cache of every layer (+ the int64 token id)."""
-    return cfg.n_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize + 8
+    """Generation state per reserved token: the cache of every layer, latents, rope key and, with DSA, the
+    indexer's key (model/kv_cache.py token_widths), + the int64 token id."""
+    return cfg.n_layers * sum(token_widths(cfg).values()) * dtype.itemsize + 8
 
 
 def rss(field: str = "VmRSS") -> int | None:

@@ -103,7 +103,7 @@ class StaticExperts(RoutedExperts):
         return over_same_weights(cls, experts)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return static_experts(x, weights, idx, self.w1, self.w2, self.w3)
+        return static_experts(x, weights, idx, self.w1, self.w2, self.w3, self.limit)
 
 
 class CompiledDecode:
@@ -140,21 +140,21 @@ class CompiledDecode:
         self._step = torch.compile(_own_code(self._forward), dynamic=False, options=no_module_guards)
         self._mtp = torch.compile(_own_code(self._mtp_forward), dynamic=False, options=no_module_guards)
 
-    def _forward(self, tokens, c_kv, k_pe, lengths):
-        out = self.model(tokens, cache=KVCache.over(c_kv, k_pe, lengths), absorb=True)
+    def _forward(self, tokens, c_kv, k_pe, index_k, lengths):
+        out = self.model(tokens, cache=KVCache.over(c_kv, k_pe, lengths, index_k=index_k), absorb=True)
         return out.logits, out.hidden
 
-    def _mtp_forward(self, depth: int, h_prev, next_ids, c_kv, k_pe, lengths, logits_at):
-        return self.model.mtp_step(depth, h_prev, next_ids, KVCache.over(c_kv, k_pe, lengths), absorb=True,
-                                   logits_at=logits_at)
+    def _mtp_forward(self, depth: int, h_prev, next_ids, c_kv, k_pe, index_k, lengths, logits_at):
+        cache = KVCache.over(c_kv, k_pe, lengths, index_k=index_k)
+        return self.model.mtp_step(depth, h_prev, next_ids, cache, absorb=True, logits_at=logits_at)
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> ModelOutput:
         """tokens (B, S) at positions lengths[b]..+S-1 of `cache` (a dynamic KVCache); its lengths
         advance by S, as with the eager model."""
-        c_kv, k_pe = self._window(cache, tokens.shape[1])
+        buffers = self._window(cache, tokens.shape[1])
         self._say("decode step", *tokens.shape)
         with self._settings(tokens.shape[0]):
-            logits, hidden = self._step(tokens, c_kv, k_pe, cache.lengths)
+            logits, hidden = self._step(tokens, *buffers, cache.lengths)
         return ModelOutput(logits=logits, hidden=hidden)
 
     def mtp_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache: KVCache,
@@ -164,10 +164,10 @@ class CompiledDecode:
         prefill, naive attention) run eager."""
         if absorb is not True:
             return self.model.mtp_step(depth, h_prev, next_ids, cache, absorb, logits_at)
-        c_kv, k_pe = self._window(cache, next_ids.shape[1])
+        buffers = self._window(cache, next_ids.shape[1])
         self._say(f"MTP draft step {depth}", *next_ids.shape)
         with self._settings(next_ids.shape[0]):
-            return self._mtp(depth, h_prev, next_ids, c_kv, k_pe, cache.lengths, logits_at)
+            return self._mtp(depth, h_prev, next_ids, *buffers, cache.lengths, logits_at)
 
     def _say(self, step: str, batch_size: int, n_tokens: int) -> None:
         """Tell the log before a shape's first call: that call compiles (tens of seconds), the others do not.
@@ -191,17 +191,20 @@ class CompiledDecode:
         finally:
             decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = limit
 
-    def _window(self, cache: KVCache, S: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cache's whole buffers, their length marked dynamic: one graph serves every cache size.
+    def _window(self, cache: KVCache, S: int) -> tuple[list, list, list | None]:
+        """The cache's whole buffers (c_kv, k_pe, and index_k with DSA, else None), their length marked
+        dynamic: one graph serves every cache size (with DSA, one more once the buffer holds more slots
+        than index_topk, where the indexer starts to narrow and the attention to gather the top-k rows).
         Not the first max(lengths) + S slots: a view's strides would depend on the buffer length,
         and the first graph would be specialised to it."""
         T = int(cache.lengths.max()) + S
         if T > cache.max_len or T > self.model.config.max_seq_len:
             raise ValueError(f"writing {S} tokens after position {T - S} needs {T} slots; the cache holds "
                              f"{cache.max_len} and the context is {self.model.config.max_seq_len}")
-        for buffer in cache.c_kv + cache.k_pe:
-            torch._dynamo.maybe_mark_dynamic(buffer, 1)
-        return cache.c_kv, cache.k_pe
+        for buffers in cache.buffers():
+            for buffer in buffers:
+                torch._dynamo.maybe_mark_dynamic(buffer, 1)
+        return cache.c_kv, cache.k_pe, cache.index_k
 
     @torch.inference_mode()
     def warmup(self, batch_size: int = 1, n_tokens: int = 1) -> None:

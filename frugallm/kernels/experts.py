@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import RoutedExperts, swiglu
+from ..model.moe import RoutedExperts, gated, swiglu
 from ..model.norm import upcast
 from .swap import swap_matmuls
 
@@ -35,6 +35,7 @@ def over_same_weights(cls: type, experts: RoutedExperts) -> RoutedExperts:
     new = cls.__new__(cls)
     nn.Module.__init__(new)
     new.w1, new.w2, new.w3 = experts.w1, experts.w2, experts.w3
+    new.limit = getattr(experts, "limit", 0.0)  # V4's clamped SwiGLU (model/moe.py gated)
     new.train(experts.training)
     return new
 
@@ -52,7 +53,7 @@ class GroupedExperts(RoutedExperts):
         return over_same_weights(cls, experts)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return grouped_experts(x, weights, idx, self.w1, self.w2, self.w3)
+        return grouped_experts(x, weights, idx, self.w1, self.w2, self.w3, self.limit)
 
     def as_plain(self) -> RoutedExperts:
         """The reference module over the same Parameter objects (what swap_matmuls offers)."""
@@ -147,7 +148,7 @@ def _grouped_mm_save(ctx, inputs, output):
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_save)
 
 
-def grouped_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
+def grouped_experts(x, weights, idx, w1, w2, w3, limit: float = 0.0) -> torch.Tensor:
     """Sort the N*K (token, expert) pairs by expert, so each expert's rows are contiguous, then one
     grouped GEMM per weight (torch._grouped_mm) instead of E small ones.
 
@@ -162,13 +163,13 @@ def grouped_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or N * K < E:
         # float64 (no grouped_mm kernel), or fewer pairs than experts (decode: most groups are
         # empty, and CPU grouped_mm still runs a GEMM per group): one GEMM per non-empty group
-        return per_expert(x, weights, idx, E, lambda e, rows: swiglu(rows, w1[e], w2[e], w3[e]))
+        return per_expert(x, weights, idx, E, lambda e, rows: swiglu(rows, w1[e], w2[e], w3[e], limit))
     xs, w, order, counts = sort_by_expert(x, weights, idx, E)  # (N*K, d), rows of one expert contiguous
-    out = sorted_experts(xs, w.to(x.dtype), counts, w1, w2, w3)
+    out = sorted_experts(xs, w.to(x.dtype), counts, w1, w2, w3, limit)
     return unsort(out, order, N, K)
 
 
-def sorted_experts(xs, w, counts, w1, w2, w3) -> torch.Tensor:
+def sorted_experts(xs, w, counts, w1, w2, w3, limit: float = 0.0) -> torch.Tensor:
     """The grouped GEMMs on rows already sorted by expert: xs (M, d), the first counts[0] rows for
     expert 0, then counts[1] for expert 1, ...; w (M, 1) each row's routing weight, applied to the
     hidden before w2. -> (M, d). Shared with expert parallelism (parallel/expert.py), whose rows
@@ -176,9 +177,9 @@ def sorted_experts(xs, w, counts, w1, w2, w3) -> torch.Tensor:
     batches with no rows run one GEMM per expert, with the same order of operations."""
     if xs.dtype in (torch.float32, torch.bfloat16, torch.float16) and xs.shape[0] > 0:
         offs = counts.cumsum(0, dtype=torch.int32)  # end row of each expert's group
-        h = F.silu(grouped_mm(xs, w1.transpose(1, 2), offs)) * grouped_mm(xs, w3.transpose(1, 2), offs)
+        h = gated(grouped_mm(xs, w1.transpose(1, 2), offs), grouped_mm(xs, w3.transpose(1, 2), offs), limit)
         return grouped_mm(h * w, w2.transpose(1, 2), offs)
-    out = [F.linear(F.silu(F.linear(rows, w1[e])) * F.linear(rows, w3[e]) * we, w2[e])
+    out = [F.linear(gated(F.linear(rows, w1[e]), F.linear(rows, w3[e]), limit) * we, w2[e])
            for e, (rows, we) in enumerate(zip(xs.split(counts.tolist()), w.split(counts.tolist())))]
     return torch.cat(out) if out else xs.new_zeros(0, w2.shape[1])
 
@@ -196,17 +197,17 @@ def per_expert(x, weights, idx, n_experts: int, expert) -> torch.Tensor:
     return unsort(out, order, N, K)
 
 
-def gathered_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
+def gathered_experts(x, weights, idx, w1, w2, w3, limit: float = 0.0) -> torch.Tensor:
     """Static shapes, for compiled decode with fewer (token, expert) pairs than experts: each pair
     reads its own expert's rows, w[idx] (N, K, ., .), inside one reduction, so a compiler fuses
     the gather into the GEMV and nothing is copied or sorted. Accumulates in fp32."""
     xf = upcast(x)[:, None, None, :]  # (N, 1, 1, d)
-    h = F.silu((xf * upcast(w1[idx])).sum(-1)) * (xf * upcast(w3[idx])).sum(-1)  # (N, K, I)
+    h = gated((xf * upcast(w1[idx])).sum(-1), (xf * upcast(w3[idx])).sum(-1), limit)  # (N, K, I)
     h = h * weights[..., None]
     return (h[:, :, None, :] * upcast(w2[idx])).sum(dim=(1, 3)).to(x.dtype)  # sum over I and K
 
 
-def dense_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
+def dense_experts(x, weights, idx, w1, w2, w3, limit: float = 0.0) -> torch.Tensor:
     """Static shapes, for compiled decode of a batch: every expert on every token, weighted by the
     (N, E) routing weights (zero where not chosen). E/K times the routed FLOPs, but each expert's
     weights are read once, in three GEMMs over the stacked matrices: at decode batch sizes the
@@ -216,14 +217,14 @@ def dense_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
     dense = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter(1, idx, weights)  # (N, E)
     a = F.linear(x, w1.reshape(E * I, d)).view(N, E, I)
     b = F.linear(x, w3.reshape(E * I, d)).view(N, E, I)
-    h = (F.silu(upcast(a)) * b * dense[..., None]).to(x.dtype)
+    h = (gated(upcast(a), b, limit) * dense[..., None]).to(x.dtype)
     return F.linear(h.view(N, E * I), w2.permute(1, 0, 2).reshape(d, E * I))  # sum_e w2_e h_e
 
 
-def static_experts(x, weights, idx, w1, w2, w3) -> torch.Tensor:
+def static_experts(x, weights, idx, w1, w2, w3, limit: float = 0.0) -> torch.Tensor:
     """The experts of compiled decode steps (kernels/compiled.py StaticExperts): under torch.compile,
     no data-dependent shapes (no sort, no per-expert split): gathered with fewer pairs than experts
     (batch-1 decode), dense otherwise. Eager calls (prefill) keep the grouped path."""
     if not torch.compiler.is_compiling():
-        return grouped_experts(x, weights, idx, w1, w2, w3)
-    return (gathered_experts if idx.numel() < w1.shape[0] else dense_experts)(x, weights, idx, w1, w2, w3)
+        return grouped_experts(x, weights, idx, w1, w2, w3, limit)
+    return (gathered_experts if idx.numel() < w1.shape[0] else dense_experts)(x, weights, idx, w1, w2, w3, limit)

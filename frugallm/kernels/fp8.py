@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import RoutedExperts
+from ..model.moe import RoutedExperts, gated
 from .experts import over_same_weights, sort_by_expert, unsort
 from .swap import swap_matmuls
 
@@ -248,7 +248,7 @@ class Fp8Linear(nn.Linear):
 
 
 def fp8_experts(x, weights, idx, w1, w2, w3, scale_fmt: str | None = None,
-                gemm_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                gemm_dtype: torch.dtype = torch.float32, limit: float = 0.0) -> torch.Tensor:
     """Routed experts in FP8, with the signature of model/moe.py's loop_experts (kernels/experts.py grouped_experts):
     x (N, d), weights / idx (N, K), stacked w1, w3 (E, I, d) and w2 (E, d, I). Tokens are sorted
     by expert as in the grouped path, then each expert runs three Fp8 GEMMs on its contiguous rows,
@@ -259,8 +259,8 @@ def fp8_experts(x, weights, idx, w1, w2, w3, scale_fmt: str | None = None,
     outs = []
     for e, (chunk, w_e) in enumerate(zip(xs.split(sizes), w.split(sizes))):
         if chunk.shape[0]:
-            h = F.silu(fp8_linear(chunk, w1[e], None, scale_fmt, gemm_dtype)) * fp8_linear(chunk, w3[e], None,
-                                                                                         scale_fmt, gemm_dtype)
+            h = gated(fp8_linear(chunk, w1[e], None, scale_fmt, gemm_dtype),
+                      fp8_linear(chunk, w3[e], None, scale_fmt, gemm_dtype), limit)
             # the routing weight scales the (n, I) hidden, not the (n, d) output: the same sum, and
             # autograd keeps the narrower tensor for the weight's gradient (as grouped_experts)
             outs.append(fp8_linear(h * w_e.to(h.dtype), w2[e], None, scale_fmt, gemm_dtype))
@@ -304,7 +304,7 @@ class Fp8Experts(RoutedExperts):
         return new
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return fp8_experts(x, weights, idx, self.w1, self.w2, self.w3, self.scale_fmt, self.gemm_dtype)
+        return fp8_experts(x, weights, idx, self.w1, self.w2, self.w3, self.scale_fmt, self.gemm_dtype, self.limit)
 
 
 def convert_to_fp8(model: nn.Module, skip=DEFAULT_SKIP, experts: bool = True,

@@ -30,10 +30,9 @@ bf16 on CPU, or where oneDNN is missing, it changes nothing (`unavailable_reason
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import MLP, RoutedExperts
+from ..model.moe import MLP, RoutedExperts, gated
 from .experts import per_expert
 from .swap import swap_matmuls
 
@@ -69,10 +68,10 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def _swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def _swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, limit: float = 0.0) -> torch.Tensor:
     h = linear(x, w13)  # (..., 2I) = [w1 x | w3 x]
     a, b = h.chunk(2, dim=-1)
-    return linear(F.silu(a) * b, w2)
+    return linear(gated(a, b, limit), w2)
 
 
 class PackedLinear(nn.Module):
@@ -109,9 +108,10 @@ class PackedMLP(nn.Module):
         super().__init__()
         self.inter_dim = mlp.w1.out_features
         self.w13, self.w2 = pack(torch.cat([mlp.w1.weight, mlp.w3.weight])), pack(mlp.w2.weight)
+        self.limit = mlp.limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _swiglu(x, self.w13, self.w2)
+        return _swiglu(x, self.w13, self.w2, self.limit)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         w1, w3 = self.w13.to_dense().split(self.inter_dim)
@@ -128,14 +128,16 @@ class PackedExperts(nn.Module):
         self.inter_dim = experts.w1.shape[1]
         self.w13s = [pack(torch.cat([a, b])) for a, b in zip(experts.w1, experts.w3)]
         self.w2s = [pack(w) for w in experts.w2]
+        self.limit = getattr(experts, "limit", 0.0)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """RoutedExperts' signature: one fused SwiGLU per expert that got tokens (kernels/experts.py per_expert)."""
         N, K = idx.shape
         if N == 1:  # decode at batch 1: the K experts in pair order, no sort / gather / scatter
-            out = torch.cat([_swiglu(x, self.w13s[e], self.w2s[e]) for e in idx[0].tolist()])  # (K, d)
+            out = torch.cat([_swiglu(x, self.w13s[e], self.w2s[e], self.limit) for e in idx[0].tolist()])  # (K, d)
             return (out * weights.view(K, 1).to(x.dtype)).view(1, K, -1).sum(dim=1)
-        return per_expert(x, weights, idx, len(self.w2s), lambda e, rows: _swiglu(rows, self.w13s[e], self.w2s[e]))
+        return per_expert(x, weights, idx, len(self.w2s),
+                          lambda e, rows: _swiglu(rows, self.w13s[e], self.w2s[e], self.limit))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         w13 = torch.stack([p.to_dense() for p in self.w13s])

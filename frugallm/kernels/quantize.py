@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import RoutedExperts, loop_experts
+from ..model.moe import RoutedExperts, gated, loop_experts
 from .experts import per_expert
 from .fp8 import BLOCK, DEFAULT_SKIP, E4M3, _skipped, weight_dequant, weight_quant
 from .swap import swap_matmuls
@@ -242,6 +242,7 @@ class QuantExperts(nn.Module):
     def __init__(self, shapes: dict[str, torch.Size], fmt: str, device=None, compute_dtype=torch.float32):
         super().__init__()
         self.fmt, self.compute_dtype = fmt, compute_dtype
+        self.limit = 0.0  # V4's clamped SwiGLU (model/moe.py gated); from_experts copies the model's
         for name in self.WEIGHTS:
             q, s = _empty_like_quantized(shapes[name], fmt, device)
             self.register_buffer(name, q)
@@ -251,6 +252,7 @@ class QuantExperts(nn.Module):
     def from_experts(cls, experts: nn.Module, fmt: str) -> "QuantExperts":
         ws = {n: getattr(experts, n) for n in cls.WEIGHTS}
         new = cls({n: w.shape for n, w in ws.items()}, fmt, "meta", experts.w1.dtype)
+        new.limit = getattr(experts, "limit", 0.0)
         if not experts.w1.is_meta:  # else the meta placeholders stay, for load_state_dict(assign=True)
             for n, w in ws.items():
                 q, s = quantize(w, fmt)
@@ -265,12 +267,12 @@ class QuantExperts(nn.Module):
         w1, w2, w3 = self.w1, self.w2, self.w3
         s1, s2, s3 = (_scale_as(self, n + SUFFIX, x.dtype if self.fmt == "int8" else torch.float32) for n in self.WEIGHTS)
         return per_expert(x, weights, idx, w1.shape[0], lambda e, rows: linear(
-            F.silu(linear(rows, w1[e], s1[e])) * linear(rows, w3[e], s3[e]), w2[e], s2[e]))
+            gated(linear(rows, w1[e], s1[e]), linear(rows, w3[e], s3[e]), self.limit), w2[e], s2[e]))
 
     def reference(self, x, weights, idx) -> torch.Tensor:
         """The twin: dequantize all experts into x's dtype, then model/moe.py's loop_experts."""
         w1, w2, w3 = (dequantize(getattr(self, n), getattr(self, n + SUFFIX), x.dtype) for n in self.WEIGHTS)
-        return loop_experts(x, weights, idx, w1, w2, w3)
+        return loop_experts(x, weights, idx, w1, w2, w3, self.limit)
 
     def _apply(self, fn, recurse=True):
         return _apply_keeping(self, fn, recurse, self.WEIGHTS + tuple(n + SUFFIX for n in self.WEIGHTS))

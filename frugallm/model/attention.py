@@ -23,9 +23,12 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .indexer import Indexer
+from .indexer import Indexer, top_rows
 from .norm import RMSNorm, upcast
 from .rope import apply_rope, softmax_scale
+
+# With DSA the absorbed path gathers each query's top-k latent rows while S * k <= GATHER_RATIO * T (MLA._rows).
+GATHER_RATIO = 4
 
 
 class MLA(nn.Module):
@@ -77,15 +80,20 @@ class MLA(nn.Module):
             c_kv, k_pe = cache.update(positions, c_kv, k_pe)  # (B, T, dc), (B, T, dr)
         elif S > 1:
             mask = causal_mask(S, S, 0, x.device)  # (S, S)
-        if self.indexer is not None:  # each query keeps its top index_topk visible keys: (B, S, T)
+        learn = self.indexer is not None and self.indexer.learning(self.training, cache)  # DSA training
+        if learn and absorb:
+            raise ValueError("training the DSA indexer reads the naive path's attention; call with absorb=False")
+        if learn:  # warm-up: mask as it is; sparse: the top-k, and I kept for the KL (indexer_loss.py)
+            mask = self.indexer.train_mask(x, q_lat, cos, sin, mask)
+        elif self.indexer is not None:  # each query keeps its top index_topk visible keys: (B, S, T)
             mask = self.indexer(x, q_lat, cos, sin, positions, cache, mask)
         if absorb:
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask, self._rows(mask, S, c_kv.shape[1]))
         else:
-            out = self._naive(q_nope, q_pe, c_kv, k_pe, mask)
+            out = self._naive(q_nope, q_pe, c_kv, k_pe, mask, learn)
         return self.wo(out.flatten(2))
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None, learn: bool = False) -> torch.Tensor:
         B, S, H, _ = q_nope.shape
         T = c_kv.shape[1]
         kv = self.wkv_b(c_kv).view(B, T, H, self.dn + self.dv)
@@ -98,18 +106,50 @@ class MLA(nn.Module):
         scores = upcast(q @ k.transpose(-1, -2)) * self.softmax_scale  # (B, H, S, T)
         if mask is not None:  # (S, T) or (B, S, T) -> broadcast over heads
             scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
-        o = scores.softmax(dim=-1).type_as(v) @ v.transpose(1, 2)  # (B, H, S, dv)
+        p = scores.softmax(dim=-1)
+        if learn:  # the probabilities (B, H, S, T), detached, are the indexer's target (training only)
+            self.indexer.learn(p.detach(), mask)
+        o = p.type_as(v) @ v.transpose(1, 2)  # (B, H, S, dv)
         return o.transpose(1, 2)  # (B, S, H, dv)
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
-        # Every head attends to the same single latent "key/value head" (MQA), so heads fold into
-        # the rows of one (B, H*S, .) x (B, ., T) matmul: the cache is read once and never expanded
-        # over heads. The absorbed weights are per-head batches of one bmm, on strided views of
-        # wkv_b (no copies): (H, B*S, dn) x (H, dn, dc) and (H, B*S, dc) x (H, dc, dv).
+    def _rows(self, mask: torch.Tensor | None, S: int, T: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The indexer's top-k keys as row indices (B, S, k) and their validity (indexer.py top_rows), for the
+        absorbed path to gather (the paper's sparse attention), or None to attend over all T rows under the mask.
+
+        Gathering copies S * k rows (B, S, k, dc + dr) where the masked path reads T rows once (and scores
+        H * S * T pairs), so it is chosen while S * k <= GATHER_RATIO * T: every decode step (S = 1 < T / k
+        once the indexer narrows), verify steps and short chunks; a long absorbed chunk stays masked (at
+        S = T = 4096, k = 2048, dc = 512, fp32 the copy alone would be 17 GB). Measured on one layer of
+        H = 8, dc = 256, dr = 32, k = 256, fp32, 2 threads (AMD EPYC zen4 KVM guest), ms masked -> gathered:
+        T = 1024: S = 1 0.25 -> 0.22, S = 16 1.16 -> 1.06, S = 64 4.20 -> 5.03 (the one loss: S * k = 16 T);
+        T = 4096: S = 1 0.61 -> 0.24, S = 16 4.5 -> 1.3, S = 64 18.4 -> 11.6;
+        T = 16384: S = 1 5.7 -> 0.29, S = 16 140 -> 10.5."""
+        if self.indexer is None or T <= self.indexer.topk or S * self.indexer.topk > GATHER_RATIO * T:
+            return None  # no indexer, nothing narrowed (the mask is MLA's own), or a long chunk
+        return top_rows(mask, self.indexer.topk)
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None,
+                  rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        # The absorbed weights are per-head batches of one bmm, on strided views of wkv_b (no copies):
+        # (H, B*S, dn) x (H, dn, dc) and (H, B*S, dc) x (H, dc, dv). Between them, attention over the
+        # latent rows: all T under the mask, or with DSA the k rows each query's indexer kept (rows).
         B, S, H, _ = q_nope.shape
-        T, dc = c_kv.shape[1], self.dc
-        wkv_b = self.wkv_b.weight.view(H, self.dn + self.dv, dc)
+        wkv_b = self.wkv_b.weight.view(H, self.dn + self.dv, self.dc)
         q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * S, self.dn), wkv_b[:, : self.dn])  # W^UK
+        if rows is None:
+            x = self._over_all(q_lat, q_pe, c_kv, k_pe, mask)
+        else:
+            x = self._over_rows(q_lat, q_pe, c_kv, k_pe, *rows)
+        out = torch.bmm(x, wkv_b[:, self.dn:].transpose(1, 2))  # W^UV absorbed: (H, B*S, dv)
+        return out.view(H, B, S, self.dv).permute(1, 2, 0, 3)  # (B, S, H, dv)
+
+    def _over_all(self, q_lat, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
+        """q_lat (H, B*S, dc), q_pe (B, S, H, dr) over all T latent rows -> (H, B*S, dc).
+        Every head attends to the same single latent "key/value head" (MQA), so heads fold into
+        the rows of one (B, H*S, .) x (B, ., T) matmul: the cache is read once and never expanded
+        over heads."""
+        B, S, H, _ = q_pe.shape
+        T, dc = c_kv.shape[1], self.dc
         q_lat = q_lat.view(H, B, S, dc).transpose(0, 1).reshape(B, H * S, dc)
         q_r = q_pe.transpose(1, 2).reshape(B, H * S, self.dr)
         scores = q_lat @ c_kv.transpose(1, 2) + q_r @ k_pe.transpose(1, 2)  # (B, H*S, T)
@@ -117,9 +157,23 @@ class MLA(nn.Module):
         if mask is not None:
             scores = scores.masked_fill(~mask.unsqueeze(-3), float("-inf"))
         p = scores.softmax(dim=-1).type_as(c_kv).view(B, H * S, T)  # softmax in float32
-        x = (p @ c_kv).view(B, H, S, dc).permute(1, 0, 2, 3).reshape(H, B * S, dc)  # attention over the latent
-        out = torch.bmm(x, wkv_b[:, self.dn:].transpose(1, 2))  # W^UV absorbed: (H, B*S, dv)
-        return out.view(H, B, S, self.dv).permute(1, 2, 0, 3)  # (B, S, H, dv)
+        return (p @ c_kv).view(B, H, S, dc).permute(1, 0, 2, 3).reshape(H, B * S, dc)  # attention over the latent
+
+    def _over_rows(self, q_lat, q_pe, c_kv, k_pe, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """DSA's sparse attention (DeepSeek-V3.2 §2.1): q_lat (H, B*S, dc), q_pe (B, S, H, dr) over only
+        the k latent rows idx (B, S, k) of each query, valid (B, S, k) False at padding -> (H, B*S, dc).
+        The step reads S * k rows (B, S, k, dc + dr) of the cache, not T: its cost stops growing with
+        the context, beyond the indexer's O(T) scan."""
+        B, S, k = idx.shape
+        H, dc = q_lat.shape[0], self.dc
+        at = torch.arange(B, device=idx.device)[:, None, None]
+        c, r = c_kv[at, idx], k_pe[at, idx]  # (B, S, k, dc), (B, S, k, dr): the selected rows only
+        q_lat = q_lat.view(H, B, S, dc).permute(1, 2, 0, 3)  # (B, S, H, dc): heads share each query's rows
+        scores = q_lat @ c.transpose(-1, -2) + q_pe @ r.transpose(-1, -2)  # (B, S, H, k)
+        scores = upcast(scores) * self.softmax_scale
+        scores = scores.masked_fill(~valid.unsqueeze(-2), float("-inf"))
+        p = scores.softmax(dim=-1).type_as(c)  # softmax in float32
+        return (p @ c).permute(2, 0, 1, 3).reshape(H, B * S, dc)
 
 
 def causal_mask(S: int, T: int, start_pos: int, device) -> torch.Tensor:

@@ -16,7 +16,8 @@ Orientation: H_res[j, i] moves source stream i into destination stream j (rows =
     mhc    mHC (Xie et al., arXiv 2512.24880): coefficients from ONE RMSNorm over the flattened n*C
            vector (eq. 7), H_pre = sigmoid, H_post = 2 sigmoid, H_res = Sinkhorn-Knopp(exp(.))
            (eq. 8-9): doubly stochastic, so every product of H_res over depth has row and column
-           sums 1 and the composite gain stays ~1 where HC's can explode.
+           sums 1 and the composite gain stays ~1 where HC's can explode. DeepSeek-V4's variant
+           (hc_form = "release") and the dispatch over all forms (make_connection): mhc_release.py.
 
 Streams (docs/design/hyper-connections.md): `expand_streams` replicates the embedding n times (a stride-0 view, no copy);
 `collapse_streams` takes the mean of the streams before the final norm. HC sums; the final
@@ -341,6 +342,11 @@ class ManifoldHyperConnection(StreamConnection):
 
     def coefficients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, n, C) fp32 -> H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n); static: (n,), (n,), (n, n)."""
+        pre, post, res = self.logits(x)
+        return torch.sigmoid(pre), 2 * torch.sigmoid(post), sinkhorn(res, self.iters)
+
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, n, C) fp32 -> alpha * (x phi^T / r) + b, split: pre (B, T, n), post (B, T, n), res (B, T, n, n)."""
         n = self.n
         pre, post, res = upcast(self.b_pre), upcast(self.b_post), upcast(self.b_res)
         if self.dynamic:
@@ -351,7 +357,7 @@ class ManifoldHyperConnection(StreamConnection):
             pre = alpha[0] * d_pre + pre
             post = alpha[1] * d_post + post
             res = alpha[2] * d_res.unflatten(-1, (n, n)) + res
-        return torch.sigmoid(pre), 2 * torch.sigmoid(post), sinkhorn(res, self.iters)
+        return pre, post, res
 
     def forward(self, x: torch.Tensor) -> Mix:
         """x (B, T, n, C) -> Mix with h (B, T, C)."""
@@ -359,14 +365,6 @@ class ManifoldHyperConnection(StreamConnection):
             xs = upcast(x).contiguous()  # copies only bf16 streams or the stride-0 embedding view
             h_pre, h_post, h_res = self.coefficients(xs)
             return self._read(x, xs, h_pre, h_res, h_post)
-
-
-CONNECTIONS = {"plain": Residual, "hc": HyperConnection, "mhc": ManifoldHyperConnection}
-
-
-def make_connection(cfg: ModelConfig, k: int) -> nn.Module:
-    """The connection around sub-layer k (attention of block l is k = 2l, its FFN k = 2l + 1)."""
-    return Residual() if cfg.residual == "plain" else CONNECTIONS[cfg.residual](cfg, k)
 
 
 STATIC_NAMES = ("a_m", "a_r", "b", "b_pre", "b_post", "b_res")
@@ -424,4 +422,4 @@ def composite_gains(model: nn.Module, input_ids: torch.Tensor) -> dict:
 
 
 __all__ = ["sinkhorn", "sinkhorn_loop", "expand_streams", "collapse_streams", "Mix", "Residual", "StreamConnection",
-           "HyperConnection", "ManifoldHyperConnection", "make_connection", "static_parameters", "composite_gains"]
+           "HyperConnection", "ManifoldHyperConnection", "static_parameters", "composite_gains"]

@@ -25,6 +25,12 @@ the full forward keeps. Without ties every rule gives the same set.
 
 The indexer's keys k[s] are cached beside MLA's latents (kv_cache.py): d^I values per token per layer.
 
+Training (V3.2 §2.1.1; indexer_loss.py): with a `stage` set (set_dsa_stage) and in training mode without
+a cache, the indexer scores from its inputs detached, keeps the scores with autograd, and the attention
+hands it its probabilities (attention.py `learn`) for the KL loss, which waits in `loss` until the model
+collects it (take_indexer_loss). "warmup" leaves the attention dense, "sparse" masks it to the top-k.
+Inference (eval mode, or a cache) never computes either.
+
 Shapes: B batch, S new tokens, T attended positions, H = index_n_heads, D = index_head_dim,
 dr = qk_rope_head_dim, dq = q_lora_rank, d = dim.
 """
@@ -36,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .indexer_loss import STAGES, attention_target, indexer_kl
 from .norm import upcast
 from .rope import apply_rope_halves
 
@@ -96,6 +103,9 @@ class Indexer(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.index_head_dim, bias=False)  # W^IK
         self.k_norm = LayerNorm(cfg.index_head_dim)
         self.weights_proj = HeadWeights(cfg.dim, cfg.index_n_heads)  # W^W
+        self.stage: str | None = None  # None: not trained; "warmup" | "sparse" (set_dsa_stage)
+        self.loss: torch.Tensor | None = None  # this layer's KL since the model last collected it
+        self._scores: torch.Tensor | None = None  # I (B, S, T) with autograd, between train_mask and learn
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE (half-split) on the first dr dims of x (..., D); the other D - dr pass unrotated."""
@@ -120,6 +130,27 @@ class Indexer(nn.Module):
             dots = F.relu((upcast(q[:, a:a + step]) @ k_t) * self.head_dim ** -0.5)
             out.append((w[:, a:a + step, None, :] @ dots).squeeze(-2))  # sum over heads: (B, s, T)
         return torch.cat(out, dim=1)
+
+    def learning(self, training: bool, cache) -> bool:
+        """Whether this forward trains the indexer: a stage is set, in training mode, without a cache."""
+        return self.stage is not None and training and cache is None
+
+    def train_mask(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   visible: torch.Tensor | None) -> torch.Tensor | None:
+        """Training: the mask the attention runs under (visible itself in the warm-up, the top-k of I in
+        the sparse stage), keeping I (B, S, T) with autograd for `learn`. The inputs are detached (V3.2
+        §2.1.1): the KL trains the indexer alone, and the LM loss never reaches it (selection is discrete)."""
+        x, q_lat = x.detach(), q_lat.detach()
+        keys = self.keys(x, cos, sin)
+        self._scores = self.scores(x, q_lat, cos, sin, keys)
+        if self.stage == "warmup" or keys.shape[1] <= self.topk:
+            return visible
+        return select(self._scores.detach(), self.topk, visible)
+
+    def learn(self, probs: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """The attention's probabilities (B, H, S, T) under `mask` (what train_mask returned) -> self.loss."""
+        self.loss = indexer_kl(attention_target(probs), self._scores, mask)
+        self._scores = None
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -151,3 +182,48 @@ def select(scores: torch.Tensor, k: int, visible: torch.Tensor | None = None) ->
     keep = above | (tied & (tied.cumsum(dim=-1) <= room))
     # where fewer than k keys are visible, kth is -inf and the tied ones are the hidden keys: drop them
     return keep if visible is None else keep & visible
+
+
+def top_rows(keep: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`select`'s mask as indices, for attention that gathers the kept rows (attention.py, sparse decode).
+
+    keep (B, S, T) bool with at most k True per query -> idx (B, S, k) int64, the kept positions in
+    ascending order, and valid (B, S, k) bool: False at the padding where a query keeps fewer than k
+    (idx 0 there, a slot that always exists; the caller masks it out). One O(T) pass with static
+    shapes (a compiled step traces it): each kept key's rank among the kept ones is its column, the
+    keys not kept all land in a spare column k that is dropped, and unfilled columns keep their 0.
+    """
+    B, S, T = keep.shape
+    rank = torch.where(keep, keep.long().cumsum(dim=-1) - 1, k)  # (B, S, T) column of each key, k = dropped
+    idx = torch.zeros(B, S, k + 1, dtype=torch.long, device=keep.device)
+    idx.scatter_(-1, rank, torch.arange(T, device=keep.device).expand(B, S, T))
+    valid = torch.arange(k, device=keep.device) < keep.sum(dim=-1, keepdim=True)
+    return idx[..., :k], valid
+
+
+def set_dsa_stage(model: nn.Module, stage: str | None) -> None:
+    """Train every indexer of `model` in `stage` (V3.2 §2.1.1), or None: not at all. "warmup" also freezes
+    every other parameter (the main model stays as it is while its indexers learn to follow it)."""
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"dsa_stage={stage!r} must be one of {', '.join(STAGES)}")
+    indexers = [m for m in model.modules() if isinstance(m, Indexer)]
+    if stage is not None and not indexers:
+        raise ValueError(f"dsa_stage={stage!r} trains the DSA indexer, and this model has none; "
+                         "use a model with index_topk > 0 (e.g. --preset tiny-v32)")
+    for m in indexers:
+        m.stage, m.loss, m._scores = stage, None, None
+    if stage == "warmup":
+        ours = {id(p) for m in indexers for p in m.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in ours)
+
+
+def take_indexer_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the indexers' pending losses (each layer's, MTP blocks included), which are cleared;
+    None when none is pending (no stage, eval mode, a cached forward)."""
+    total = None
+    for m in model.modules():
+        if isinstance(m, Indexer) and m.loss is not None:
+            total = m.loss if total is None else total + m.loss
+            m.loss = None
+    return total

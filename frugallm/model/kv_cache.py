@@ -25,6 +25,30 @@ import torch
 from ..config import ModelConfig
 
 
+def token_widths(cfg: ModelConfig) -> dict[str, int]:
+    """Values one layer caches per token, by part: the latent c_kv, the rope key k_pe and, with DSA, the
+    indexer's key (0 without). V3: 512 + 64 + 0; V3.2: 512 + 64 + 128. What `KVCache` allocates, and what the
+    server's budget (infer/memory.py) and `frugallm info` count."""
+    return {"latent": cfg.kv_lora_rank, "rope key": cfg.qk_rope_head_dim,
+            "indexer key": cfg.index_head_dim if cfg.index_topk > 0 else 0}
+
+
+def cache_lines(cfg: ModelConfig) -> list[str]:
+    """`frugallm info`'s KV-cache lines: values and bytes one token holds per layer and in all n_layers layers of
+    the main model, at fp32 (the dtype `info` builds the model at) and bf16 (an inference plan's usual dtype),
+    and with DSA the part that is the indexer's keys."""
+    w = token_widths(cfg)
+    per, index = sum(w.values()), w["indexer key"]
+    parts = " + ".join(f"{k} {v}" for k, v in w.items() if v)
+    share = f": {index / per:.1%} DSA indexer keys" if index else ""
+    lines = [f"  KV cache per token: {per} values a layer ({parts}{share})"]
+    for label, n in (("per layer", 1), (f"all {cfg.n_layers} layers", cfg.n_layers)):
+        sizes = ", ".join(f"{n * per * b:,} B {name}" + (f" (indexer keys {n * index * b:,} B)" if index else "")
+                          for name, b in (("fp32", 4), ("bf16", 2)))
+        lines.append(f"    {label:<14} {sizes}")
+    return lines
+
+
 class LatentCache:
     """One layer's slice of the cache; MLA calls `update` with the new latents."""
 
@@ -85,6 +109,17 @@ class KVCache:
         self.index_k = None if index_k is None else list(index_k)
         self._layers = [LatentCache(self, i) for i in range(len(c_kv))]
         self._start, self._T = 0, 0
+
+    def buffers(self) -> list[list[torch.Tensor]]:
+        """Every per-layer buffer list: c_kv, k_pe and, with DSA, index_k; for code that copies or moves rows."""
+        return [self.c_kv, self.k_pe] + ([self.index_k] if self.index_k is not None else [])
+
+    def rows(self, a: int, b: int) -> "KVCache":
+        """A dynamic cache on rows [a, b) of this one (views of every buffer, indexer keys included, and of
+        lengths): its writes land here."""
+        view = lambda buffers: [x[a:b] for x in buffers]
+        return KVCache.over(view(self.c_kv), view(self.k_pe), self.lengths[a:b], static=False,
+                            index_k=None if self.index_k is None else view(self.index_k))
 
     @property
     def max_len(self) -> int:

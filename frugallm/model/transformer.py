@@ -8,7 +8,8 @@ Block (pre-norm):  h = x + MLA(attn_norm(x));  out = h + FFN(ffn_norm(h)),
 FFN = dense SwiGLU for the first `n_dense_layers` layers, DeepSeekMoE after.
 With residual = hc / mhc, x is n streams (B, S, n, d) and each "+" is a hyper-connection: the
 sub-layer reads H_pre x and writes H_res x + H_post^T F(.) (hyperconn.py). The streams are
-expanded after the embedding and collapsed (mean) before the final norm.
+expanded after the embedding and collapsed (mean; V4's hyper head with hc_form = release,
+mhc_release.py) before the final norm.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MLA
-from .hyperconn import StreamConnection, collapse_streams, expand_streams, make_connection
+from .indexer import take_indexer_loss
+from .hyperconn import StreamConnection, collapse_streams, expand_streams
+from .mhc_release import make_connection, make_hyper_head
 from .moe import MLP, MoE
 from .mtp import MTPModule, cross_entropy, mtp_loss
 from .norm import RMSNorm
@@ -30,10 +33,11 @@ from .rope import rope_tables
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, S, vocab)
-    loss: torch.Tensor | None = None  # lm_loss + mtp_loss + balance_loss, for the trainer
+    loss: torch.Tensor | None = None  # lm_loss + mtp_loss + balance_loss + indexer_loss, for the trainer
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None  # already weighted by lambda / D
     balance_loss: torch.Tensor | None = None  # sum over MoE layers (main and MTP)
+    indexer_loss: torch.Tensor | None = None  # DSA training: the indexers' KL, summed over layers (indexer_loss.py)
     hidden: torch.Tensor | None = None  # (B, S, d) last block output (streams collapsed), before the final norm
 
 
@@ -44,17 +48,18 @@ class Block(nn.Module):
         self.attn = MLA(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
-        self.ffn = MoE(cfg) if self.is_moe else MLP(cfg.dim, cfg.inter_dim)
+        self.ffn = MoE(cfg, cfg.is_hash_layer(layer_id)) if self.is_moe else MLP(cfg.dim, cfg.inter_dim)
         self.attn_conn = make_connection(cfg, 2 * layer_id)  # plain: x + F(x), no parameters
         self.ffn_conn = make_connection(cfg, 2 * layer_id + 1)
 
-    def forward(self, x, cos, sin, positions=None, cache=None, absorb=False, mask=None):
-        """x (B, S, d), or (B, S, n, d) streams with hc/mhc -> (x of the same shape, balance loss or None)."""
+    def forward(self, x, cos, sin, positions=None, cache=None, absorb=False, mask=None, ids=None):
+        """x (B, S, d), or (B, S, n, d) streams with hc/mhc -> (x of the same shape, balance loss or None);
+        ids (B, S): the input tokens, which a hash-routed MoE (V4) selects its experts by."""
         mix = self.attn_conn(x)  # read: mix.h (B, S, d) is the sub-layer input
         x = self.attn_conn.write(mix, self.attn(self.attn_norm(mix.h), cos, sin, positions, cache, absorb, mask))
         mix = self.ffn_conn(x)
         if self.is_moe:
-            y, balance = self.ffn(self.ffn_norm(mix.h))
+            y, balance = self.ffn(self.ffn_norm(mix.h), ids)
         else:
             y, balance = self.ffn(self.ffn_norm(mix.h)), None
         return self.ffn_conn.write(mix, y), balance
@@ -66,6 +71,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.hc_head = make_hyper_head(cfg)  # release mHC's final collapse; None: the mean of the streams
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # MTP block k is "layer n_layers + k" (its HF index), a MoE block for V3-like configs
@@ -114,7 +120,8 @@ class Transformer(nn.Module):
         """input_ids (B, S) -> ModelOutput with logits (B, S, vocab).
 
         targets (B, S): next-token labels (-100 = ignore); with them the output carries the main
-        loss, the weighted MTP loss and the balance loss separately, and their sum as `loss`.
+        loss, the weighted MTP loss, the balance loss and (DSA training) the indexer loss separately,
+        and their sum as `loss`.
         cache: a KVCache (model/kv_cache.py). Row b's tokens go to positions lengths[b]..+S-1,
             and its lengths advance by S.
         absorb: MLA's path (model/attention.py): True the absorbed one, False the naive one, None
@@ -128,7 +135,7 @@ class Transformer(nn.Module):
         if targets is not None and targets.shape != input_ids.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         S = input_ids.shape[1]
-        block_kwargs = self._positions(S, cache, absorb)
+        block_kwargs = self.block_kwargs(input_ids, cache, absorb)
         h = self.embed_streams(input_ids)
         h, balance = self.run_layers(h, enumerate(self.layers), block_kwargs, cache)
         if cache is not None:
@@ -156,10 +163,10 @@ class Transformer(nn.Module):
         the layers' so far, to which the MTP blocks' is added) and their sum `loss`."""
         cfg = self.config
         if cfg.residual != "plain":
-            h = collapse_streams(h)  # (B, S, d)
+            h = collapse_streams(h) if self.hc_head is None else self.hc_head(h)  # (B, S, d)
         logits = self.head(self.norm(_pick(h, logits_at)))
         if targets is None:
-            return ModelOutput(logits=logits, hidden=h, balance_loss=balance)
+            return ModelOutput(logits=logits, hidden=h, balance_loss=balance, indexer_loss=self._indexer_loss())
         lm_loss = cross_entropy(logits, targets)
         loss, mtp = lm_loss, None
         if cfg.n_mtp > 0:
@@ -169,7 +176,15 @@ class Transformer(nn.Module):
             loss = loss + mtp
         if balance is not None:
             loss = loss + balance
-        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp, balance_loss=balance, hidden=h)
+        index = self._indexer_loss()  # after the MTP blocks, whose indexers learn too
+        if index is not None:
+            loss = loss + index
+        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, mtp_loss=mtp, balance_loss=balance,
+                           indexer_loss=index, hidden=h)
+
+    def _indexer_loss(self) -> torch.Tensor | None:
+        """The DSA indexers' KL of this forward (training with a dsa stage set: indexer.py), else None."""
+        return take_indexer_loss(self) if self.config.index_topk > 0 else None
 
     def mtp_step(self, depth: int, h_prev: torch.Tensor, next_ids: torch.Tensor, cache, absorb: bool | None = None,
                  logits_at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +201,14 @@ class Transformer(nn.Module):
         h, _ = module(h_prev, self.embed(next_ids), cache=cache.layer(0), **block_kwargs)
         cache.advance(next_ids.shape[1])
         return h, self.head(module.norm(_pick(h, logits_at)))
+
+    def block_kwargs(self, input_ids: torch.Tensor, cache=None, absorb: bool | None = None) -> dict:
+        """What every block of a forward over input_ids (B, S) takes besides h: `_positions`, and the ids
+        themselves where V4's hash-routed MoE layers select experts by them."""
+        kwargs = self._positions(input_ids.shape[1], cache, absorb)
+        if self.config.n_hash_layers:
+            kwargs["ids"] = input_ids
+        return kwargs
 
     def _positions(self, S: int, cache, absorb: bool | None) -> dict:
         """RoPE tables, positions, mask and attention path for S new tokens (per row with a cache)."""

@@ -83,6 +83,7 @@ class ExpertParallelExperts(nn.Module):
         rows = slice(self.first, self.first + self.local)
         for name in ("w1", "w2", "w3"):  # a copy of our slice: the full stack is freed with the old module
             setattr(self, name, nn.Parameter(getattr(experts, name).detach()[rows].clone()))
+        self.limit = getattr(experts, "limit", 0.0)  # V4's clamped SwiGLU (model/moe.py gated)
         self.bytes_sent = 0  # dispatch + combine payload bytes this rank sent to other ranks (benchmarks)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,7 @@ class ExpertParallelExperts(nn.Module):
         by_expert = label.argsort(stable=True)
         rows = rows.index_select(0, by_expert)
         out = sorted_experts(rows[:, :d].contiguous(), rows[:, d:], received.sum(0), self.w1.to(dtype), self.w2.to(dtype),
-                             self.w3.to(dtype))
+                             self.w3.to(dtype), self.limit)
         out = out.new_empty(out.shape).index_copy_(0, by_expert, out)  # back to source-major order
         back = all_to_all(out, send, recv, self.group, backward_group=self.backward_group)  # (N*K, d) in `order`
         row_bytes = (d + 1) + 4 * -(-(d + 1) // BLOCK) if self.fp8_dispatch else (d + 1) * payload.element_size()

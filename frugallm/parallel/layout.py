@@ -101,6 +101,9 @@ def resolve(model_cfg: ModelConfig, train_cfg: ParallelConfig, world: int) -> La
         if dp > 1:
             errors.append(f"pp={pp} with dp={dp} is not built yet (FSDP inside pipeline stages); use --dp 1 with "
                           "--pp (--ep may be > 1), or --pp 1")
+        if model_cfg.index_topk > 0:  # each stage's indexers would need their KL in that stage's backward
+            errors.append("pp > 1 does not train the DSA indexer yet (model/indexer_loss.py); use --pp 1 "
+                          "(--ep and --dp work)")
         if train_cfg.pp_schedule == "1f1b" and model_cfg.n_mtp:
             errors.append("pp_schedule=1f1b puts the MTP module (which reads the embedding) on another rank than "
                           "the embedding; use dualpipev or zbv (V-shaped: both on rank 0), or --set n_mtp=0")

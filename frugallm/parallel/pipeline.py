@@ -92,14 +92,14 @@ class Stage(nn.Module):
         if first or last:  # the last stage's MTP modules read the embedding and the head too
             self.embed = model.embed
         if last:
-            self.norm, self.head, self.mtp = model.norm, model.head, model.mtp
+            self.norm, self.head, self.mtp, self.hc_head = model.norm, model.head, model.mtp, model.hc_head
         self.calls = 0  # forwards since the step began = the micro-batch this call is for
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         model, feed = self._model[0], self.feed
         m = self.calls
         self.calls += 1
-        kwargs = model._positions(feed.inputs[m].shape[1], None, None)
+        kwargs = model.block_kwargs(feed.inputs[m])
         if self.first:
             h = model.embed_streams(h)  # the model's own forward, in pieces (model/transformer.py)
         h, balance = model.run_layers(h, enumerate(self.layers), kwargs)

@@ -61,11 +61,17 @@ class ScheduleConfig:
     bias_freeze_tokens: int = 0  # gamma becomes 0 after this many tokens; 0 = never
     mtp_lambda_late: float = 0.1  # V3: lambda 0.3 for the first ~68% of tokens, then 0.1
     mtp_lambda_late_from: float = 0.7  # fraction of steps after which mtp_lambda_late applies
+    # --- DSA (V3.2 §2.1.1; docs/design/dsa.md "Training"), for a model with an indexer (index_topk > 0):
+    # "sparse" = top-k attention, everything trained, the indexer by its KL alone (how the model runs);
+    # "warmup" = dense attention, only the indexers trained (by the KL), the main model frozen
+    dsa_stage: str = "sparse"
 
     def problems(self) -> list[str]:
         errors = []
         if self.schedule not in ("cosine", "wsd"):
             errors.append(f"schedule={self.schedule!r} must be 'cosine' or 'wsd'")
+        if self.dsa_stage not in ("warmup", "sparse"):
+            errors.append(f"dsa_stage={self.dsa_stage!r} must be 'warmup' or 'sparse'")
         try:
             duration_seconds(self.time_budget)
         except ValueError as e:

@@ -55,6 +55,20 @@ def run_configs(out, *, config=None, preset=None, train_config=None, resume=Fals
     return apply_overrides(model_cfg, train_cfg, pairs)
 
 
+def train_overrides(init_from=None, dsa_stage=None, *, resume=False) -> tuple[list[str], ModelConfig | None]:
+    """`frugallm train`'s --init-from and --dsa-stage as key=value pairs, and the ModelConfig a new run
+    starts from: init_from's own unless --preset or --config names another (run_configs: they come first;
+    e.g. a V3-shaped run with --preset tiny-v32 gains indexers, train/setup.py init_from). The run takes
+    init_from's tokenizer: its weights know those ids."""
+    extra = [f"dsa_stage={dsa_stage}"] if dsa_stage else []
+    if not init_from:
+        return extra, None
+    from ..formats.open import open as open_model
+
+    extra += [f"init_from={init_from}", f"tokenizer={init_from}"]
+    return extra, None if resume else open_model(init_from).config
+
+
 def distill_overrides(teacher, init_from=None, *, config=None, resume=False,
                       **kd) -> tuple[list[str], ModelConfig | None]:
     """`frugallm distill`'s key=value pairs for the TrainConfig that names the teacher, and the

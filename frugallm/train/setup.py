@@ -21,8 +21,10 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..formats import checkpoint
+from ..formats.open import open as open_model
 from ..names import CHECKPOINTS, CONFIG, METRICS, TRAIN_CONFIG
 from ..io import LOCK, OutputError, lock_directory, nobodys_output, write_file
+from ..model.indexer import set_dsa_stage
 from ..model.transformer import Transformer
 from ..parallel import layout as parallel_layout
 from ..parallel.runtime import runtime_for
@@ -216,10 +218,35 @@ def _load_model(model_cfg: ModelConfig, train_cfg: TrainConfig, ckpt: Path | Non
     Returns (model, the checkpoint's trainer state or None)."""
     torch.manual_seed(train_cfg.seed)
     model = Transformer(model_cfg)
-    if train_cfg.init_from and ckpt is None:  # the student starts from existing weights
-        model.load_state_dict(load_model(train_cfg.init_from).float().state_dict())
-        log(f"student initialised from {train_cfg.init_from}")
+    if train_cfg.init_from and ckpt is None:  # the run (or a distillation's student) starts from existing weights
+        init_from(model, train_cfg.init_from, log)
     return model, checkpoint.load(ckpt, model, None) if ckpt is not None else None
+
+
+def check_init_from(ours: ModelConfig, path: str) -> None:
+    """Refuse an init_from whose model is not this run's outside the DSA fields (index_*). A model
+    without indexers gains fresh ones (DeepSeek-V3.2 §2.1.1 converts V3.1 so; train them with
+    dsa_stage=warmup first), one with indexers may drop them; indexers both have are of one shape
+    (index_topk may differ). Reads configs only: said before anything is written."""
+    theirs = open_model(path).config
+    shape = ("index_n_heads", "index_head_dim") if ours.index_topk and theirs.index_topk else ()
+    differ = [f"{f.name} ({getattr(theirs, f.name)!r} there, {getattr(ours, f.name)!r} here)"
+              for f in dataclasses.fields(ModelConfig)
+              if (not f.name.startswith("index_") or f.name in shape) and getattr(theirs, f.name) != getattr(ours, f.name)]
+    if differ:
+        raise ValueError(f"init_from {path}: its model differs from this run's in {', '.join(differ)}; start from "
+                         "a model of this config (only the index_* fields may differ: a dense model gains fresh "
+                         "DSA indexers), or drop the --preset/--config/--set that changes it")
+
+
+def init_from(model: Transformer, path: str, log) -> None:
+    """`path`'s weights (check_init_from passed) into the freshly initialised `model`, every one exactly;
+    indexers it lacks keep their seeded random init."""
+    missing, unexpected = model.load_state_dict(load_model(path).float().state_dict(), strict=False)
+    if any(".indexer." not in name for name in missing + unexpected):  # cannot happen after check_init_from
+        raise ValueError(f"init_from {path}: weights that do not fit: {', '.join((missing + unexpected)[:4])}")
+    log(f"initialised from {path}" + (f"; {len(missing)} indexer weights are new (random init)" if missing else "")
+        + (f"; its {len(unexpected)} indexer weights are dropped" if unexpected else ""))
 
 
 @dataclass
@@ -278,6 +305,11 @@ def set_up(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path, resume
 
 def _set_up(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path, resume: bool, log) -> Run:
     model_cfg, train_cfg, ckpt = open_run(model_cfg, train_cfg, run_dir, resume)
+    if train_cfg.dsa_stage == "warmup" and model_cfg.index_topk == 0:  # said before any data is prepared
+        raise ValueError("dsa_stage=warmup trains the DSA indexer, and this model has none (index_topk=0); use a "
+                         "model with one (e.g. --preset tiny-v32, or --init-from RUN --preset tiny-v32)")
+    if train_cfg.init_from and ckpt is None:
+        check_init_from(model_cfg, train_cfg.init_from)
     metrics = None
     if ckpt is not None and (run_dir / METRICS).exists() and os.environ.get("RANK", "0") == "0":
         metrics = read_metrics(run_dir / METRICS, lambda line: log(f"warning: {line}"))  # bad lines: before any write
@@ -307,9 +339,12 @@ def _set_up(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path, resum
     # fp8 converters hold the loaded parameter objects (fp32 masters); one process: parallelize is a no-op
     applied = apply(model, plan, world)
     model = applied.model
+    stage = train_cfg.dsa_stage if model_cfg.index_topk > 0 else None
+    set_dsa_stage(model, stage)  # before the optimizer: the warm-up trains only the indexers' parameters
     optimizer = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, (train_cfg.beta1, train_cfg.beta2),
                                 train_cfg.adam_eps, train_cfg.optim_state_dtype)
-    balance = ExpertBiasUpdate(model, train_cfg.bias_gamma, train_cfg.bias_freeze_tokens or None,
+    gamma = 0.0 if stage == "warmup" else train_cfg.bias_gamma  # a frozen model's gate biases stay too
+    balance = ExpertBiasUpdate(model, gamma, train_cfg.bias_freeze_tokens or None,
                                world.all_reduce_load if world.world > 1 else None)
     distill = None
     if train_cfg.teacher:  # the student learns from a teacher (frugallm/distill/objective.py)
