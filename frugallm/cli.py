@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_rl import EVAL_TASK_FLAGS, GRPO_COMMANDS, eval_task
 from .cli_args import (COMPILE, DESCRIPTION, DTYPE, DTYPE_CHOICES, MAX_NEW, RUN_DIR, SAMPLING, SOURCE,
                        HelpFormatter, arg, positive_int, run_args, temperature)
 from .config import ModelConfig, get_preset
@@ -132,6 +133,8 @@ def _parallel_simulate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.task:  # accuracy and pass@k under the task's verifiers (rl/evaluate.py)
+        return eval_task(args)
     from .train.telemetry import evaluate_run
 
     print(evaluate_run(args.run, args.data, args.batches, log=_say))
@@ -281,11 +284,13 @@ COMMANDS = [
         _a("--batch-size", type=_positive_int, default=8, help="samples generated together"),
         _a("--seed", type=int, default=0, help="random seed: a rerun resumes with the same samples"),
     ]),
-    (("eval",), "validation loss and perplexity of a run", _eval, [
+    (("eval",), "validation loss and perplexity of a run; with --task, accuracy and pass@k", _eval, [
         _a("run", help="a frugallm run directory (its last good checkpoint)"),
         _a("--data", help="evaluate on this data's val split (default: the run's own data)"),
         _a("--batches", type=_positive_int, default=16, help="val batches to average (default 16)"),
+        *EVAL_TASK_FLAGS,
     ]),
+    *GRPO_COMMANDS,
     (("tokenizer",), "tokenizer tools", None, []),
     (("tokenizer", "train"), "train a byte-level BPE with special tokens", _tokenizer_train, [
         _a("data", nargs="?", default="", help="text/JSONL path or glob (default: the Python stdlib)"),
@@ -384,7 +389,7 @@ COMMANDS = [
     ]),
 ]
 # the dest of each group's subcommand, and whether one must be named (`distill` alone trains)
-SUBCOMMANDS = {(): ("command", True), ("distill",): ("distill_command", False),
+SUBCOMMANDS = {(): ("command", True), ("distill",): ("distill_command", False), ("grpo",): ("grpo_command", False),
                ("tokenizer",): ("tokenizer_command", True), ("parallel",): ("parallel_command", True)}
 
 # a missing optional dependency -> the extra that installs it

@@ -20,7 +20,14 @@ _CHOICES = {
     "rope_scaling": ("none", "yarn"),
     "residual": ("plain", "hc", "mhc"),
     "hc_form": ("paper", "release"),
+    "attention": ("mla", "hybrid"),
 }
+
+# DeepSeek-V4's attention kinds per block (V4 §2.3; model/hybrid_attention.py): a sliding window alone, CSA
+# (compressed sparse: csa_rate with overlapping windows and the lightning indexer) or HCA (heavily compressed,
+# hca_rate, dense). Each one's name in transformers' `layer_types`.
+HF_LAYER_TYPES = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention",
+                  "hca": "heavily_compressed_attention"}
 
 
 # Keys that config.json files from earlier frugallm versions hold and that do not describe the architecture:
@@ -93,8 +100,29 @@ class ModelConfig:
     index_topk: int = 0  # k keys each query attends to, chosen by the lightning indexer; 0 = no indexer (dense MLA)
     index_n_heads: int = 0  # the indexer's heads H^I (release: 64); used only with index_topk > 0
     index_head_dim: int = 0  # their width d^I (release: 128), RoPE on its first qk_rope_head_dim dims
+    # --- hybrid attention: DeepSeek-V4 §2.3 (docs/design/v4-attention.md; model/hybrid_attention.py). With
+    # attention="hybrid" every block attends with one shared K=V head of head_dim (RoPE on its last
+    # qk_rope_head_dim dims) over a sliding window, plus compressed entries by layer_types; the MLA fields
+    # (kv_lora_rank, qk_nope_head_dim, v_head_dim) are unused, q_lora_rank is the query latent, and the
+    # index_* fields size CSA's lightning indexer (top index_topk compressed entries).
+    attention: str = "mla"  # mla (V2/V3/V3.2) | hybrid (V4)
+    # one per block, the MTP blocks last (n_layers + n_mtp, as the release's compress_ratios lists them):
+    # "sliding" | "csa" | "hca" (transformers' names: HF_LAYER_TYPES); empty with attention="mla"
+    layer_types: tuple[str, ...] = ()
+    head_dim: int = 0  # width of each query head and of the shared K=V head (release: 512)
+    sliding_window: int = 0  # n_win: the last n_win tokens (the query's own included) every block attends to
+    csa_rate: int = 4  # m: tokens per CSA entry (each entry pools 2m tokens: overlapping windows)
+    hca_rate: int = 128  # m': tokens per HCA entry
+    # RoPE base of the CSA / HCA blocks (queries, keys and compressed entries; YaRN by rope_scaling applies to
+    # these only); sliding blocks rotate with rope_theta and no scaling
+    compress_rope_theta: float = 160000.0
+    o_groups: int = 0  # g: heads in g groups, each projected to o_lora_rank before one mixing projection
+    o_lora_rank: int = 0
+    attn_sink: bool = True  # a learned logit per head in every softmax's denominator (release: on)
 
     def __post_init__(self) -> None:
+        if isinstance(self.layer_types, list):  # JSON gives a list: stored as a tuple, so configs compare equal
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         errors = check_types(self)
         if errors:  # comparisons below would fail on a wrong type with a TypeError
             raise ValueError("invalid ModelConfig: " + "; ".join(errors))
@@ -152,6 +180,7 @@ class ModelConfig:
                 errors.append(f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim="
                               f"{self.qk_rope_head_dim} (RoPE rotates the first qk_rope_head_dim dims of each "
                               f"indexer head) with index_topk={self.index_topk}")
+        errors += hybrid_errors(self)
         if self.residual != "plain":
             for name in ("hc_streams", "hc_sinkhorn_iters"):
                 if getattr(self, name) < 1:
@@ -201,6 +230,36 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         check_keys(type(self), changes)
         return dataclasses.replace(self, **changes)
+
+
+def hybrid_errors(cfg: ModelConfig) -> list[str]:
+    """The problems of the hybrid attention's fields (V4 §2.3), one message each; none for MLA configs."""
+    types = cfg.layer_types
+    if not isinstance(types, tuple) or not all(isinstance(t, str) for t in types):
+        return [f"layer_types={types!r} must be a list of strings, one of {tuple(HF_LAYER_TYPES)} per block"]
+    if cfg.attention != "hybrid":
+        return [f"layer_types is for attention='hybrid'; set attention='hybrid' or layer_types=[]"] if types else []
+    errors, blocks = [], cfg.n_layers + cfg.n_mtp
+    if len(types) != blocks:
+        errors.append(f"layer_types has {len(types)} entries but the model has n_layers + n_mtp = {blocks} "
+                      f"blocks; give one of {tuple(HF_LAYER_TYPES)} per block, MTP blocks last")
+    bad = sorted(set(types) - set(HF_LAYER_TYPES))
+    if bad:
+        errors.append(f"layer_types entries {bad} must be one of {tuple(HF_LAYER_TYPES)}")
+    for name in ("head_dim", "sliding_window", "csa_rate", "hca_rate", "o_groups", "o_lora_rank", "q_lora_rank"):
+        if getattr(cfg, name) <= 0:
+            errors.append(f"{name}={getattr(cfg, name)} must be > 0 with attention='hybrid'")
+    if 0 < cfg.head_dim < cfg.qk_rope_head_dim:
+        errors.append(f"head_dim={cfg.head_dim} must be >= qk_rope_head_dim={cfg.qk_rope_head_dim} (RoPE rotates "
+                      f"the last qk_rope_head_dim dims of each head)")
+    if cfg.o_groups > 0 and cfg.n_heads % cfg.o_groups:
+        errors.append(f"n_heads={cfg.n_heads} must be divisible by o_groups={cfg.o_groups}")
+    if not cfg.compress_rope_theta > 0:
+        errors.append(f"compress_rope_theta={cfg.compress_rope_theta} must be > 0")
+    if "csa" in types and cfg.index_topk <= 0:
+        errors.append("layer_types has 'csa' blocks, whose lightning indexer needs index_topk > 0 (with "
+                      "index_n_heads and index_head_dim); set them or use 'hca' blocks")
+    return errors
 
 
 def read_config(cls: type, path: str | Path) -> Any:
@@ -316,4 +375,4 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**d)
 
 
-__all__ = ["ModelConfig", "PRESETS", "get_preset", "check_keys", "check_types", "read_config", "yarn_mscale"]
+__all__ = ["ModelConfig", "PRESETS", "HF_LAYER_TYPES", "get_preset", "check_keys", "check_types", "read_config", "yarn_mscale"]

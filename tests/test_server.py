@@ -237,18 +237,22 @@ def test_chat_cli_over_stdin(tiny_run, host):
         assert "inference dtype auto -> fp32" in r.stderr and "forced:no-bf16" in r.stderr
 
 
-def _engine_replies(model, tok, policy: str = "batch", decoder=None, slots: int = 2, chunk: int = 256) -> list:
+ENGINE_PROMPTS = ("the cat", "a dog ran to the park with a ball and the", "ball")
+
+
+def _engine_replies(model, tok, policy: str = "batch", decoder=None, slots: int = 2, chunk: int = 256,
+                    texts=ENGINE_PROMPTS, max_tokens=(30, 30, 30)) -> list:
     """Three greedy jobs through an Engine (with 2 slots one waits): (text, final event) each."""
     import asyncio
 
     from frugallm.infer.engine import Engine, Job
 
-    prompts = [[tok.bos_id, *tok.encode(p)] for p in ("the cat", "a dog ran to the park with a ball and the", "ball")]
+    prompts = [[tok.bos_id, *tok.encode(p)] for p in texts]
 
     async def run():
         engine = Engine(model, tok, slots=slots, decoder=decoder, policy=policy, prefill_chunk=chunk)
         try:
-            jobs = [engine.submit(Job(p, 30, temperature=0.0, stop=["zz"])) for p in prompts]
+            jobs = [engine.submit(Job(p, n, temperature=0.0, stop=["zz"])) for p, n in zip(prompts, max_tokens)]
             results = []
             for job in jobs:
                 text, event = "", await job.queue.get()
@@ -272,6 +276,38 @@ def test_engine_policies_and_chunks_agree(tiny_run):
     assert _engine_replies(model, tok, slots=3) == plain
     assert _engine_replies(model, tok, policy="round-robin") == plain
     assert _engine_replies(model, tok, slots=3, chunk=4) == plain
+
+
+def test_engine_v32_rows_of_different_lengths_equal_the_full_forward(tiny_run):
+    """DSA (index_topk 4): every row operation of the engine's cache block carries the indexer's keys (the
+    per-forward row views, the prefill-to-decode swaps, and the copy when the block grows for the long third
+    prompt while the second job is still decoding); batched rows of different lengths, round-robin and
+    4-token prefill chunks all give each prompt the full forward's greedy text."""
+    import torch
+
+    from frugallm import Transformer, load_tokenizer
+
+    from conftest import tiny_config
+
+    tok = load_tokenizer(tiny_run)
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(vocab_size=tok.vocab_size, index_topk=4, index_n_heads=2, index_head_dim=8,
+                                    init_std=0.2)).double().eval()
+    texts, max_tokens = ("the cat", "ball", "a dog ran to the park with a ball and the"), (12, 24, 30)
+    want = []
+    for text, n in zip(texts, max_tokens):  # the reference: no cache, the whole sequence every step
+        seq = [tok.bos_id, *tok.encode(text)]
+        with torch.no_grad():
+            for _ in range(n):
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+                if seq[-1] == tok.eos_id:
+                    break
+        new = seq[len(tok.encode(text)) + 1:]
+        want.append(tok.decode(new[:-1] if new[-1] == tok.eos_id else new))
+    for args in (dict(), dict(policy="round-robin"), dict(slots=3, chunk=4)):
+        replies = _engine_replies(model, tok, texts=texts, max_tokens=max_tokens, **args)
+        assert [text for text, _ in replies] == want, args
+        assert all(event[0] == "done" for _, event in replies)
 
 
 def test_engine_with_a_compiled_decoder_equals_eager(tiny_run):

@@ -88,6 +88,9 @@ def _dense_layers(d: dict) -> int:
 
 def hf_format(cfg: ModelConfig) -> str:
     """'deepseek_v32', 'deepseek_v3' or 'deepseek_v2', or a ValueError naming what the HF format cannot hold."""
+    if cfg.attention != "mla":
+        raise ValueError(f"attention={cfg.attention!r} (DeepSeek-V4's hybrid attention) has no Hugging Face export yet; "
+                         f"save it in frugallm's own format (the state_dict as safetensors + ModelConfig.to_json)")
     if cfg.residual != "plain":
         raise ValueError(
             f"residual={cfg.residual!r}: hyper-connection streams and their coefficients have no Hugging Face "

@@ -11,7 +11,9 @@ Two paths, one class, same weights:
             directly: MQA with one 576-dim key "head". Data-movement-friendly: used for decode.
 
 With DSA (index_topk > 0, DeepSeek-V3.2 §2.1) a lightning indexer (indexer.py) narrows the mask of
-each query to its top-k keys before either path runs, so both attend to the same keys.
+each query to its top-k keys before either path runs, so both attend to the same keys; the absorbed path
+then reads only those k latent rows per query (MLA._over_rows, the paper's sparse decode), the naive one
+masks (docs/design/dsa.md, Cache).
 
 Shapes: B batch, S new tokens, T = start + S attended tokens, H heads,
 dn = qk_nope_head_dim, dr = qk_rope_head_dim, dv = v_head_dim, dc = kv_lora_rank.

@@ -89,3 +89,17 @@ def apply_rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     in MLA's interleaved pairs: the same angles, applied to other pairs of dims. In at least float32."""
     x0, x1 = upcast(x).chunk(2, dim=-1)
     return torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).type_as(x)
+
+
+def rope_angles(inv: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (..., d_r/2) float32 of positions (...) for inverse frequencies inv (d_r/2,), computed per
+    call: V4's compressed entries sit at positions w * m that no table row holds (hybrid_attention.py)."""
+    angles = positions[..., None].float() * inv.to(positions.device)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V4's partial RoPE: interleaved pairs of the LAST 2 * cos.shape[-1] dims of x (..., D) rotated
+    (apply_rope), the leading D - d_r dims passed through; cos/sin broadcastable to (..., d_r/2)."""
+    d = 2 * cos.shape[-1]
+    return torch.cat([x[..., : x.shape[-1] - d], apply_rope(x[..., x.shape[-1] - d:], cos, sin)], dim=-1)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MLA
+from .hybrid_attention import HybridAttention
 from .indexer import take_indexer_loss
 from .hyperconn import StreamConnection, collapse_streams, expand_streams
 from .mhc_release import make_connection, make_hyper_head
@@ -45,7 +46,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = MLA(cfg)
+        # V2/V3 MLA (with V3.2's indexer), or V4's hybrid attention of the block's kind (layer_types[layer_id])
+        self.attn = HybridAttention(cfg, layer_id) if cfg.attention == "hybrid" else MLA(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_id)
         self.ffn = MoE(cfg, cfg.is_hash_layer(layer_id)) if self.is_moe else MLP(cfg.dim, cfg.inter_dim)
@@ -113,6 +115,8 @@ class Transformer(nn.Module):
         for m in self.modules():  # HC / mHC coefficients have their own init (hyperconn.py)
             if isinstance(m, StreamConnection):
                 m.reset_parameters(std)
+            elif isinstance(m, HybridAttention):  # V4: zero sinks and compressor slot biases
+                m.reset_parameters()
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache=None,
                 absorb: bool | None = None, mtp_lambda: float | None = None,

@@ -1,4 +1,5 @@
-"""`frugallm plot RUN`: PNGs of a run's metrics.jsonl (loss and val loss, lr, MaxVio, HC gains)."""
+"""`frugallm plot RUN`: PNGs of a run's metrics.jsonl (loss and val loss, lr, MaxVio, HC gains; a GRPO
+run's reward and accuracy, KL, clip fraction, completion length and all-equal groups)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ def plot_run(run_dir: str | Path, warn=None) -> list[Path]:
     panels = [("loss", [("loss", "train loss"), ("lm_loss", "main head"), ("val_loss", "val loss")]),
               ("lr", [("lr", "learning rate")]),
               ("max_violation", [("max_violation_mean", "MaxVio (mean over MoE layers)")]),
-              ("hc_gain", [("hc_gain_fwd", "forward gain"), ("hc_gain_bwd", "backward gain")])]
+              ("hc_gain", [("hc_gain_fwd", "forward gain"), ("hc_gain_bwd", "backward gain")]),
+              # a GRPO run's (frugallm/rl/trainer.py); a panel is drawn only where its keys are logged
+              ("reward", [("reward_mean", "mean reward"), ("accuracy", "accuracy (verifier)")]),
+              ("kl", [("kl", "KL to the reference (k3, per token)")]),
+              ("clip_fraction", [("clip_fraction", "clipped share of tokens")]),
+              ("length", [("length_mean", "mean completion length (tokens)")]),
+              ("equal_groups", [("equal_groups", "share of groups whose rewards are all equal")])]
     written = []
     for name, series in panels:
         fig, ax = plt.subplots(figsize=(7, 4))
