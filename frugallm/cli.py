@@ -366,7 +366,7 @@ COMMANDS = [
         _a("model", nargs="?", metavar="DIR", help="a run or Hugging Face directory (default: --preset)"),
         _a("--preset", default="v3", help="a named model (default v3); v2, v3 and v32 follow their papers' "
            "published phases unless --tokens is given", **SOURCE),
-        _a("--config", help="a ModelConfig JSON file", **SOURCE),
+        _a("--config", help="a ModelConfig JSON file (default: --preset)", **SOURCE),
         _a("--tokens", help="training tokens, e.g. 14.8T, 500B, 2M (default: the preset's published run)"),
         _a("--seq-len", type=positive_int, help="context of the training sequences, which sets the attention "
            "FLOPs (default 4096 or the model's context if shorter; published runs use their own)"),

@@ -48,7 +48,9 @@ def test_info_reads_a_config_file(tmp_path, capsys):
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert main(["info", "--preset", "huge"]) == 2
-    assert "unknown preset 'huge'; choose one of: tiny, small, v2-lite, v3" in capsys.readouterr().err
+    from frugallm.config import PRESETS
+
+    assert f"unknown preset 'huge'; choose one of: {', '.join(PRESETS)}" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text(json.dumps({"dims": 3}))
     assert main(["info", "--config", str(tmp_path / "bad.json")]) == 2
     assert "unknown ModelConfig key(s) ['dims']" in capsys.readouterr().err
