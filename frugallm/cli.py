@@ -7,7 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_report import REPORT_COMMANDS
 from .cli_rl import EVAL_TASK_FLAGS, GRPO_COMMANDS, eval_task
+from .cli_export import EXPORT_COMMAND
 from .cli_args import (COMPILE, DESCRIPTION, DTYPE, DTYPE_CHOICES, MAX_NEW, RUN_DIR, SAMPLING, SOURCE,
                        HelpFormatter, arg, positive_int, run_args, temperature)
 from .config import ModelConfig, get_preset
@@ -378,6 +380,7 @@ COMMANDS = [
         _a("--price", type=float, help="$ per device-hour (default 2, as V3's report; none with --gpu cpu)"),
         _a("--json", action="store_true", help="print the estimate as JSON"),
     ]),
+    *REPORT_COMMANDS,
     (("quantize",), "write a weight-only int8 or fp8 copy of a model for CPU inference", _quantize, [
         RUN_DIR,
         _a("--to", required=True, choices=["int8", "fp8"],
@@ -387,6 +390,7 @@ COMMANDS = [
            help="deepseek: a Hugging Face DeepSeek FP8 dir (fp8 only, the fp8 default); "
                 "frugallm: frugallm's quantized checkpoint (the int8 default)"),
     ]),
+    EXPORT_COMMAND,
 ]
 # the dest of each group's subcommand, and whether one must be named (`distill` alone trains)
 SUBCOMMANDS = {(): ("command", True), ("distill",): ("distill_command", False), ("grpo",): ("grpo_command", False),

@@ -69,7 +69,7 @@ def arg(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
 
 SOURCE = {"exclusive": "source"}  # where the model comes from: one of these flags
 PARALLEL = {"section": "parallelism (torch.distributed; world = ep x pp x dp ranks)"}
-RUN_DIR = arg("run", help="a frugallm run directory or a Hugging Face DeepSeek directory")
+RUN_DIR = arg("run", help="a frugallm run directory, a Hugging Face DeepSeek directory or a llama.cpp deepseek2 .gguf file")
 MAX_NEW = "the most tokens to generate (fewer if the model writes its end-of-text token)"
 SAMPLING = [arg("--top-k", type=positive_int, help="sample among the k likeliest tokens only (default: all)"),
             arg("--top-p", type=float, help="sample among the likeliest tokens whose probabilities add up to p "

@@ -61,7 +61,7 @@ EVAL_TASK_FLAGS = [  # `frugallm eval`'s, beside its --data and --batches (cli.p
 GRPO_COMMANDS = [
     (("grpo",), "reinforcement learning with verifiable rewards (GRPO, Dr. GRPO, DAPO) from a run; "
                 "`grpo tasks` writes toy tasks", grpo, [
-        arg("--init-from", metavar="RUN|HF_DIR", help="the policy to start from, also the frozen reference "
+        arg("--init-from", metavar="RUN|HF_DIR|GGUF", help="the policy to start from, also the frozen reference "
            "(required for a new run; default: none)"),
         arg("--task", help="a JSONL task file (prompt, answer, verifier per record) or a built-in task: "
            "arithmetic, countdown, sorting (default: none, required for a new run)"),
@@ -76,14 +76,15 @@ GRPO_COMMANDS = [
         arg("--steps", type=positive_int, help="the run's length (default 200)"),
         arg("--time", help="a time budget, e.g. 8m: stop after the last step that fits (default: none)"),
         arg("--beta", type=float, help="KL weight to the reference (default 0.04; 0: no reference model)"),
-        arg("--lr", type=float, help="AdamW's learning rate, constant (default 5e-5)"),
+        arg("--lr", type=float, help="AdamW's learning rate, constant (default 2e-5)"),
         arg("--mu", type=positive_int, help="policy updates per batch of rollouts (default 1)"),
         arg("--seed", type=int, help="seed of the prompt order and the rollouts (default 0)"),
         arg("--save-every", type=positive_int, help="checkpoint every N steps, and at the end (default 10)"),
         arg("--out", default="runs/grpo", help="run directory"),
         arg("--resume", action="store_true", help="continue the run in --out from its last good checkpoint"),
         arg("--set", action="append", metavar="KEY=VALUE", help="any GRPOConfig field (rl/config.py), e.g. "
-           "eps_high=0.28, loss_norm=token, temperature=0.9, micro_batch=16 (default: none)"),
+           "eps_high=0.28, loss_norm=token, temperature=0.9, micro_batch=16, overlong_buffer=8 (DAPO's length "
+           "penalty), max_sample_rounds=3 (dynamic sampling's refill) (default: none)"),
     ]),
     (("grpo", "tasks"), "write a verifiable toy task as JSONL (with a right completion per record, for SFT)",
      None, [

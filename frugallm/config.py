@@ -363,6 +363,40 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESETS["v32"] = dict(PRESETS["v3"], index_topk=2048, index_n_heads=64, index_head_dim=128)
 # tiny plus an indexer: each query attends to 128 of up to 512 keys once past the first 128.
 PRESETS["tiny-v32"] = dict(PRESETS["tiny"], index_topk=128, index_n_heads=4, index_head_dim=32)
+# tiny in DeepSeek-V4's shape (docs/design/v4-attention.md): hybrid attention whose blocks cross all three
+# kinds (sliding, CSA, HCA; the MTP block slides, as the release's), release mHC over 4 streams, every layer
+# MoE with the first hash-routed, sqrtsoftplus scores without groups, clamped SwiGLU, MTP. The rates are cut
+# to the context (HCA 16:1, not 128:1): a 256-token training window closes 64 CSA entries (more than the
+# indexer's 16) and 16 HCA entries, and crosses the 32-token window.
+PRESETS["tiny-v4"] = dict(
+    PRESETS["tiny"], n_dense_layers=0, n_heads=4, q_lora_rank=128, qk_rope_head_dim=16,
+    attention="hybrid", layer_types=("sliding", "csa", "hca", "csa", "sliding"), head_dim=64, sliding_window=32,
+    csa_rate=4, hca_rate=16, o_groups=2, o_lora_rank=64, index_topk=16, index_n_heads=4, index_head_dim=32,
+    residual="mhc", hc_form="release", n_expert_groups=1, n_limited_groups=1, score_func="sqrtsoftplus",
+    route_scale=1.5, n_hash_layers=1, swiglu_limit=10.0,
+)
+# DeepSeek-V4 (V4 §2; for counting and meta-device construction only). Sizes: DeepSeek-V4-Flash's are transformers'
+# DeepseekV4Config defaults; V4-Pro's, its release config (mindformers' DeepseekV4Config defaults match). Layer
+# kinds as the release's compress_ratios: Flash 2 sliding, then CSA / HCA alternating; Pro (transformers' default
+# schedule) 2 HCA, then HCA / CSA alternating; the MTP block slides. Totals: Flash 284,332,240,471 (published
+# 284B), Pro 1,572,973,210,339 (1.6T). Active, less the input embedding (a lookup): 13.27B (13B), 48.83B (49B),
+# as V3's 36.6B reads "37B"; count_params' active (embedding and head in) is 13.80B and 49.76B.
+_V4 = dict(
+    PRESETS["tiny-v4"], vocab_size=129280, head_dim=512, qk_rope_head_dim=64, qk_nope_head_dim=448, v_head_dim=512,
+    kv_lora_rank=512, n_shared_experts=1, n_activated_experts=6, n_hash_layers=3, sliding_window=128, csa_rate=4,
+    hca_rate=128, index_n_heads=64, index_head_dim=128, o_lora_rank=1024, max_seq_len=1048576, rope_scaling="yarn",
+    rope_factor=16.0, original_seq_len=65536, init_std=0.02,
+)
+PRESETS["v4-flash"] = dict(
+    _V4, dim=4096, n_layers=43, n_heads=64, q_lora_rank=1024, n_routed_experts=256, moe_inter_dim=2048,
+    inter_dim=2048, route_scale=1.5, o_groups=8, index_topk=512,
+    layer_types=("sliding",) * 2 + ("csa", "hca") * 20 + ("csa", "sliding"),
+)
+PRESETS["v4-pro"] = dict(
+    _V4, dim=7168, n_layers=61, n_heads=128, q_lora_rank=1536, n_routed_experts=384, moe_inter_dim=3072,
+    inter_dim=3072, route_scale=2.5, o_groups=16, index_topk=1024,
+    layer_types=("hca",) * 2 + ("hca", "csa") * 29 + ("hca", "sliding"),
+)
 
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:

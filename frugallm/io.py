@@ -86,6 +86,22 @@ def write_file(path: str | os.PathLike, data: str | bytes) -> Path:
     return path
 
 
+@contextmanager
+def replace_file(path: str | os.PathLike) -> Iterator[Path]:
+    """write_file for a file too big to hold in memory (a GGUF export): yields a temp path beside
+    `path` for the caller to write; on a clean exit it is fsynced and renamed over `path`; on an
+    error it is deleted and `path` stays as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # --- reading a manifest ------------------------------------------------------------------------
 
 def read_manifest(path: str | os.PathLike) -> dict | None:

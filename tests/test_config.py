@@ -44,9 +44,9 @@ def test_inconsistent_values_name_the_fields(changes, fields):
 
 
 def test_preset_lookup_is_exact():
-    with pytest.raises(ValueError, match="unknown preset 'V3'; choose one of: tiny, small, v2-lite, v2, v3, v32, tiny-v32"):
+    with pytest.raises(ValueError, match="unknown preset 'V3'; choose one of: tiny, small, v2-lite, v2, v3, v32, tiny-v32, tiny-v4, v4-flash, v4-pro"):
         get_preset("V3")
-    assert set(PRESETS) == {"tiny", "small", "v2-lite", "v2", "v3", "v32", "tiny-v32"}
+    assert set(PRESETS) == {"tiny", "small", "v2-lite", "v2", "v3", "v32", "tiny-v32", "tiny-v4", "v4-flash", "v4-pro"}
 
 
 def test_parameter_counts():

@@ -12,7 +12,7 @@ import torch
 
 from frugallm.rl import rewards
 from frugallm.rl.evaluate import ks_for, pass_at_k
-from frugallm.rl.objective import advantages, equal_groups, grpo_loss, token_logprobs
+from frugallm.rl.objective import advantages, equal_groups, grpo_loss, overlong_penalty, token_logprobs
 from frugallm.rl.tasks import KINDS, generate, load_tasks, write_tasks
 
 
@@ -98,6 +98,13 @@ def test_ratio_one_zero_advantage_and_k3():
         assert grpo_loss(logp, logp, torch.zeros(1), mask, ref_logp=ref, beta=1.0)[1].kl >= 0
     with pytest.raises(ValueError, match="reference"):
         grpo_loss(logp, logp, torch.zeros(1), mask, beta=0.1)
+
+
+def test_overlong_penalty_by_hand():
+    """DAPO eq. 13 with L_max 10, L_cache 4: 0 up to 6 tokens, then -(|o| - 6) / 4, -1 at 10 (truncated)."""
+    got = overlong_penalty(torch.tensor([1, 6, 7, 8, 10]), max_len=10, buffer=4)
+    assert got.tolist() == pytest.approx([0.0, 0.0, -0.25, -0.5, -1.0])
+    assert overlong_penalty(torch.tensor([10]), max_len=10, buffer=0).tolist() == [0.0]  # off
 
 
 def test_clip_fraction_counts_the_clipped_tokens():

@@ -4,6 +4,10 @@ against a training forward's, a run directory that loads, plots and resumes exac
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -92,6 +96,82 @@ def test_dynamic_sampling_drops_all_equal_groups(tiny_run, task_file, tmp_path):
     assert all(torch.equal(a[k], init[k]) for k in a)
 
 
+@pytest.fixture(scope="module")
+def some_groups_reward(tmp_path_factory):
+    """A reward that is 0 for every completion of two prompts in three (all-equal groups) and varies with
+    the completion's length for the rest: dynamic sampling must refill."""
+    path = tmp_path_factory.mktemp("reward") / "some.py"
+    path.write_text("def some(prompt, completion, record):\n"
+                    "    return float(len(completion) % 2) if int(record['answer']) % 3 == 0 else 0.0\n")
+    return f"{path}:some"
+
+
+def test_dynamic_sampling_refills_the_batch(tiny_run, task_file, some_groups_reward, tmp_path):
+    """DAPO's dynamic sampling: the all-equal groups are dropped and further rounds of prompts refill the
+    batch to prompts_per_step groups (never more), or stop at max_sample_rounds; every kept group varies."""
+    from frugallm.rl.trainer import _sample_batch, set_up
+
+    cfg = _cfg(tiny_run, task_file, variant="dapo", rewards=some_groups_reward, beta=0.0, max_sample_rounds=4,
+               prompts_per_step=3)
+    run = set_up(cfg, tmp_path / "run", log=lambda line: None)
+    try:
+        rounds = []
+        for step in range(3):
+            rollouts, rewards, _, equal, keep = _sample_batch(run, step)
+            G = cfg.group
+            n_rounds = len(rollouts) // (3 * G)
+            rounds.append(n_rounds)
+            kept_groups = keep.view(-1, G)[:, 0]
+            assert int(kept_groups.sum()) <= 3 and (int(kept_groups.sum()) == 3 or n_rounds == 4)
+            assert not (kept_groups & equal).any()  # no all-equal group is kept
+            assert ((rewards.view(-1, G).std(1) > 0) == ~equal).all()
+        assert max(rounds) > 1  # it refilled
+        assert [len(_sample_batch(run, s)[0]) for s in range(3)] == [r * 3 * G for r in rounds]  # a function of the step
+    finally:
+        run.lock.close()
+
+
+DAPO_RUN = dict(variant="dapo", group=4, prompts_per_step=2, max_new_tokens=6, steps=4, save_every=1, lr=1e-3,
+                beta=0.04, mu=2, overlong_buffer=2, max_sample_rounds=3, threads=1)
+
+
+def _grpo_cmd(tiny_run, task_file, reward, out):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in DAPO_RUN.items() if k not in ("overlong_buffer",
+                                                                                   "max_sample_rounds", "threads")]
+    sets = [f"--set={k}={DAPO_RUN[k]}" for k in ("overlong_buffer", "max_sample_rounds", "threads")]
+    return [sys.executable, "-m", "frugallm.cli", "grpo", "--init-from", str(tiny_run), "--task", str(task_file),
+            "--reward", reward, *flags, *sets, "--out", str(out)]
+
+
+def test_resume_after_sigkill_repeats_the_run(tiny_run, task_file, some_groups_reward, tmp_path):
+    """Killed (SIGKILL) after its second checkpoint, a DAPO run (dynamic sampling refill, overlong shaping,
+    mu 2, KL) resumes to the uninterrupted run's weights and metrics exactly, rollouts included. (One
+    thread throughout, so that the kernels' sums are the same in and out of the subprocess.)"""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    proc = subprocess.Popen(_grpo_cmd(tiny_run, task_file, some_groups_reward, cut), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    threads = torch.get_num_threads()
+    try:
+        cfg = with_variant(DAPO_RUN["variant"], init_from=str(tiny_run), task=str(task_file),
+                           rewards=some_groups_reward, **{k: v for k, v in DAPO_RUN.items() if k != "variant"})
+        deadline = time.time() + 120
+        while not (cut / "checkpoints" / "step_0000002").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        out = proc.communicate(timeout=60)[0].decode()
+        assert proc.returncode == -signal.SIGKILL, out  # killed mid-run, not finished
+        assert checkpoint.latest(cut).name in ("step_0000002", "step_0000003")
+        train_grpo(cfg, full, log=lambda line: None)  # the uninterrupted run
+        train_grpo(cfg, cut, resume=True, log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load(full).state_dict(), load(cut).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in TIMING}
+             for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (full, cut)]
+    assert rows[0] == rows[1] and [r["step"] for r in rows[0]] == [1, 2, 3, 4]
+
+
 def test_cli_tasks_grpo_eval(tiny_run, tmp_path, capsys):
     out = tmp_path / "sort.jsonl"
     assert main(["grpo", "tasks", "--kind", "sorting", "--n", "6", "--out", str(out)]) == 0
@@ -140,3 +220,16 @@ def test_rewarding_one_token_raises_its_probability_with_kl_bounded(tiny_run):
     after = p_target()
     assert after > 2 * before, (before, after)
     assert max(kls) < 0.5, kls
+
+
+def test_init_from_a_gguf_file(tiny_run, task_file, the_reward, tmp_path):
+    """--init-from FILE.gguf: the policy, the reference and the tokenizer come from the GGUF file through
+    formats/open.py (nothing of GRPO's own); the run's first weights are the file's."""
+    from frugallm.formats.gguf import write_gguf
+
+    gguf = write_gguf(load(tiny_run).float(), checkpoint.load_tokenizer(tiny_run), tmp_path / "tiny.gguf")
+    result = train_grpo(_cfg(tiny_run, task_file, init_from=str(gguf), rewards=the_reward, steps=1, save_every=1),
+                        tmp_path / "run", log=lambda line: None)
+    assert result.step == 1 and result.last["kl"] == 0  # one step: the policy was the reference
+    assert checkpoint.load_tokenizer(tmp_path / "run").encode("the cat") == \
+        checkpoint.load_tokenizer(tiny_run).encode("the cat")

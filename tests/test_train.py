@@ -54,10 +54,19 @@ def _run_until(cmd, run, step, sig):
 DSA = ["--set=q_lora_rank=16", "--set=index_topk=8", "--set=index_n_heads=2", "--set=index_head_dim=16"]
 
 
+# DeepSeek-V4 (preset tiny-v4, cut to SMALL's size): hybrid attention whose 32-token sequences cross the 8-token
+# window, close 8 CSA entries (more than the indexer's top-4) and 4 HCA entries; hash-routed and sqrtsoftplus
+# MoE, the release's mHC, an MTP block of its own kind
+V4 = ["--preset=tiny-v4", *[f"--set={s}" for s in (
+    "n_layers=3", "n_dense_layers=0", "n_expert_groups=1", "n_limited_groups=1", "head_dim=16", "q_lora_rank=16",
+    'layer_types=["sliding","csa","hca","csa"]', "sliding_window=8", "hca_rate=8", "o_groups=2", "o_lora_rank=16",
+    "index_topk=4", "index_n_heads=2", "index_head_dim=16")]]
+
+
 @pytest.mark.parametrize("sig, stage", [(signal.SIGKILL, None), (signal.SIGINT, None), (signal.SIGKILL, "warmup"),
-                                        (signal.SIGKILL, "sparse")])
+                                        (signal.SIGKILL, "sparse"), (signal.SIGKILL, "v4")])
 def test_resume_is_bit_identical(tmp_path, corpus, sig, stage):
-    extra = ["--save-every", "3", *(DSA + [f"--dsa-stage={stage}"] if stage else [])]
+    extra = ["--save-every", "3", *(V4 if stage == "v4" else DSA + [f"--dsa-stage={stage}"] if stage else [])]
     steps = 12 if stage else 24  # (CI time)
     full = tmp_path / "full"
     subprocess.run(_cli(full, corpus, *extra, steps=steps), check=True, capture_output=True)
@@ -70,8 +79,10 @@ def test_resume_is_bit_identical(tmp_path, corpus, sig, stage):
     assert checkpoint.latest(cut) is not None
     subprocess.run(_cli(cut, corpus, "--resume", *extra, steps=steps), check=True, capture_output=True)
     assert _losses(cut) == _losses(full)  # every logged step, bit for bit (fp32), the indexer's KL included
-    if stage:
+    if stage in ("warmup", "sparse"):
         assert all(r[2] > 0 for r in _losses(full).values())
+    if stage == "v4":
+        assert json.loads((cut / "config.json").read_text())["attention"] == "hybrid"
 
 
 def test_corrupt_and_partial_checkpoints_fall_back(tmp_path, corpus):

@@ -138,6 +138,10 @@ def load_tokenizer(path) -> Tokenizer:
     listing tokenizer.json (a checkpoint, an export) has it verified; anything else (a Hugging Face
     directory, a tokenizer file or folder) is read as it is."""
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():  # a GGUF holds its vocabulary (formats/gguf_read.py)
+        from .gguf_read import load_tokenizer as gguf_tokenizer
+
+        return gguf_tokenizer(path)
     if (path / CHECKPOINTS).is_dir():
         for ckpt in reversed(checkpoints(path)):
             try:

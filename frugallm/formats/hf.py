@@ -31,6 +31,7 @@ from ..kernels.fp8 import E4M3, weight_dequant
 from ..kernels.quantize import SUFFIX
 from ..tokenizer import TOKENIZER, Tokenizer, load_tokenizer
 from ..names import CONFIG, WEIGHTS
+from . import hf_v4
 from .hf_config import MODEL_TYPES, config_from_hf, config_to_hf, hf_format  # noqa: F401 (re-exported)
 
 TOP_KEYS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -153,7 +154,7 @@ def keep_quantized(declared: bool, dtype: torch.dtype | None, quantized: bool | 
 
 def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
             quantized: bool | None = None) -> Transformer:
-    """Load a HF DeepSeek-V3/V2 directory (config.json + *.safetensors, sharded or FP8) with MTP.
+    """Load a HF DeepSeek-V2/V3/V3.2/V4 directory (config.json + *.safetensors, sharded or FP8) with MTP.
 
     A directory frugallm wrote (to_hf) carries a manifest.json, checked first (frugallm/io.py);
     those written by others have none and are read as they are.
@@ -167,7 +168,7 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
     """
     path = Path(path)
     if not (path / CONFIG).exists():
-        raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face DeepSeek-V2/V3 model directory")
+        raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face DeepSeek-V2/V3/V4 model directory")
     if io.read_manifest(path) is not None:
         io.verify(path)
     hf_config = json.loads((path / CONFIG).read_text())
@@ -181,48 +182,65 @@ def from_hf(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not keep:
         dtype = dtype or torch.float32
     with _Checkpoint(path) as ckpt:
-        present = sum(f"model.layers.{cfg.n_layers + k}.eh_proj.weight" in ckpt for k in range(cfg.n_mtp))
-        if present < cfg.n_mtp:  # e.g. saved by transformers, which drops the MTP layers
-            warnings.warn(f"config.json declares num_nextn_predict_layers={cfg.n_mtp} but {path} holds "
-                          f"{present} MTP layer(s); loading with n_mtp={present}")
-            cfg = cfg.replace(n_mtp=present)
-        with torch.device("meta"):
-            skeleton = Transformer(cfg)  # names and shapes only
-        used, state = set(), {}
-        for name, ref in skeleton.state_dict().items():
-            key = hf_key(name, cfg.n_layers)
-            keys = [key.format(e=e) for e in range(ref.shape[0])] if "{e}" in key else [key]
-            missing = [k for k in keys if k not in ckpt]
-            if missing:
-                raise KeyError(f"checkpoint {path} lacks {missing[0]} (for frugallm {name})"
-                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-            used.update(keys)
-            stack = torch.stack if "{e}" in key else lambda ts: ts[0]
-            if keep and not name.endswith(FP32_NAMES) and all(ckpt.is_fp8(k) for k in keys):  # codes and scales as stored
-                t = state[name] = stack([ckpt.raw(k) for k in keys])
-                state[name + SCALE] = stack([ckpt.scale(k) for k in keys]).float()
-            else:
-                t = stack([ckpt.get(k) for k in keys])
-                state[name] = t.float() if name.endswith(FP32_NAMES) else t if dtype is None else t.to(dtype)
-            if t.shape != ref.shape:
-                raise ValueError(f"{key}: shape {tuple(t.shape)} in the checkpoint, "
-                                 f"frugallm expects {tuple(ref.shape)}")
-        for k in range(cfg.n_mtp):  # MTP's physical copies of the embedding and head
-            for hf_suffix, ours in MTP_COPIES.items():
-                key = f"model.layers.{cfg.n_layers + k}.{hf_suffix}"
-                if key in ckpt:
-                    used.add(key)
-                    if not torch.equal(ckpt.get(key).float(), ckpt.get(TOP_KEYS[ours]).float()):
-                        warnings.warn(f"{key} differs from the main {ours}; frugallm shares the main one")
-        unused = [k for k in ckpt.where if k not in used and not k.endswith(SCALE)]
-        if unused:
-            raise ValueError(f"checkpoint {path} has {len(unused)} tensor(s) frugallm does not map, e.g. {unused[:3]}")
+        cfg, state = (_read_v4 if cfg.attention == "hybrid" else _read)(ckpt, cfg, keep, dtype, path)
     if keep:
         from ..kernels.quantize import from_quantized_state_dict  # noqa: E402
 
         model = from_quantized_state_dict(cfg, state)
         return model if dtype is None else model.to(dtype)
     return Transformer.from_state_dict(cfg, state)
+
+
+def _read(ckpt: _Checkpoint, cfg: ModelConfig, keep: bool, dtype, path) -> tuple[ModelConfig, dict]:
+    """The state dict of a V2/V3/V3.2 checkpoint (the key table above), and its config with the MTP
+    layers it holds."""
+    present = sum(f"model.layers.{cfg.n_layers + k}.eh_proj.weight" in ckpt for k in range(cfg.n_mtp))
+    if present < cfg.n_mtp:  # e.g. saved by transformers, which drops the MTP layers
+        warnings.warn(f"config.json declares num_nextn_predict_layers={cfg.n_mtp} but {path} holds "
+                      f"{present} MTP layer(s); loading with n_mtp={present}")
+        cfg = cfg.replace(n_mtp=present)
+    with torch.device("meta"):
+        skeleton = Transformer(cfg)  # names and shapes only
+    used, state = set(), {}
+    for name, ref in skeleton.state_dict().items():
+        key = hf_key(name, cfg.n_layers)
+        keys = [key.format(e=e) for e in range(ref.shape[0])] if "{e}" in key else [key]
+        missing = [k for k in keys if k not in ckpt]
+        if missing:
+            raise KeyError(f"checkpoint {path} lacks {missing[0]} (for frugallm {name})"
+                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        used.update(keys)
+        stack = torch.stack if "{e}" in key else lambda ts: ts[0]
+        if keep and not name.endswith(FP32_NAMES) and all(ckpt.is_fp8(k) for k in keys):  # codes and scales as stored
+            t = state[name] = stack([ckpt.raw(k) for k in keys])
+            state[name + SCALE] = stack([ckpt.scale(k) for k in keys]).float()
+        else:
+            t = stack([ckpt.get(k) for k in keys])
+            state[name] = t.float() if name.endswith(FP32_NAMES) else t if dtype is None else t.to(dtype)
+        if t.shape != ref.shape:
+            raise ValueError(f"{key}: shape {tuple(t.shape)} in the checkpoint, "
+                             f"frugallm expects {tuple(ref.shape)}")
+    for k in range(cfg.n_mtp):  # MTP's physical copies of the embedding and head
+        for hf_suffix, ours in MTP_COPIES.items():
+            key = f"model.layers.{cfg.n_layers + k}.{hf_suffix}"
+            if key in ckpt:
+                used.add(key)
+                if not torch.equal(ckpt.get(key).float(), ckpt.get(TOP_KEYS[ours]).float()):
+                    warnings.warn(f"{key} differs from the main {ours}; frugallm shares the main one")
+    unused = [k for k in ckpt.where if k not in used and not k.endswith(SCALE)]
+    if unused:
+        raise ValueError(f"checkpoint {path} has {len(unused)} tensor(s) frugallm does not map, e.g. {unused[:3]}")
+    return cfg, state
+
+
+def _read_v4(ckpt: _Checkpoint, cfg: ModelConfig, keep: bool, dtype, path) -> tuple[ModelConfig, dict]:
+    """A deepseek_v4 checkpoint's state dict (hf_v4.py's key table) and its config with the MTP layers it holds."""
+    present = hf_v4.mtp_present(ckpt, cfg, path)
+    if present < cfg.n_mtp:
+        cfg = cfg.replace(n_mtp=present, layer_types=cfg.layer_types[:cfg.n_layers + present])
+    with torch.device("meta"):
+        skeleton = Transformer(cfg).state_dict()  # names and shapes only
+    return cfg, hf_v4.read_state(ckpt, cfg, keep, dtype, path, skeleton)
 
 
 def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -252,22 +270,7 @@ def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None
                          "(formats/quantized.py quantize_checkpoint, layout='frugallm')")
     if any(t.dtype == E4M3 for t in state.values()):
         hf_config["quantization_config"] = dict(FP8_CONFIG)
-    tensors = {}
-    for name, t in state.items():
-        key = hf_key(name, cfg.n_layers)
-        if name.endswith(FP32_NAMES) or name.endswith(SCALE):
-            t = t.float()
-        elif t.dtype != E4M3:
-            t = t.to(dtype)
-        if "{e}" in key:
-            tensors.update({key.format(e=e): t[e].contiguous() for e in range(t.shape[0])})
-        else:
-            tensors[key] = t.contiguous()
-    for k in range(cfg.n_mtp):
-        for hf_suffix, ours in MTP_COPIES.items():
-            for suffix in ("", SCALE):  # a quantized head is copied with its scales
-                if TOP_KEYS[ours] + suffix in tensors:
-                    tensors[f"model.layers.{cfg.n_layers + k}.{hf_suffix}{suffix}"] = tensors[TOP_KEYS[ours] + suffix].clone()
+    tensors = (hf_v4.release_tensors if cfg.attention == "hybrid" else _hf_tensors)(state, cfg, dtype)
     path = Path(path)
     with io.write_directory(path, kind, sources=sources, suggest=suggest) as tmp:
         save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
@@ -286,13 +289,36 @@ def to_hf(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None
     return path
 
 
+def _hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype) -> dict[str, torch.Tensor]:
+    """frugallm's state dict under the V2/V3/V3.2 keys, MTP's copies of the embedding and head included."""
+    tensors = {}
+    for name, t in state.items():
+        key = hf_key(name, cfg.n_layers)
+        if name.endswith(FP32_NAMES) or name.endswith(SCALE):
+            t = t.float()
+        elif t.dtype != E4M3:
+            t = t.to(dtype)
+        if "{e}" in key:
+            tensors.update({key.format(e=e): t[e].contiguous() for e in range(t.shape[0])})
+        else:
+            tensors[key] = t.contiguous()
+    for k in range(cfg.n_mtp):
+        for hf_suffix, ours in MTP_COPIES.items():
+            for suffix in ("", SCALE):  # a quantized head is copied with its scales
+                if TOP_KEYS[ours] + suffix in tensors:
+                    tensors[f"model.layers.{cfg.n_layers + k}.{hf_suffix}{suffix}"] = tensors[TOP_KEYS[ours] + suffix].clone()
+    return tensors
+
+
 def mtp_note(cfg: ModelConfig) -> str | None:
     """What a user loading an export with transformers should know about the MTP layer, or None."""
     if not cfg.n_mtp:
         return None
-    layers = ", ".join(f"model.layers.{cfg.n_layers + k}" for k in range(cfg.n_mtp))
+    v4 = cfg.attention == "hybrid"  # the release's mtp.k prefix (hf_v4.py), else V3's extra layers
+    layers = ", ".join(f"mtp.{k}" if v4 else f"model.layers.{cfg.n_layers + k}" for k in range(cfg.n_mtp))
     return (f"transformers does not run the multi-token-prediction (MTP) layer ({layers}): loading the folder "
-            f"lists its weights as UNEXPECTED, which is harmless. They are kept, as in DeepSeek-V3's own "
+            f"{'ignores' if v4 else 'lists'} its weights{'' if v4 else ' as UNEXPECTED'}, which is harmless. They are "
+            f"kept, as in DeepSeek-{'V4' if v4 else 'V3'}'s own "
             f"checkpoint, because frugallm.from_hf reads them back for MTP self-speculative decoding "
             f"(`--speculative`) and servers with DeepSeek MTP support draft tokens with them.")
 

@@ -3,7 +3,8 @@
 The model types frugallm's Transformer holds are deepseek_v2 (softmax router, no bias), deepseek_v3
 (sigmoid router with the aux-loss-free bias, V3 §2.1.2) and deepseek_v32 (V3 plus DSA's indexer,
 DeepSeek-V3.2 §2.1). `hf_format` names the type a ModelConfig exports as, or refuses one that none of
-them can hold (hyper-connections, a dense model, DSA with a V2 router). The weights' key table is in hf.py.
+them can hold (hyper-connections, a dense model, DSA with a V2 router). deepseek_v4 (hybrid attention, release
+mHC, hash-routed MoE) is mapped by hf_v4.py, with its key table. The other types' key table is in hf.py.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig, yarn_mscale
+from .hf_v4 import V4, config_from_v4, config_to_v4, v4_problem
 
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")  # the Hugging Face model types frugallm's Transformer holds
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", V4)  # the Hugging Face model types frugallm's Transformer holds
 
 
 def config_from_hf(d: dict) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"config.json has model_type={model_type!r}; frugallm loads 'deepseek_v32', 'deepseek_v3' "
-                         f"or 'deepseek_v2'")
+        raise ValueError(f"config.json has model_type={model_type!r}; frugallm loads 'deepseek_v4', 'deepseek_v32', "
+                         f"'deepseek_v3' or 'deepseek_v2'")
+    if model_type == V4:
+        return config_from_v4(d)
     for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("tie_word_embeddings", False)):
         if d.get(key, want) != want:
             raise ValueError(f"config.json has {key}={d[key]!r}; frugallm's DeepSeek model needs {want!r}")
@@ -87,10 +91,13 @@ def _dense_layers(d: dict) -> int:
 
 
 def hf_format(cfg: ModelConfig) -> str:
-    """'deepseek_v32', 'deepseek_v3' or 'deepseek_v2', or a ValueError naming what the HF format cannot hold."""
-    if cfg.attention != "mla":
-        raise ValueError(f"attention={cfg.attention!r} (DeepSeek-V4's hybrid attention) has no Hugging Face export yet; "
-                         f"save it in frugallm's own format (the state_dict as safetensors + ModelConfig.to_json)")
+    """'deepseek_v4', 'deepseek_v32', 'deepseek_v3' or 'deepseek_v2', or a ValueError naming what the HF
+    format cannot hold."""
+    if cfg.attention == "hybrid":
+        problem = v4_problem(cfg)
+        if problem:
+            raise ValueError(problem)
+        return V4
     if cfg.residual != "plain":
         raise ValueError(
             f"residual={cfg.residual!r}: hyper-connection streams and their coefficients have no Hugging Face "
@@ -115,6 +122,8 @@ def hf_format(cfg: ModelConfig) -> str:
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     fmt = hf_format(cfg)
+    if fmt == V4:
+        return config_to_v4(cfg, dtype)
     arch = {"deepseek_v32": "DeepseekV32ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
     d = {
         "architectures": [arch.get(fmt, "DeepseekV2ForCausalLM")],

@@ -1,12 +1,13 @@
 """`open(path)`: the one place that answers "what is this directory?" (docs/architecture.md).
 
-Four kinds of model directory exist on disk, each written by its own format module:
+Five kinds of model exist on disk (four directories and one file), each written by its own format module:
 
     kind         what it is                                         written by
     run          a training run: checkpoints/step_*/ inside         formats/checkpoint.py
     checkpoint   one checkpoint directory (manifest kind checkpoint) formats/checkpoint.py
     quantized    frugallm's quantized layout (quantization.json)    formats/quantized.py
     hf           a Hugging Face directory: config.json + safetensors formats/hf.py (or anyone)
+    gguf         one llama.cpp deepseek2 GGUF file (*.gguf)          formats/gguf.py (or llama.cpp)
 
 A run resolves to its newest checkpoint that verifies (`Opened.weights`); a checkpoint or a quantized
 export is verified against its manifest before anything is read from it. A Hugging Face directory whose
@@ -31,7 +32,7 @@ from . import quantized as quantized_layout
 
 @dataclass(frozen=True)
 class Opened:
-    kind: str  # run | checkpoint | quantized | hf (the table above)
+    kind: str  # run | checkpoint | quantized | hf | gguf (the table above)
     path: Path  # what was asked for
     weights: Path  # the directory holding the weights: a run's newest verified checkpoint, else path
     hf_config: dict | None  # the Hugging Face config.json (kind hf)
@@ -49,6 +50,10 @@ class Opened:
                              f"Transformer cannot hold; model types it reads: {', '.join(hf.MODEL_TYPES)}")
         if self.kind == "hf":
             return hf.config_from_hf(self.hf_config)
+        if self.kind == "gguf":
+            from . import gguf_read
+
+            return gguf_read.config_from_gguf(gguf_read.reader(self.path))
         return ModelConfig.from_json(self.weights / CONFIG)
 
     def model(self, dtype: torch.dtype | None = None, quantized: bool | None = None):
@@ -57,6 +62,10 @@ class Opened:
         checkpoint). Frugallm checkpoints are read as stored and then cast, as they always were."""
         if not self.deepseek:
             self.config  # raises, naming the model type
+        if self.kind == "gguf":
+            from .gguf_read import load_gguf
+
+            return load_gguf(self.path, dtype=dtype, quantized=quantized)
         if self.kind != "hf" and self.quantization is not None:
             return quantized_layout.load_quantized(self.weights, dtype=dtype, quantized=quantized)
         if self.kind == "hf":
@@ -67,6 +76,10 @@ class Opened:
 def open(path) -> Opened:  # noqa: A001 - the format layer's one entry point, as io's open is Python's
     """What `path` is, with its config and quantization metadata (no weights are read)."""
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        from . import gguf_read
+
+        return Opened("gguf", path, path, None, gguf_read.quantization(path))
     if (path / CHECKPOINTS).exists():
         ckpt = checkpoint.latest(path)
         if ckpt is None:
@@ -83,7 +96,7 @@ def open(path) -> Opened:  # noqa: A001 - the format layer's one entry point, as
         hf_config = json.loads((path / CONFIG).read_text())
         return Opened("hf", path, path, hf_config, hf_config.get("quantization_config"))
     raise FileNotFoundError(f"{path} is neither a frugallm run (no valid checkpoint), a checkpoint, a quantized "
-                            f"export nor a Hugging Face model directory (no {CONFIG}); pass one of those")
+                            f"export, a Hugging Face model directory (no {CONFIG}) nor a .gguf file; pass one of those")
 
 
 def _local(path: Path, weights: Path, kind: str) -> Opened:

@@ -12,6 +12,8 @@ instead of stalling the others, and a finished job leaves at once.
 The `round-robin` policy is the reference twin (and the engine this one replaced): one request per forward,
 in turn, its whole prompt in its first turn. `benchmarks/bench_serve.py` measures both in one run.
 
+V4's hybrid attention: a HybridCache per request, one forward per length (caches.py HybridRows).
+
 A request's output does not depend on what else runs with it: its cache row holds only its own tokens, its
 attention sees only its own positions (the cache's per-row mask), sampling uses its own generator (`seed`)
 and its own penalties; only the matmuls' blocking changes with the batch size, at the level of rounding.
@@ -47,7 +49,8 @@ import torch
 
 from ..tokenizer import TextStream, Tokenizer
 from ..model.kv_cache import KVCache
-from .sampling import adjust, choose, entry, greedy
+from .caches import HybridRows, hybrid_decode
+from .sampling import adjust, choose, greedy, prompt_entries
 
 log = logging.getLogger("frugallm.server")
 POLICIES = ("batch", "round-robin")
@@ -121,6 +124,7 @@ class Engine:
                              f"must be >= 1, max_queue={max_queue} >= 0")
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: choose one of {POLICIES}")
+        self.hybrid = hybrid_decode(model, decoder)
         self.model, self.tokenizer, self.slots, self.decoder, self.policy = model, tokenizer, slots, decoder, policy
         self.max_cache_tokens, self.max_queue, self.prefill_chunk = max_cache_tokens, max_queue, prefill_chunk
         self.metrics = metrics
@@ -129,7 +133,7 @@ class Engine:
         self._active: list[Job] = []  # admission order
         self._rows: list[Job | None] = []  # the cache's rows: decoding [0, n_dec), then prefilling, then free
         self._n_dec = self._n_pre = 0
-        self.cache: KVCache | None = None
+        self.cache: KVCache | HybridRows | None = None
         self._turn = 0  # round-robin: whose turn it is
         self._wake = threading.Condition()
         self._closed = False
@@ -249,20 +253,23 @@ class Engine:
             job.bias = (ids, torch.tensor(list(job.logit_bias.values()), dtype=torch.float32))
         job.text = self.tokenizer.stream()
         rows, T = len(self._active), max(j.cache_tokens for j in self._active)
-        if self.cache is None or rows > self.cache.c_kv[0].shape[0] or T > self.cache.max_len:
+        if self.cache is None or rows > self.cache.lengths.shape[0] or T > self.cache.max_len:
             self._allocate(rows, T)
         job.row = self._n_dec + self._n_pre
         self._rows[job.row] = job
         self._n_pre += 1
         self.cache.lengths[job.row] = 0
+        if self.hybrid:
+            self.cache.reset(job.row)
 
     def _allocate(self, rows: int, T: int) -> None:
         """A new block of `rows` (doubling up to `slots`, within the budget) x T; running rows move over."""
         cfg, model = self.model.config, self.model
         rows = max(rows, min(self.slots, 1 << (rows - 1).bit_length(), self.max_cache_tokens // T))
-        cache = KVCache(cfg, rows, T, dtype=model.embed.weight.dtype, device=model.embed.weight.device)
         used = self._n_dec + self._n_pre
-        if self.cache is not None and used:
+        cache = (HybridRows(model, rows, T, self.cache if used else None, used) if self.hybrid  # caches.py
+                 else KVCache(cfg, rows, T, dtype=model.embed.weight.dtype, device=model.embed.weight.device))
+        if self.cache is not None and used:  # (a HybridRows has no buffers: its caches carried over)
             t = min(T, self.cache.max_len)
             for new, old in zip(cache.buffers(), self.cache.buffers()):  # latents, rope keys, indexer keys
                 for a, b in zip(new, old):
@@ -279,6 +286,8 @@ class Engine:
             for b in buffers:
                 b[[i, j]] = b[[j, i]]
         c.lengths[[i, j]] = c.lengths[[j, i]]
+        if self.hybrid:
+            c.swap(i, j)
         self._rows[i], self._rows[j] = self._rows[j], self._rows[i]
         for r in (i, j):
             if self._rows[r] is not None:
@@ -303,12 +312,14 @@ class Engine:
         every = any(j.prompt_logprobs for j in jobs)  # echo needs every position's logits
         at = None if every else torch.tensor([[t - 1] for t in take])
         t0 = time.perf_counter()
-        logits = self.model(ids, cache=self._view(a, b), logits_at=at).logits.float()  # (B, S or 1, V)
+        view = self._view(a, b)  # hybrid: each row reads its own tokens only, no padding (caches.py)
+        logits = (view.forward(ids, take, at) if self.hybrid else self.model(ids, cache=view, logits_at=at).logits
+                  ).float()  # (B, S or 1, V)
         self._count("prefill_tokens", sum(take), time.perf_counter() - t0)
         for r, (job, t, n) in enumerate(zip(jobs, take, lengths)):
             self.cache.lengths[a + r] = n + t
             if job.prompt_logprobs:
-                self._prompt_logprobs(job, logits[r, :t], job.read)
+                job.prompt_entries += prompt_entries(job.prompt, logits[r, :t], job.read, job.logprobs or 0)
             job.read += t
         done = [(job, logits[r, take[r] - 1 if every else 0]) for r, job in enumerate(jobs)
                 if job.read == len(job.prompt)]
@@ -322,16 +333,6 @@ class Engine:
             else:
                 self._sample([job], last[None])
 
-    def _prompt_logprobs(self, job: Job, logits: torch.Tensor, start: int) -> None:
-        """Records for prompt tokens start+1 .. start+len(logits): the model's own distribution (raw logits)."""
-        if start == 0:
-            job.prompt_entries.append((job.prompt[0], None, []))
-        logp = logits.log_softmax(-1)
-        k = job.logprobs or 0
-        for i in range(len(logits)):
-            if start + i + 1 < len(job.prompt):
-                job.prompt_entries.append(entry(logp[i], job.prompt[start + i + 1], k))
-
     @torch.inference_mode()
     def _decode(self, a: int, b: int) -> None:
         """One token for each job in rows [a, b)."""
@@ -342,11 +343,12 @@ class Engine:
         view = self._view(a, b)
         before = view.lengths.clone()
         t0 = time.perf_counter()
-        out = self.decoder(ids, view) if self.decoder else self.model(ids, cache=view, absorb=True)
+        step = self.decoder or (lambda x, c: self.model(x, cache=c, absorb=True))
+        logits = view.forward(ids, [1] * len(jobs), None) if self.hybrid else step(ids, view).logits
         view.lengths.copy_(before)
         view.lengths[:len(jobs)] += 1
         self._count("decode_tokens", len(jobs), time.perf_counter() - t0)
-        self._sample(jobs, out.logits[:len(jobs), -1])
+        self._sample(jobs, logits[:len(jobs), -1])
 
     def _sample(self, jobs: list[Job], logits: torch.Tensor) -> None:
         """The next token of each job from its logits row (B, V); greedy plain rows share one argmax."""

@@ -3,7 +3,8 @@
 Prefill runs the prompts (right-padded to a common length) through the naive MLA path; then every
 step feeds the last verified token (plus, with `speculative`, the MTP drafts) through the
 absorbed path. Rows keep their own lengths in the cache, so prompts of different lengths batch
-together and each row's positions are exactly those of running it alone.
+together and each row's positions are exactly those of running it alone. V4's hybrid attention decodes
+over its HybridCache instead, one batch per prompt length (caches.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..model.kv_cache import KVCache
+from .caches import by_length, hybrid_decode, new_cache, set_lengths
 from .sampling import check_sampling, sample
 from .speculative import Drafter, accept
 
@@ -48,6 +49,11 @@ def generate_stream(model, input_ids, max_new_tokens: int, temperature: float = 
                          f"{cfg.max_seq_len} tokens; shorten the prompt or ask for fewer tokens")
     if speculative and cfg.n_mtp == 0:
         raise ValueError("speculative decoding drafts with the model's MTP modules, and this model has none (n_mtp=0)")
+    if hybrid_decode(model, decoder) and len(set(map(len, prompts))) > 1:  # one HybridCache length per batch (caches.py)
+        again = lambda group, part: generate_stream(model, group, max_new_tokens, temperature, top_k, top_p, seed,
+                                                    stop, speculative, part, decoder)
+        yield from by_length(prompts, again, stats, stop if isinstance(stop, int) else (list(stop or []) or [None])[0])
+        return
     D = cfg.n_mtp if speculative else 0
     stops = torch.tensor([stop] if isinstance(stop, int) else list(stop or []), dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -61,9 +67,9 @@ def generate_stream(model, input_ids, max_new_tokens: int, temperature: float = 
     model.eval()
     try:
         t0 = time.perf_counter()
-        cache = KVCache(cfg, B, size, dtype=dtype, device=device)
+        cache = new_cache(model, B, size, rewindable=bool(D))
         out = model(seq[:, :longest], cache=cache, logits_at=(lengths - 1)[:, None])
-        cache.lengths.copy_(lengths)  # padding slots past each prompt are stale from here on
+        set_lengths(cache, lengths)  # padding slots past each prompt are stale from here on
         drafter = Drafter(model, B, size + D + 1, dtype, device, decoder and decoder.mtp_step) if D else None
         if drafter:
             drafter.record(torch.arange(longest, device=device).expand(B, -1), out.hidden)
@@ -85,7 +91,7 @@ def generate_stream(model, input_ids, max_new_tokens: int, temperature: float = 
             n, token, row_accepted = accept(out.logits, drafts, dists, temperature, top_k, top_p, generator)
             if drafter:
                 drafter.record(positions, out.hidden)
-            cache.lengths.copy_(n_verified + n)  # keep [last verified, d_1..d_n]; the rest is stale
+            set_lengths(cache, n_verified + n)  # keep [last verified, d_1..d_n]; the rest is stale
             seq[torch.arange(B), n_verified + n] = token
             new = torch.cat([drafts[:, :n], token[:, None]], dim=1)
             n_verified, made = n_verified + n + 1, made + n + 1

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from ..model.hybrid_cache import hybrid_values
 from ..model.kv_cache import token_widths
 
 SLACK = 512 << 20  # memory budget headroom: requests in flight, event queues, allocator slack
@@ -18,7 +19,11 @@ SLACK = 512 << 20  # memory budget headroom: requests in flight, event queues, a
 
 def bytes_per_token(cfg, dtype: torch.dtype) -> int:
     """Generation state per reserved token: the cache of every layer, latents, rope key and, with DSA, the
-    indexer's key (model/kv_cache.py token_widths), + the int64 token id."""
+    indexer's key (model/kv_cache.py token_widths), + the int64 token id. A hybrid (V4) cache holds less per
+    token the longer the context (a fixed window, 1/m compressed rows): its bound is a 1-token sequence's, a
+    window row and the open windows' C, Z rows in every block (model/hybrid_cache.py hybrid_values)."""
+    if cfg.attention == "hybrid":
+        return sum(hybrid_values(cfg, 1).values()) * dtype.itemsize + 8
     return cfg.n_layers * sum(token_widths(cfg).values()) * dtype.itemsize + 8
 
 

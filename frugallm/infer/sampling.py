@@ -94,3 +94,12 @@ def entry(logp: torch.Tensor, token: int, k: int) -> tuple:
     top = logp.topk(k) if k else None
     alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if k else []
     return token, float(logp[token]), alternatives
+
+
+def prompt_entries(prompt: list[int], logits: torch.Tensor, start: int, k: int) -> list[tuple]:
+    """`entry` records for prompt tokens start+1 .. start+len(logits) from their logits (S, V), the model's own
+    distribution (echo), with k alternatives; the prompt's first token, at start 0, gets log-prob None."""
+    records = [(prompt[0], None, [])] if start == 0 else []
+    logp = logits.log_softmax(-1)
+    return records + [entry(logp[i], prompt[start + i + 1], k) for i in range(len(logits))
+                      if start + i + 1 < len(prompt)]

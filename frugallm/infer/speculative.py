@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.kv_cache import KVCache
+from .caches import new_cache, set_lengths
 from .sampling import greedy, probs
 
 
@@ -70,7 +70,9 @@ class Drafter:
         """mtp_step: runs the MTP modules instead of `model.mtp_step` (e.g. a compiled one)."""
         cfg = model.config
         self.mtp_step, self.D = mtp_step or model.mtp_step, cfg.n_mtp
-        self.caches = [KVCache(cfg, batch_size, max_len, dtype, device, n_layers=1) for _ in range(self.D)]
+        # depth k's block is block n_layers + k of the config (V4: its own kind in layer_types)
+        self.caches = [new_cache(model, batch_size, max_len, n_layers=1, first=cfg.n_layers + k, rewindable=True)
+                       for k in range(self.D)]
         # hist[k] (B, max_len, d): h^k at every position, the input of depth k+1 (hist[0]: main model)
         self.hist = [torch.zeros(batch_size, max_len, cfg.dim, dtype=dtype, device=device) for _ in range(self.D)]
         self.final = [torch.zeros(batch_size, dtype=torch.long, device=device) for _ in range(self.D)]
@@ -96,7 +98,7 @@ class Drafter:
             cache, start = self.caches[k - 1], self.final[k - 1]
             width = int((n_verified - 1 - start).max())
             idx = start[:, None] + torch.arange(width, device=seq.device)  # (B, W)
-            cache.lengths.copy_(start)
+            set_lengths(cache, start)
             h, logits = self.mtp_step(k - 1, self.hist[k - 1][rows, idx], seq.gather(1, idx + k), cache,
                                       absorb=width <= self.D + 1,
                                       logits_at=(n_verified - 2 - start)[:, None])  # at position N-2

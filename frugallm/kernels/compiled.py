@@ -58,6 +58,9 @@ def unavailable_reason(model) -> str | None:
     """Why `compile_decode` cannot apply to this model on this machine, or None."""
     if not torch._dynamo.is_dynamo_supported():
         return "torch.compile is not supported by this Python / PyTorch build"
+    if model.config.attention == "hybrid":  # its HybridCache grows by concatenation: no static shapes to trace
+        return ("the compiled step traces MLA's static latent cache, and this model has V4 hybrid attention "
+                "(attention='hybrid', model/hybrid_cache.py): run it without --compile (eager decode)")
     if model.embed.weight.device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         return "torch.compile's CPU backend needs a C++ compiler (g++ or clang++): install one, e.g. `apt install g++`"
     done = [name for name in converted(model) if not isinstance(model.get_submodule(name), (GemvLinear, StaticExperts))]

@@ -4,6 +4,8 @@ Only the weights are quantized; activations stay in the model's dtype (bf16 for 
 fp32 for exactness checks). Two formats, one storage rule:
 
     int8  W (N, K) ~= q * s[:, None]      q int8 in [-127, 127], s = amax(|W[n, :]|) / 127  (N,) fp32
+          or, grouped, s (N, K / g): one scale per g consecutive inputs of a row (GGUF's q8_0, g = 32,
+          read by formats/gguf_read.py; never made by `quantize`, run by dequantizing the weight)
     fp8   W (N, K) ~= q * s[i//128, j//128]  q float8_e4m3fn, s (ceil(N/128), ceil(K/128)) fp32
           (docs/design/quantization.md: DeepSeek's `weight_scale_inv`, from kernels/fp8.py's weight_quant)
 
@@ -86,6 +88,8 @@ def quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The reference dequantization, any leading dims: codes + scale_inv -> W in `dtype`."""
     if fmt_of(q) == "int8":
+        if s.dim() == q.dim():  # grouped: s (..., N, K / g)
+            return (q.float().unflatten(-1, (s.shape[-1], -1)) * s.float()[..., None]).flatten(-2).to(dtype)
         return (q.float() * s.float()[..., None]).to(dtype)
     if q.dim() == 2:
         return weight_dequant(q, s, dtype=dtype)
@@ -96,6 +100,8 @@ def dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.floa
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x (..., K), q (N, K) int8, s (N,) fp32 -> (..., N) in x.dtype."""
+    if s.dim() == 2:  # grouped scales (GGUF q8_0) do not commute with the GEMM: dequantize first
+        return F.linear(x, dequantize(q, s, x.dtype))
     N, K = q.shape
     x2 = x.reshape(-1, K)
     # int8pack's AVX-512 kernel segfaults on codes that are not 64-byte aligned (seen with tensors
@@ -162,6 +168,15 @@ def _scale_as(module: nn.Module, name: str, dtype: torch.dtype) -> torch.Tensor:
     return hit[2]
 
 
+def _adopt_grouped(module: nn.Module, state_dict: dict, prefix: str, names) -> None:
+    """Before loading: an int8 scale arriving grouped, (..., N, K / g) instead of (..., N), replaces
+    the placeholder buffer's shape (load_state_dict(assign=True) then adopts it)."""
+    for name in names:
+        s, held = state_dict.get(prefix + name), module._buffers.get(name)
+        if s is not None and held is not None and s.dim() == held.dim() + 1 and s.shape[:-1] == held.shape:
+            module._buffers[name] = torch.empty(s.shape, dtype=held.dtype, device=held.device)
+
+
 def _apply_keeping(module: nn.Module, fn, recurse: bool, names: tuple[str, ...]) -> nn.Module:
     """Module._apply that only MOVES the named code/scale buffers: model.to(bf16) must neither cast
     e4m3 codes (a floating dtype to torch) nor round the fp32 scales. The dtype such a call asks
@@ -207,7 +222,8 @@ class QuantLinear(nn.Module):
         return _e4m3_dequant(q, s, dtype).contiguous() if self.fmt == "fp8" else dequantize(q, s, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = _scale_as(self, "weight_scale_inv", x.dtype) if self.fmt == "int8" else self.weight_scale_inv
+        per_channel = self.fmt == "int8" and self.weight_scale_inv.dim() == 1  # grouped scales stay fp32
+        s = _scale_as(self, "weight_scale_inv", x.dtype) if per_channel else self.weight_scale_inv
         y = LINEAR[self.fmt](x, self.qweight, s)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -224,6 +240,8 @@ class QuantLinear(nn.Module):
         if codes is not None and codes.dtype != self.qweight.dtype:  # copy_ would silently convert
             errors.append(f"{prefix}weight holds {codes.dtype}; this {self.fmt} QuantLinear expects {self.qweight.dtype}")
         state = {(prefix + "qweight" if k == prefix + "weight" else k): v for k, v in state_dict.items()}
+        if self.fmt == "int8":
+            _adopt_grouped(self, state, prefix, ("weight_scale_inv",))
         n = len(missing)
         super()._load_from_state_dict(state, prefix, local_metadata, strict, missing, unexpected, errors)
         missing[n:] = [prefix + "weight" if k == prefix + "qweight" else k for k in missing[n:]]
@@ -265,7 +283,8 @@ class QuantExperts(nn.Module):
         quantized GEMMs on its contiguous rows (decode: K experts, M = 1)."""
         linear = LINEAR[self.fmt]
         w1, w2, w3 = self.w1, self.w2, self.w3
-        s1, s2, s3 = (_scale_as(self, n + SUFFIX, x.dtype if self.fmt == "int8" else torch.float32) for n in self.WEIGHTS)
+        s1, s2, s3 = (_scale_as(self, n + SUFFIX, x.dtype if self.fmt == "int8" and getattr(self, n + SUFFIX).dim() == 2
+                                else torch.float32) for n in self.WEIGHTS)  # grouped int8 scales stay fp32
         return per_expert(x, weights, idx, w1.shape[0], lambda e, rows: linear(
             gated(linear(rows, w1[e], s1[e]), linear(rows, w3[e], s3[e]), self.limit), w2[e], s2[e]))
 
@@ -276,6 +295,11 @@ class QuantExperts(nn.Module):
 
     def _apply(self, fn, recurse=True):
         return _apply_keeping(self, fn, recurse, self.WEIGHTS + tuple(n + SUFFIX for n in self.WEIGHTS))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        if self.fmt == "int8":
+            _adopt_grouped(self, state_dict, prefix, tuple(n + SUFFIX for n in self.WEIGHTS))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 # --- the converter -----------------------------------------------------------------------------

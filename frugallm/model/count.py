@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from .hybrid_cache import hybrid_cache_lines
 from .kv_cache import cache_lines
 
 
@@ -64,7 +65,7 @@ def summary(cfg: ModelConfig, label: str, max_build_params: float = 2e9):
     width = max(len(k) for k in rows)
     for k, v in rows.items():
         yield f"  {k:<{width}}  {v:>17,}  ({v / 1e6:,.2f}M)"
-    yield from cache_lines(cfg)
+    yield from hybrid_cache_lines(cfg) if cfg.attention == "hybrid" else cache_lines(cfg)
     if counts["total"] > max_build_params:
         yield f"  (not built: {counts['total']:,} parameters exceed --max-build-params; counted on the meta device)"
         return

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 VERDICTS = ("reproduced", "not reproduced", "not measurable at this scale")
+RESERVE_S = 10.0  # the budget kept for rendering and the sections that need no share
+_LOG = [print]
 
 
 @dataclass
@@ -68,36 +70,57 @@ def host_key() -> dict:
             "profile": p.source if p.source.startswith("forced") else "measured"}
 
 
-def cache_path(out: Path, section: Section, host: dict) -> Path:
-    key = json.dumps({"section": section.name, "version": section.version, "host": host}, sort_keys=True)
+def cache_path(out: Path, section: Section, host: dict, budget_s: float) -> Path:
+    """One file per (section, its version, host, budget): a finding measured at another budget is another
+    experiment (its size came from the budget), so it is measured again, not reused."""
+    key = json.dumps({"section": section.name, "version": section.version, "host": host, "budget_s": budget_s},
+                     sort_keys=True)
     return out / "cache" / f"{section.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def plan_shares(sections: list[Section], budget_s: float, reserve_s: float = 10.0) -> dict[str, float]:
-    """Seconds per section: the budget less a reserve for rendering, split by weight (instant ones get 0)."""
-    total = sum(s.weight for s in sections)
-    spend = max(0.0, budget_s - reserve_s)
-    return {s.name: (spend * s.weight / total if total else 0.0) for s in sections}
+def progress(line: str) -> None:
+    """A progress line from inside a section (harness.py's arms); run_report sets where it goes."""
+    _LOG[0](line)
 
 
-def run_report(sections: list[Section], budget_s: float, out: Path, log=print, redo: bool = False) -> list:
+def _cached(path: Path, out: Path) -> Finding | None:
+    """The finding saved at `path`, if it and every plot it names are there."""
+    if not path.exists():
+        return None
+    finding = Finding(**json.loads(path.read_text()))
+    return finding if all((out / p).exists() for p in finding.plots) else None
+
+
+def run_report(sections: list[Section], budget_s: float, out: Path, log=print, redo: bool = False,
+               threads: int = 1) -> list:
     """Measure each section (or read its cached finding), write report.md / report.html, return
-    [(section, finding)]. Each finding is saved as soon as it exists: a killed run loses one section."""
+    [(section, finding)]. Each finding is saved as soon as it exists: a killed run loses one section.
+    Shares are planned again before each section from the time left, so a section that overran (or a
+    cached one that cost nothing) moves the others' shares. One torch thread: on a shared host two
+    threads stall on other jobs, and timings between arms stay comparable."""
+    import os
+
+    import torch
+
     from .. import io
 
     out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(threads)
+    _LOG[0] = log
     host = host_key()
-    shares = plan_shares(sections, budget_s)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     done, start = [], time.monotonic()
     for i, s in enumerate(sections, 1):
-        path = cache_path(out, s, host)
-        if path.exists() and not redo:
-            finding = Finding(**json.loads(path.read_text()))
+        path = cache_path(out, s, host, budget_s)
+        finding = None if redo else _cached(path, out)
+        if finding is not None:
             log(f"[{i}/{len(sections)}] {s.name}: cached ({finding.verdict})")
         else:
             left = budget_s - (time.monotonic() - start)
-            share = min(shares[s.name], max(0.0, left - 10.0)) if s.weight else 0.0
-            log(f"[{i}/{len(sections)}] {s.name}: measuring ({share:.0f} s of the budget)")
+            weights = sum(t.weight for t in sections[i - 1:]
+                          if redo or _cached(cache_path(out, t, host, budget_s), out) is None)
+            share = max(0.0, left - RESERVE_S) * s.weight / weights if s.weight else 0.0
+            log(f"[{i}/{len(sections)}] {s.name}: measuring ({share:.0f} s of the {left:.0f} s left)")
             t = time.monotonic()
             finding = s.measure(share, out)
             finding.seconds = round(time.monotonic() - t, 1)
@@ -107,5 +130,7 @@ def run_report(sections: list[Section], budget_s: float, out: Path, log=print, r
         done.append((s, finding))
     from .render import write_report
 
-    write_report(done, out, host, budget_s)
+    context = {"threads": threads, "cores": os.cpu_count(), "load": load,
+               "wall_s": time.monotonic() - start}
+    write_report(done, out, host, budget_s, context)
     return done

@@ -19,11 +19,19 @@ def summary_rows(done) -> list[list[str]]:
     return [[s.title, s.claim, f.measured, f.verdict] for s, f in done]
 
 
-def markdown(done, host: dict, budget_s: float) -> str:
+def context_line(host: dict, budget_s: float, context: dict) -> str:
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    lines = [f"# frugallm report: DeepSeek's claims, measured here", "",
-             f"Host: {host['cpu']}; flags {' '.join(host['flags'])}; torch {host['torch']}; "
-             f"profile {host['profile']}. Written {when}; budget {budget_s / 60:.0f} min.", "",
+    return (f"Host: {host['cpu']}; flags {' '.join(host['flags'])}; torch {host['torch']}; profile {host['profile']}; "
+            f"{context.get('cores', '?')} cores, {context.get('threads', 1)} torch thread; load average "
+            f"{context.get('load', float('nan')):.1f} at the start (a load above the core count means other jobs "
+            f"shared the cores, and every speed here is lower than a quiet host's). Written {when}; budget "
+            f"{budget_s / 60:.1f} min, this run {context.get('wall_s', 0) / 60:.1f} min (cached sections cost none).")
+
+
+def markdown(done, host: dict, budget_s: float, context: dict | None = None) -> str:
+    lines = [f"# frugallm report: DeepSeek's claims, measured here", "", context_line(host, budget_s, context or {}),
+             "", "Each section: `frugallm report --only NAME` reproduces it alone; docs/report.md gives its "
+             "verdict rule.", "",
              "| claim | paper | measured here | verdict |", "|---|---|---|---|"]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in summary_rows(done)]
     for s, f in done:
@@ -43,14 +51,13 @@ def _table(header, rows) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def to_html(done, host: dict, budget_s: float, out: Path) -> str:
+def to_html(done, host: dict, budget_s: float, out: Path, context: dict | None = None) -> str:
     parts = ["<!doctype html><meta charset='utf-8'><title>frugallm report</title><style>"
              "body{font:15px/1.5 system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;"
              "text-align:left;vertical-align:top}img{max-width:100%}.v{font-weight:600}</style>",
              "<h1>frugallm report: DeepSeek's claims, measured here</h1>",
-             f"<p>Host: {html.escape(host['cpu'])}; flags {html.escape(' '.join(host['flags']))}; torch "
-             f"{html.escape(host['torch'])}; profile {html.escape(host['profile'])}. Budget {budget_s / 60:.0f} min.</p>",
+             f"<p>{html.escape(context_line(host, budget_s, context or {}))}</p>",
              _table(["claim", "paper", "measured here", "verdict"], summary_rows(done))]
     for s, f in done:
         parts += [f"<h2 id='{s.name}'>{html.escape(s.title)}</h2>",
@@ -66,8 +73,8 @@ def to_html(done, host: dict, budget_s: float, out: Path) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_report(done, out: Path, host: dict, budget_s: float) -> None:
+def write_report(done, out: Path, host: dict, budget_s: float, context: dict | None = None) -> None:
     from ..io import write_file
 
-    write_file(out / "report.md", markdown(done, host, budget_s))
-    write_file(out / "report.html", to_html(done, host, budget_s, out))
+    write_file(out / "report.md", markdown(done, host, budget_s, context))
+    write_file(out / "report.html", to_html(done, host, budget_s, out, context))

@@ -35,13 +35,15 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     dynamic_sampling: bool = False
+    max_sample_rounds: int = 3  # dynamic sampling: rounds of prompts sampled per step to refill the batch
+    overlong_buffer: int = 0  # DAPO's soft overlong punishment over the last N tokens of max_new_tokens; 0 = off
     group: int = 8  # G completions per prompt
     prompts_per_step: int = 8
     max_new_tokens: int = 32
     temperature: float = 1.0
     beta: float = 0.04  # KL weight to the reference (DeepSeekMath's); 0 = no reference model at all
     mu: int = 1  # policy updates per batch of rollouts (the ratio is 1 on the first)
-    lr: float = 5e-5
+    lr: float = 2e-5
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.99
@@ -71,12 +73,14 @@ class GRPOConfig:
             out.append(f"variant={self.variant!r}: choose one of {', '.join(VARIANTS)}")
         if self.loss_norm not in NORMS:
             out.append(f"loss_norm={self.loss_norm!r}: choose one of {', '.join(NORMS)}")
-        for name in ("group", "prompts_per_step", "max_new_tokens", "mu", "micro_batch", "steps", "save_every",
-                     "keep_last"):
+        for name in ("group", "prompts_per_step", "max_new_tokens", "mu", "max_sample_rounds", "micro_batch",
+                     "steps", "save_every", "keep_last"):
             if getattr(self, name) < 1:
                 out.append(f"{name}={getattr(self, name)} must be >= 1")
         if self.group < 2:
             out.append(f"group={self.group} must be >= 2: advantages are relative to the group")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            out.append(f"overlong_buffer={self.overlong_buffer} must be in [0, max_new_tokens={self.max_new_tokens}]")
         if not 0 <= self.eps_low < 1 or self.eps_high < 0:
             out.append(f"eps_low={self.eps_low} must be in [0, 1) and eps_high={self.eps_high} >= 0")
         if self.beta < 0 or self.lr <= 0 or self.temperature <= 0:

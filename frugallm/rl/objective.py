@@ -3,6 +3,7 @@
 Shapes: N completions (P prompts x G samples each, grouped consecutively), T = the longest completion;
 every (N, T) tensor is right-padded and `mask` (N, T) marks real completion tokens.
 
+    overlong(|o|)    DAPO's soft length penalty, 0 .. -1 over the last `buffer` tokens before max_len
     advantages(r)    A_i = r_i - mean(group), divided by std(group) + 1e-4 unless scale=False (Dr. GRPO)
     ratio            rho_it = exp(logp_it - old_it)                   old: the policy that sampled
     policy term      min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)   (eps_high > eps_low: DAPO's clip-higher)
@@ -36,6 +37,17 @@ def advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> torch.T
     if scale:
         a = a / (r.std(dim=1, keepdim=True) + STD_EPS) if group > 1 else a
     return a.view(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (eq. 13), added to the rewards: lengths (N,) -> (N,) in [-1, 0],
+    0 up to max_len - buffer tokens, then falling linearly to -1 at max_len (a truncated completion):
+        R = ((max_len - buffer) - |o|) / buffer   for max_len - buffer < |o| <= max_len
+    |o| counts the completion's tokens, its end-of-text token included. buffer 0: no penalty."""
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    over = (lengths.float() - (max_len - buffer)).clamp(0, buffer)
+    return -over / buffer
 
 
 def equal_groups(rewards: torch.Tensor, group: int) -> torch.Tensor:

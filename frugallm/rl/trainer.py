@@ -5,7 +5,8 @@ Per step s, in order:
   2. rollouts: G completions of each, sampled by the serving engine at `temperature` (rollout.py),
      each with a seed that is a function of (seed, s, index);
   3. rewards (rewards.py) -> group advantages; accuracy = the share the records' verifiers call right;
-     with dynamic sampling the groups whose rewards are all equal are dropped (none left: no update);
+     with dynamic sampling the groups whose rewards are all equal are dropped and more prompts are
+     sampled to refill the batch, up to max_sample_rounds rounds (none left: no update);
   4. log-probs by a training forward: the sampling policy's (a no-grad forward, when mu > 1; with mu = 1
      it is the policy itself, detached), the reference's (beta > 0);
   5. mu times: forward + backward of the batch in micro-batches, clip, AdamW step;
@@ -44,7 +45,7 @@ from ..train.optim import build_optimizer
 from ..train.setup import check_out, claim
 from . import rewards as reward_fns
 from .config import RESUMABLE, GRPOConfig, resume_conflicts
-from .objective import advantages, equal_groups, grpo_loss
+from .objective import advantages, equal_groups, grpo_loss, overlong_penalty
 from .rollout import batch, completion_logprobs, completion_text, prompt_ids, sample, seed_for
 from .tasks import load_tasks
 
@@ -175,20 +176,54 @@ def prompts_for(step: int, per_step: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def _rollouts(run: GRPORun, step: int):
-    """Step `step`'s prompts, their G completions each, rewards and verdicts."""
+def refill_prompts(step: int, round_: int, per_step: int, n: int, seed: int) -> list[int]:
+    """Dynamic sampling's extra prompts for round `round_` >= 1 of step `step`: a seeded draw (a function of
+    the step and round alone, so a resume draws the same) of `per_step` records."""
+    g = torch.Generator().manual_seed(seed * 100_003 + 7_919 * step + round_ + 1_000_000_007)
+    return torch.randint(n, (per_step,), generator=g).tolist()
+
+
+def _rollouts(run: GRPORun, step: int, chosen: list[int], offset: int = 0):
+    """The G completions of each chosen record, their rewards (with DAPO's overlong penalty when set) and
+    verdicts. `offset`: the index of the first completion among the step's, for its seed."""
     cfg, tok = run.cfg, run.tokenizer
-    chosen = [run.records[i] for i in prompts_for(step, cfg.prompts_per_step, len(run.records), cfg.seed)]
-    records = [r for r in chosen for _ in range(cfg.group)]  # groups of G consecutive completions
+    records = [run.records[i] for i in chosen for _ in range(cfg.group)]  # groups of G consecutive completions
     prompts = [prompt_ids(tok, r["prompt"]) for r in records]
-    seeds = [seed_for(cfg.seed, step, i) for i in range(len(records))]
+    seeds = [seed_for(cfg.seed, step, offset + i) for i in range(len(records))]
     rollouts = sample(run.model, tok, prompts, cfg.max_new_tokens, cfg.temperature, seeds)
     texts = [completion_text(tok, r) for r in rollouts]
     names = cfg.reward_names()
     rewards = torch.tensor([reward_fns.score(names, rec["prompt"], t, rec) for rec, t in zip(records, texts)])
+    if cfg.overlong_buffer:
+        lengths = torch.tensor([len(r.tokens) for r in rollouts])
+        rewards = rewards + overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer).to(rewards.dtype)
     correct = torch.tensor([reward_fns.score(["verifier"], rec["prompt"], t, rec) >= 1.0
                             for rec, t in zip(records, texts)])
     return rollouts, rewards, correct
+
+
+def _sample_batch(run: GRPORun, step: int):
+    """The step's rollouts, rewards, verdicts, all-equal flags (per group) and the kept completions' mask.
+    Without dynamic sampling: one round, all kept. With it (DAPO): groups whose rewards are all equal are
+    dropped, and further rounds of prompts are sampled until prompts_per_step groups are kept or
+    max_sample_rounds are spent; surplus groups beyond prompts_per_step are dropped too (in order)."""
+    cfg = run.cfg
+    n, per = len(run.records), cfg.prompts_per_step
+    parts, kept_groups = [], 0
+    for round_ in range(cfg.max_sample_rounds if cfg.dynamic_sampling else 1):
+        chosen = prompts_for(step, per, n, cfg.seed) if round_ == 0 else refill_prompts(step, round_, per, n, cfg.seed)
+        rollouts, rewards, correct = _rollouts(run, step, chosen, offset=round_ * per * cfg.group)
+        equal = equal_groups(rewards, cfg.group)
+        keep = torch.ones_like(equal) if not cfg.dynamic_sampling else ~equal
+        room = per - kept_groups
+        keep &= keep.cumsum(0) <= room
+        kept_groups += int(keep.sum())
+        parts.append((rollouts, rewards, correct, equal, keep))
+        if kept_groups >= per:
+            break
+    rollouts = [r for p in parts for r in p[0]]
+    rewards, correct, equal, keep = (torch.cat([p[i] for p in parts]) for i in range(1, 5))
+    return rollouts, rewards, correct, equal, keep.repeat_interleave(cfg.group)
 
 
 def _logprobs(model, rollouts, cfg: GRPOConfig, plan) -> torch.Tensor:
@@ -236,16 +271,14 @@ def _update(run: GRPORun, rollouts, adv: torch.Tensor) -> dict:
 
 
 def grpo_step(run: GRPORun, step: int) -> dict:
-    """One GRPO step (the module docstring's 1-5); returns its metrics line."""
+    """One GRPO step (the module docstring's 1-5); returns its metrics line. reward_mean, accuracy, length
+    and equal_groups are over every completion sampled in the step (all rounds: each an unbiased sample of
+    the policy); the advantages are those of each completion's own group."""
     cfg = run.cfg
     t0 = time.perf_counter()
-    rollouts, rewards, correct = _rollouts(run, step)
+    rollouts, rewards, correct, equal, keep = _sample_batch(run, step)
     t_rollout = time.perf_counter() - t0
     adv = advantages(rewards, cfg.group, cfg.scale_rewards)
-    equal = equal_groups(rewards, cfg.group)
-    keep = torch.ones(len(rollouts), dtype=torch.bool)
-    if cfg.dynamic_sampling:
-        keep = (~equal).repeat_interleave(cfg.group)
     kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
     lengths = torch.tensor([len(r.tokens) for r in rollouts], dtype=torch.float32)
     sampled = int(lengths.sum())
@@ -255,7 +288,8 @@ def grpo_step(run: GRPORun, step: int) -> dict:
             "accuracy": correct.float().mean().item(), "kl": parts.get("kl"), "clip_fraction": parts.get("clip_fraction"),
             "ratio_mean": parts.get("ratio_mean"), "loss": parts.get("loss"), "grad_norm": parts.get("grad_norm"),
             "length_mean": lengths.mean().item(), "stopped": sum(r.finish == "stop" for r in rollouts) / len(rollouts),
-            "equal_groups": equal.float().mean().item(), "kept": len(kept), "lr": cfg.lr, "tokens": run.tokens,
+            "equal_groups": equal.float().mean().item(), "kept": len(kept),
+            "sample_rounds": len(rollouts) // (cfg.prompts_per_step * cfg.group), "lr": cfg.lr, "tokens": run.tokens,
             "rollout_tokens_per_s": sampled / max(t_rollout, 1e-9), "rollout_s": t_rollout,
             "update_s": time.perf_counter() - t0 - t_rollout}
 

@@ -67,6 +67,13 @@ PUBLISHED = {
         "the paper states no GPU-hours; the warm-up (dense attention) is counted as full training, though only "
         "its indexers learn"),
 }
+# DeepSeek-V4: the release states "more than 32T" pre-training tokens for both models, and neither GPU-hours nor
+# the context schedule; 4K is assumed for all of them (V3's pre-training context), so at longer phases the
+# hybrid attention would add a little (model/flops.py)
+for _name, _model in (("v4-flash", "V4-Flash"), ("v4-pro", "V4-Pro")):
+    PUBLISHED[_name] = Published(_name, f"DeepSeek-{_model} model card (pre-trained on more than 32T tokens)", (
+        Phase("pre-training", "pre-training: 32T tokens, context assumed 4K", 32e12, 4096),), {},
+        "the release states no GPU-hours and no context schedule: 4K context assumed throughout")
 
 
 def parse_tokens(text: str) -> float:

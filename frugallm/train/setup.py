@@ -242,7 +242,7 @@ def check_init_from(ours: ModelConfig, path: str) -> None:
 def init_from(model: Transformer, path: str, log) -> None:
     """`path`'s weights (check_init_from passed) into the freshly initialised `model`, every one exactly;
     indexers it lacks keep their seeded random init."""
-    missing, unexpected = model.load_state_dict(load_model(path).float().state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(load_model(path, torch.float32).state_dict(), strict=False)
     if any(".indexer." not in name for name in missing + unexpected):  # cannot happen after check_init_from
         raise ValueError(f"init_from {path}: weights that do not fit: {', '.join((missing + unexpected)[:4])}")
     log(f"initialised from {path}" + (f"; {len(missing)} indexer weights are new (random init)" if missing else "")
@@ -305,7 +305,7 @@ def set_up(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path, resume
 
 def _set_up(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path, resume: bool, log) -> Run:
     model_cfg, train_cfg, ckpt = open_run(model_cfg, train_cfg, run_dir, resume)
-    if train_cfg.dsa_stage == "warmup" and model_cfg.index_topk == 0:  # said before any data is prepared
+    if train_cfg.dsa_stage == "warmup" and (model_cfg.index_topk == 0 or model_cfg.attention != "mla"):  # said early
         raise ValueError("dsa_stage=warmup trains the DSA indexer, and this model has none (index_topk=0); use a "
                          "model with one (e.g. --preset tiny-v32, or --init-from RUN --preset tiny-v32)")
     if train_cfg.init_from and ckpt is None:
@@ -339,7 +339,8 @@ def _set_up(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path, resum
     # fp8 converters hold the loaded parameter objects (fp32 masters); one process: parallelize is a no-op
     applied = apply(model, plan, world)
     model = applied.model
-    stage = train_cfg.dsa_stage if model_cfg.index_topk > 0 else None
+    # DSA's indexers only: V4's CSA indexer (model/compressor.py) is not trained by a loss of its own
+    stage = train_cfg.dsa_stage if model_cfg.index_topk > 0 and model_cfg.attention == "mla" else None
     set_dsa_stage(model, stage)  # before the optimizer: the warm-up trains only the indexers' parameters
     optimizer = build_optimizer(model, train_cfg.lr, train_cfg.weight_decay, (train_cfg.beta1, train_cfg.beta2),
                                 train_cfg.adam_eps, train_cfg.optim_state_dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -68,18 +69,19 @@ def evaluate_run(run, source=None, n_batches: int = 16, log=print) -> str:
     from ..formats.checkpoint import latest, load_tokenizer
     from ..plan import load, resolve
 
-    ckpt = latest(run)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run} holds no valid checkpoint")
-    cfg = TrainConfig.from_json(ckpt / TRAIN_CONFIG)
+    ckpt = latest(run) if Path(run).is_dir() else None
+    if ckpt is None and source is None:  # a model that is not a run (a GGUF, a Hugging Face folder) has no data
+        raise FileNotFoundError(f"{run} holds no valid checkpoint, so it names no data; pass --data to evaluate it")
+    cfg = TrainConfig.from_json(ckpt / TRAIN_CONFIG) if ckpt else TrainConfig()
     model, tok = load(run), load_tokenizer(run)
     splits = data.prepare(cfg.data if source is None else source, tok, cfg.val_fraction, cfg.text_field)
-    batches = data.val_batches(splits.val, cfg.seq_len, cfg.batch_size, mask=splits.val_mask)
+    seq_len = min(cfg.seq_len, model.config.max_seq_len)
+    batches = data.val_batches(splits.val, seq_len, cfg.batch_size, mask=splits.val_mask)
     masks = splits.train_mask, splits.val_mask  # SFT records: only target tokens count
     plan = resolve("eval")
     log(plan.reasons[0])
     loss = evaluate(model, batches, n_batches, plan.autocast_context)
-    return (f"{run} ({ckpt.name}) on {splits.manifest['source']} val: loss {loss:.4f}, "
+    return (f"{run} ({ckpt.name if ckpt else 'weights'}) on {splits.manifest['source']} val: loss {loss:.4f}, "
             f"perplexity {math.exp(loss):.2f}, unigram baseline "
             f"{data.unigram_loss(splits.train, splits.val, model.config.vocab_size, *masks):.4f}")
 

@@ -179,7 +179,7 @@ def _step(run: Run, step: int, schedule: Schedule) -> StepOut:
     late = schedule.late(step, cfg.mtp_lambda_late_from)
     mtp_lambda = cfg.mtp_lambda_late if late else run.model_cfg.mtp_lambda
     sums = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-    if run.model_cfg.index_topk > 0:  # the DSA indexers' KL (model/indexer_loss.py), in either stage
+    if run.model_cfg.index_topk > 0 and run.model_cfg.attention == "mla":  # DSA indexers' KL (model/indexer_loss.py)
         sums["indexer_loss"] = 0.0
     if run.distill is not None:
         sums |= {"ce": 0.0, "kd": 0.0, "agreement": 0.0}
