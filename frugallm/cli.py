@@ -10,7 +10,7 @@ from pathlib import Path
 from .cli_report import REPORT_COMMANDS
 from .cli_rl import EVAL_TASK_FLAGS, GRPO_COMMANDS, eval_task
 from .cli_export import EXPORT_COMMAND
-from .cli_args import (COMPILE, DESCRIPTION, DTYPE, DTYPE_CHOICES, MAX_NEW, RUN_DIR, SAMPLING, SOURCE,
+from .cli_args import (COMPILE, COMPILE_FLAG, DESCRIPTION, DTYPE, DTYPE_CHOICES, MAX_NEW, RUN_DIR, SAMPLING, SOURCE,
                        HelpFormatter, arg, positive_int, run_args, temperature)
 from .config import ModelConfig, get_preset
 from .host import host_profile
@@ -178,10 +178,10 @@ SAMPLE_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "spec
 
 def _prepare(args: argparse.Namespace):
     """generate / chat's model (plan.prepare_inference), its set-up told on stderr: the dtype and why,
-    the matmul kernels, and with --compile the compile of batch 1's decode step (kernels/compiled.py says
-    so as it starts), before the first prompt."""
-    return prepare_inference(args.run, args.dtype, prepack=not args.compile, compile=args.compile,
-                             speculative=args.speculative, log=_say)[0]
+    whether the decode step compiles and why, the matmul kernels, and when it compiles the compile of
+    batch 1's decode step (kernels/compiled.py says so as it starts), before the first prompt."""
+    return prepare_inference(args.run, args.dtype, compile=args.compile, speculative=args.speculative,
+                             log=_say)[0]
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -237,7 +237,7 @@ COMMANDS = [
            "parameter counts)"),
         _a("--purpose", choices=PURPOSES, default="inference", help="with --plan (default inference)"),
         _a("--dtype", choices=DTYPE_CHOICES, default="auto", help="with --plan (default auto)"),
-        _a("--compile", action="store_true", help="with --plan: the plan of a compiled decode step"),
+        _a("--compile", **COMPILE_FLAG, help="with --plan: as generate's --compile (default: $FRUGALLM_COMPILE or auto)"),
         _a("--fp8", action="store_true", help="with --plan: the plan of FP8 training (--purpose train)"),
         _a("--no-prepack", dest="prepack", action="store_false", help="with --plan: the plan without prepacked "
            "bf16 weights"),
@@ -381,10 +381,10 @@ COMMANDS = [
         _a("--json", action="store_true", help="print the estimate as JSON"),
     ]),
     *REPORT_COMMANDS,
-    (("quantize",), "write a weight-only int8 or fp8 copy of a model for CPU inference", _quantize, [
+    (("quantize",), "write a weight-only int8, int4 or fp8 copy of a model for CPU inference", _quantize, [
         RUN_DIR,
-        _a("--to", required=True, choices=["int8", "fp8"],
-           help="int8: per output channel; fp8: e4m3 in 128x128 blocks with weight_scale_inv"),
+        _a("--to", required=True, choices=["int8", "int4", "fp8"],
+           help="int8: per output channel; int4: q4_0 codes, groups of 32; fp8: e4m3 in 128x128 blocks"),
         _a("--out", required=True, help="output directory (written atomically)"),
         _a("--layout", choices=["deepseek", "frugallm"],
            help="deepseek: a Hugging Face DeepSeek FP8 dir (fp8 only, the fp8 default); "

@@ -57,8 +57,10 @@ DTYPE_HELP = ("compute dtype (default auto: bf16 only where this host measures i
 SPECULATIVE_HELP = ("draft with the MTP modules, verify in one forward (exact; on a CPU at batch 1 it gains "
                     "little, and with --compile it can be slower: see the README)")
 COMPILE_HELP = ("compile the decode step with torch.compile: 1.9-2.6x faster decoding here, after ~30 s of "
-                "compiling at start-up (said on stderr); needs a C++ compiler; a quantized checkpoint compiles "
-                "only dequantized, with an explicit --dtype")
+                "compiling at the first start (said on stderr; later starts read inductor's on-disk cache). auto: "
+                "compile where it works here, else decode eagerly and say why (no C++ compiler, V4 hybrid attention, "
+                "a quantized checkpoint without an explicit --dtype); on (a bare --compile): compile or fail saying "
+                "why; off: eager decoding, no wait (default: $FRUGALLM_COMPILE if set, else auto)")
 
 
 def arg(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
@@ -78,7 +80,19 @@ SAMPLING = [arg("--top-k", type=positive_int, help="sample among the k likeliest
                "a different sample each time)"),
             arg("--speculative", action="store_true", help=SPECULATIVE_HELP)]
 DTYPE = arg("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
-COMPILE = arg("--compile", action="store_true", help=COMPILE_HELP)
+
+
+def compile_mode(text: str) -> str:
+    """--compile's value (argparse's choices= would name RUN when a bare --compile comes before it)."""
+    if text not in ("auto", "on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto, on or off (a bare --compile means on: put it "
+                                         f"after RUN, or write --compile on)")
+    return text
+
+
+# None: plan.compile_choice's default ($FRUGALLM_COMPILE, else auto), read when the plan is made
+COMPILE_FLAG = {"nargs": "?", "const": "on", "type": compile_mode, "metavar": "{auto,on,off}"}
+COMPILE = arg("--compile", **COMPILE_FLAG, help=COMPILE_HELP)
 
 
 def run_args(out: str) -> list:

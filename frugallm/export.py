@@ -31,7 +31,7 @@ def quantize_checkpoint(src, to: str, out, *, layout: str | None = None, skip=DE
 
     src: a frugallm run dir (its last good checkpoint), a checkpoint dir, or a Hugging Face
         DeepSeek dir (FP8 or quantized sources are dequantized first), read with frugallm.load.
-    to: "int8" (per output channel) or "fp8" (e4m3, 128x128 blocks).
+    to: "int8" (per output channel), "int4" (GGUF q4_0 codes, groups of 32) or "fp8" (e4m3, 128x128 blocks).
     layout: "deepseek" (a Hugging Face directory, FP8 only; the default for fp8) or "frugallm"
         (the default for int8; any model): see formats/quantized.py.
     skip: name patterns kept high precision (quantize_model); dtype: of the tensors kept so.

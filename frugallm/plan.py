@@ -8,7 +8,7 @@ on this machine is an execution plan, and every rule that combines the options l
     fp8           --set fp8=true (V3 §3.3 fine-grained FP8)       kernels/fp8.py convert_to_fp8
     experts       always: sorted, grouped GEMMs                  kernels/experts.py use_grouped_experts
     prepack       bf16 weights on a host whose oneDNN packs them  kernels/prepack.py prepack
-    compile       --compile                                      torch.compile (train) / kernels/compiled.py
+    compile       --compile (auto: where it works here)          torch.compile (train) / kernels/compiled.py
     parallel      --ep/--pp/--dp under torchrun (parallel/)       world.parallelize: EP, then PP or FSDP2
 
 The rules: a model whose weights are quantized codes runs them as they are (they dequantize to the plan's
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ from torch import nn
 
 from .formats.open import open as open_model
 from .host import DtypeChoice, HostProfile, choose_dtype, host_profile
+from .io import cache_root
 from .kernels import compiled as compiled_decode
 from .kernels import prepack as prepacking
 from .kernels.experts import use_grouped_experts
@@ -110,13 +112,37 @@ def one_process_refusals(ranks: int, *, fp8: bool = False, compile: bool = False
     return out
 
 
-def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", compile: bool = False,
+COMPILE_ENV = "FRUGALLM_COMPILE"  # the default of --compile / compile=None: auto, on or off
+COMPILE_MODES = ("auto", "on", "off")
+
+
+def compile_choice(compile: bool | str | None = None) -> str:
+    """"auto", "on" or "off" for a compile flag: True / False are on / off (the old on/off flag);
+    None is the user's default, $FRUGALLM_COMPILE, else auto."""
+    if compile is None:
+        compile = os.environ.get(COMPILE_ENV) or "auto"
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"{COMPILE_ENV}={compile!r} must be one of {', '.join(COMPILE_MODES)}; "
+                             f"unset it for auto")
+    if isinstance(compile, bool):
+        return "on" if compile else "off"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile={compile!r} must be True, False or one of {', '.join(COMPILE_MODES)}")
+    return compile
+
+
+def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", compile: bool | str | None = False,
             prepack: bool = True, fp8: bool = False, quantized: bool = False, speculative: bool = False,
-            ranks: int = 1) -> Plan:
+            ranks: int = 1, config=None) -> Plan:
     """Every rule in one place. quantized: the model holds int8/fp8 weight codes (kernels/quantize.py);
-    ranks: the processes a training plan runs on."""
+    ranks: the processes a training plan runs on. compile: `compile_choice`'s on, off or auto; auto
+    compiles an inference plan's decode step where kernels/compiled.py says it works here for a
+    model of `config` (a ModelConfig; None: any), else stays eager with the reason as a plan line;
+    a training plan compiles only when asked (on)."""
     if purpose not in PURPOSES:
         raise ValueError(f"purpose={purpose!r} must be one of {PURPOSES}")
+    mode = compile_choice(compile)
+    compile = mode == "on"
     if errors := one_process_refusals(ranks, fp8=fp8, compile=compile):
         raise ValueError("; ".join(errors))
     profile = profile or host_profile()
@@ -138,22 +164,41 @@ def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", c
         return Plan(purpose, choice.dtype, tuple(reasons), cast=True)
     if purpose == "eval":
         return Plan(purpose, choice.dtype, tuple(reasons), autocast=choice.dtype == torch.bfloat16)
-    if quantized:
-        if compile:
-            raise ValueError("compiled decoding takes a plain model and this one holds quantized weight codes: "
-                             "drop --compile, or add --dtype bf16 (or fp32) to dequantize the weights into a "
-                             "plain model that compiles (in Python: dtype='bf16')")
+    auto_off = None  # compile auto -> off: why
+    if mode == "auto" and purpose == "inference":
+        auto_off = compiled_decode.planned_unavailable_reason(config, quantized=quantized)
+        compile = auto_off is None
+    if quantized and compile and (why := compiled_decode.planned_unavailable_reason(config, quantized=quantized)):
+        raise ValueError(f"cannot compile the decode step: {why}")  # fp8 codes; int8 / int4 compile
+    if quantized and compile:
+        reasons.append("quantized weights kept as codes: the compiled step's batch-1 GEMVs read them "
+                       "(kernels/compiled_quant.py)")
+    elif quantized:
         reasons.append(f"quantized weights kept as codes, dequantized to {choice.name} as they run: no other kernel")
+        reasons += [f"compile auto -> off: {auto_off}"] if auto_off else []
         return Plan(purpose, choice.dtype, tuple(reasons), cast=True)
     packs = prepack and not compile and choice.dtype == torch.bfloat16 and profile.bf16_prepack
     if compile:
-        reasons.append("compile: the decode step as one torch.compile graph (it packs its own weights: no prepack)")
+        reasons.append(f"compile{' auto -> on' if mode == 'auto' else ''}: the decode step as one torch.compile "
+                       f"graph, ~2x faster decoding after compiling at start-up (it packs its own weights: no "
+                       f"prepack; compiled graphs are cached in {inductor_cache_dir()})")
     elif packs:
         reasons.append("prepack: bf16 weights packed once for oneDNN (the same outputs, faster GEMVs)")
     elif prepack and choice.dtype == torch.bfloat16:
         reasons.append(f"no prepack: this host's oneDNN does not pack bf16 weights ({profile.capability})")
+    reasons += [f"compile auto -> off: {auto_off}"] if auto_off else []
     return Plan(purpose, choice.dtype, tuple(reasons), cast=True, prepack=packs, compile=compile,
                 speculative=speculative)
+
+
+def inductor_cache_dir() -> str:
+    """Where torch.compile's on-disk caches (inductor's FX graphs and compiled C++, AOTAutograd's graphs)
+    live: $TORCHINDUCTOR_CACHE_DIR where the user set it, else frugallm's cache (FRUGALLM_CACHE)/inductor,
+    which outlives a reboot (inductor's own default is a folder in /tmp)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # torch sets it to its default itself once it asks
+    return chosen if chosen and chosen != default_cache_dir() else str(cache_root() / "inductor")
 
 
 def apply(model: nn.Module, plan: Plan, world=None, before_compile=None) -> Applied:
@@ -173,6 +218,8 @@ def apply(model: nn.Module, plan: Plan, world=None, before_compile=None) -> Appl
     forward, decoder = model, None
     if before_compile is not None:
         before_compile(model)
+    if plan.compile:  # inductor reads the variable on each cache access (later shapes compile later)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir()
     if plan.compile and plan.purpose == "train":
         forward = torch.compile(model)
     elif plan.compile:
@@ -195,11 +242,14 @@ def inference_dtype(dtype="auto") -> DtypeChoice:
     return choose_dtype("inference", dtype)
 
 
-def prepare_inference(path, dtype="auto", *, prepack: bool = True, compile: bool = False,
+def prepare_inference(path, dtype="auto", *, prepack: bool = True, compile: bool | str | None = None,
                       speculative: bool = False, log=None, before_compile=None) -> tuple[Applied, Plan]:
     """Open `path` and apply the inference plan: what generate, chat and serve run.
-    log(line): told the dtype's reason before the weights are read, then `matmul kernels: ...` once
-    they are chosen; before_compile(): called after that line when the decode step is to compile."""
+    compile: "auto" (None: $FRUGALLM_COMPILE, else auto) compiles the decode step where it works here
+    for this model, "on" / True compiles it or fails saying why, "off" / False decodes eagerly.
+    log(line): told the dtype's reason before the weights are read, then the compile decision and
+    `matmul kernels: ...` once they are chosen; before_compile(): called after that line when the
+    decode step is to compile."""
     log = log or (lambda line: None)
     explicit = dtype not in (None, "auto")
     choice = inference_dtype(dtype)
@@ -207,10 +257,13 @@ def prepare_inference(path, dtype="auto", *, prepack: bool = True, compile: bool
     opened = open_model(path)
     # an explicit dtype reads (and dequantizes) the weights into it; auto keeps quantized codes
     model = opened.model(dtype=choice.dtype, quantized=False) if explicit else opened.model()
-    plan = resolve("inference", dtype=dtype, prepack=prepack, compile=compile,
+    plan = resolve("inference", dtype=dtype, prepack=prepack, compile=compile, config=model.config,
                    quantized=_keeps_codes(opened, explicit), speculative=speculative)
     if explicit:
         plan = dataclasses.replace(plan, cast=False)  # already read in that dtype
+    for line in plan.reasons:
+        if line.startswith("compile"):
+            log(line)
 
     def chosen(model):
         log(f"matmul kernels: {kernels_in_words(model)}")
@@ -224,19 +277,25 @@ def explain(purpose: str, path=None, **flags) -> Plan:
     """The plan `purpose` would get here (`frugallm info --plan`); with `path`, for that model: an
     inference plan keeps quantized weight codes unless an explicit dtype dequantizes them."""
     explicit = flags.get("dtype", "auto") not in (None, "auto")
-    quantized = bool(path) and purpose == "inference" and _keeps_codes(open_model(path), explicit)
-    return resolve(purpose, quantized=quantized, **flags)
+    opened = open_model(path) if path else None
+    quantized = bool(path) and purpose == "inference" and _keeps_codes(opened, explicit)
+    return resolve(purpose, quantized=quantized, config=opened.config if opened else None, **flags)
 
 
-def _keeps_codes(opened, explicit_dtype: bool) -> bool:
-    """Whether the loaded model holds quantized weight codes: a declared quantization, read without
-    an explicit dtype (formats/hf.py keep_quantized's rule), from the metadata alone."""
-    return not explicit_dtype and opened.quantization is not None
+def _keeps_codes(opened, explicit_dtype: bool) -> str | bool:
+    """The format of the weight codes the loaded model holds ("int8", "int4", "fp8"), or False: a declared
+    quantization, read without an explicit dtype (formats/hf.py keep_quantized's rule), from the metadata
+    alone. The format lets the plan refuse compiling fp8 codes before any weight is read."""
+    if explicit_dtype or opened.quantization is None:
+        return False
+    q = opened.quantization  # frugallm's quantization.json, or an HF quantization_config (DeepSeek's fp8)
+    return q.get("format") or ("fp8" if q.get("quant_method") == "fp8" else True)
 
 
 def load_for_inference(path, dtype="auto", prepack: bool = True):
     """`load` for generation on this machine: the inference plan's dtype (auto: bf16 only where it
     measures clearly faster here) and, for bf16 weights on a host whose oneDNN packs them,
-    prepacked matmuls. Pass prepack=False for a model to compile (kernels/compiled.py)."""
-    return prepare_inference(path, dtype, prepack=prepack)[0].model
+    prepacked matmuls. Pass prepack=False for a model to compile (kernels/compiled.py); this model
+    is never compiled itself (prepare_inference's compiled decoder is what compiles)."""
+    return prepare_inference(path, dtype, prepack=prepack, compile="off")[0].model
 

@@ -14,6 +14,17 @@ import torch
 from frugallm import ModelConfig
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _eager_decoding_by_default():
+    """generate / chat / serve decode eagerly unless a test asks for --compile: compiling the decode step
+    (the default, --compile auto) costs ~30 s per process on 2 cores, in every CLI and server test.
+    FRUGALLM_COMPILE is the user's setting of that default (README); tests/test_compile_default.py
+    unsets it to test the default itself. Subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FRUGALLM_COMPILE", "off")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -145,6 +145,31 @@ def test_frugallm_int8_codes_survive_a_q8_0_round_trip(tokenizer, tmp_path):
             assert torch.equal(s_theirs, s_ours.half().float())  # stored as f16, as q8_0 stores scales
 
 
+def test_q4_0_loads_as_int4_codes_the_file_holds_and_writes_back_the_same(tokenizer, tmp_path):
+    """q4_0 blocks are (f16 d, 16 bytes of two codes each), frugallm's int4 layout: read as they are, they run
+    as the dequantized model runs, and written again they give the same file, tensor by tensor."""
+    from frugallm.kernels.int4 import dequantize_int4
+
+    model = random_model(gguf_config())
+    path = write_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_0")
+    loaded = frugallm.load(path)
+    wq_a, experts = loaded.layers[1].attn.wq_a, loaded.layers[1].ffn.experts
+    assert isinstance(wq_a, QuantLinear) and isinstance(experts, QuantExperts) and wq_a.fmt == "int4"
+    t = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.1.attn_q_a.weight")
+    blocks = np.asarray(t.data).reshape(32, 2, 18)  # (N, K / 32, 2 + 16): d, then the packed codes
+    assert np.array_equal(wq_a.qweight.numpy(), blocks[..., 2:].reshape(32, 32))
+    assert np.array_equal(wq_a.weight_scale_inv.numpy(), blocks[..., :2].copy().view(np.float16)[..., 0])
+    # the file's own dequantization (the gguf package's) is what the codes mean
+    want = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(32, 64)
+    assert np.array_equal(dequantize_int4(wq_a.qweight, wq_a.weight_scale_inv).numpy(), want)
+    ids = torch.randint(0, 320, (1, 12))
+    assert torch.allclose(logits(loaded, ids), logits(frugallm.load(path, dtype=torch.float32), ids),
+                          rtol=1e-4, atol=1e-4)
+    again = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(write_gguf(loaded, tokenizer, tmp_path / "2.gguf",
+                                                                              "q4_0")).tensors}
+    assert all(np.array_equal(np.asarray(t.data), again[t.name]) for t in gguf.GGUFReader(path).tensors)
+
+
 @pytest.mark.parametrize("change, reason", [
     (dict(residual="mhc"), "one plain residual stream"),
     (dict(index_topk=8, index_n_heads=2, index_head_dim=16), "lightning indexer"),

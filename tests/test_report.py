@@ -10,6 +10,7 @@ import re
 import time
 
 import pytest
+import torch
 
 from frugallm.cli import main
 from frugallm.report import sections
@@ -89,3 +90,25 @@ def test_cli_only_runs_the_named_sections(tmp_path, capsys):
     assert "## MLA's KV cache" in md and "## Fine-grained FP8 scaling" in md and "## MoE balance" not in md
     assert main(["report", "--out", str(out), "--only", "mla_cache,nope"]) == 2
     assert "--only nope: no such section; choose from mla_cache" in capsys.readouterr().err
+
+
+def test_mtp_acceptance_is_not_fooled_by_a_repetition_loop(cfg):
+    """A looping greedy output is flagged (its drafts are all accepted), and the drafts on validation text
+    equal a by-hand loop: the MTP module over the prefix up to i, fed the main model's hidden states and the
+    true next tokens, against the main head's greedy token one position later."""
+    from frugallm.model.transformer import Transformer
+    from frugallm.report.trained import distinct_share, drafts_on_text
+
+    assert distinct_share([[1, 2, 3] * 16]) < 0.1  # period 3: 3 distinct 4-grams of 46
+    assert distinct_share([list(range(48))]) == 1.0
+    model = Transformer(cfg).eval()
+    x = torch.randint(0, cfg.vocab_size, (1, 24))
+    drafts, greedy = drafts_on_text(model, x)
+    with torch.no_grad():
+        out = model(x)
+        mtp = model.mtp[0]
+        for i in range(22):
+            ids = x[:, 1:i + 2]  # the true t_1..t_{i+1}: depth 1's input embeddings at positions 0..i
+            h, _ = mtp(out.hidden[:, :i + 1], model.embed(ids), **model.block_kwargs(ids, None, False))
+            assert model.head(mtp.norm(h))[0, -1].argmax() == drafts[0, i]
+            assert model(x[:, :i + 2]).logits[0, -1].argmax() == greedy[0, i]

@@ -9,11 +9,15 @@ The layout is gguf.py's (its header has the table). What each ggml type becomes:
                      of a row's blocks share it (as gguf.py writes frugallm's own int8 codes), else one
                      per block. Read straight from the file's memory map: no float copy of the weight
                      is made, on disk or in memory. Otherwise dequantized into the dtype.
-    anything else    (q4_0, k-quants) dequantized by the gguf package into the dtype (f32 when none)
+    Q4_0             likewise kept as codes: frugallm's int4 form (kernels/int4.py), which is q4_0's own
+                     byte order, so each 18-byte block gives its f16 scale and its 16 packed bytes as they
+                     are. A file holding both q8_0 and q4_0 keeps the q4_0 weights (a model runs one
+                     code format) and dequantizes the q8_0 ones.
+    anything else    (k-quants) dequantized by the gguf package into the dtype (f32 when none)
 
 Weights frugallm cannot hold as codes are dequantized whatever the file holds: the embedding (a lookup),
 MLA's kv_b (stored split as k_b / v_b, whose k part is transposed: its 32-blocks run across frugallm's
-columns), and routed experts unless w1, w2 and w3 are all q8_0.
+columns), and routed experts unless w1, w2 and w3 are all kept (q8_0, or q4_0).
 """
 
 from __future__ import annotations
@@ -106,10 +110,12 @@ def config_from_gguf(r) -> ModelConfig:
 
 
 def quantization(path) -> dict | None:
-    """{"format": "int8", ...} when the file holds q8_0 weights (frugallm keeps them as int8 codes), else None."""
+    """{"format": "int4" | "int8", ...} when the file holds q4_0 | q8_0 weights (kept as codes), else None."""
     import gguf
 
     types = {t.tensor_type.name for t in reader(path).tensors}
+    if gguf.GGMLQuantizationType.Q4_0.name in types:
+        return {"format": "int4", "source": "gguf q4_0", "granularity": "per 32-block"}
     if gguf.GGMLQuantizationType.Q8_0.name in types:
         return {"format": "int8", "source": "gguf q8_0", "granularity": "per 32-block or per row"}
     return None
@@ -129,6 +135,14 @@ def _codes(t) -> tuple[torch.Tensor, torch.Tensor]:
     d = torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]).float()
     q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8)).reshape(shape)
     return q, (d[..., 0].contiguous() if bool((d == d[..., :1]).all()) else d)
+
+
+def _codes4(t) -> tuple[torch.Tensor, torch.Tensor]:
+    """A q4_0 tensor's packed codes uint8 (..., N, K/2) and fp16 scales (..., N, K/32): bytes as they are."""
+    shape = _shape(t)
+    blocks = np.asarray(t.data).reshape(*shape[:-1], shape[-1] // BLOCK, BLOCK // 2 + 2)
+    d = torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0])
+    return torch.from_numpy(np.ascontiguousarray(blocks[..., 2:])).reshape(*shape[:-1], shape[-1] // 2), d
 
 
 def _float(t, dtype: torch.dtype) -> torch.Tensor:
@@ -153,14 +167,16 @@ def _kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
 
 
 def state_dict(r, cfg: ModelConfig, dtype: torch.dtype, keep: bool) -> dict[str, torch.Tensor]:
-    """frugallm's state dict from the file; with `keep`, q8_0 weights of nn.Linear modules and of whole
-    expert triples as int8 codes + NAME_scale_inv."""
+    """frugallm's state dict from the file; with `keep`, q4_0 (else q8_0) weights of nn.Linear modules and of
+    whole expert triples as int4 (int8) codes + NAME_scale_inv."""
     import gguf
 
     by_name = {t.name: t for t in r.tensors}
     with torch.device("meta"):
         names = list(Transformer(cfg).state_dict())
-    is_q8 = lambda n: by_name[n].tensor_type == gguf.GGMLQuantizationType.Q8_0
+    Q = gguf.GGMLQuantizationType
+    kept = Q.Q4_0 if any(t.tensor_type == Q.Q4_0 for t in r.tensors) else Q.Q8_0  # one code format a model
+    is_kept = lambda n: by_name[n].tensor_type == kept
     state, used = {}, set()
     for name in names:
         gname = gguf_name(name)
@@ -179,10 +195,10 @@ def state_dict(r, cfg: ModelConfig, dtype: torch.dtype, keep: bool) -> dict[str,
         used.add(gname)
         t = by_name[gname]
         experts = name.rsplit(".", 1)[0].endswith("ffn.experts")
-        codes = keep and is_q8(gname) and name != "embed.weight" and (
-            not experts or all(is_q8(gguf_name(name[:-2] + w)) for w in ("w1", "w2", "w3")))
+        codes = keep and is_kept(gname) and name != "embed.weight" and (
+            not experts or all(is_kept(gguf_name(name[:-2] + w)) for w in ("w1", "w2", "w3")))
         if codes:
-            state[name], state[name + SUFFIX] = _codes(t)
+            state[name], state[name + SUFFIX] = _codes4(t) if kept == Q.Q4_0 else _codes(t)
         else:
             state[name] = _float(t, torch.float32 if name.endswith("gate.bias") else dtype)
     if extra := sorted(set(by_name) - used):

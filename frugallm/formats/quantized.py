@@ -7,9 +7,10 @@ layout="deepseek" (fp8 only; the default for fp8): a Hugging Face DeepSeek-V2/V3
     DeepSeek ships V3 (docs/design/quantization.md), written by convert.to_hf: e4m3 `X.weight`, fp32
     `X.weight_scale_inv` (ceil(out/128), ceil(in/128)), quantization_config in config.json, the
     other tensors in `dtype`. HC/mHC models have no HF form: use layout="frugallm" for them.
-layout="frugallm" (the default for int8; any model): a frugallm checkpoint directory,
+layout="frugallm" (the default for int8 and int4; any model): a frugallm checkpoint directory,
     config.json        ModelConfig, as in formats/checkpoint.py
-    quantization.json  {"format": "int8" | "fp8", "layout": "frugallm", "scale_suffix": "_scale_inv", ...}
+    quantization.json  {"format": "int8" | "int4" | "fp8", "layout": "frugallm", "scale_suffix": "_scale_inv", ...}
+                       (int4: uint8 codes (N, K/2), two a byte, and fp16 scales (N, K/32): kernels/int4.py)
     model.safetensors  the quantized model's state dict
     tokenizer files, and manifest.json (frugallm/io.py: kind "quantized", sha256 of every file, last)
 Both load with frugallm.load(dir): codes kept when no dtype is asked for, else dequantized
@@ -53,7 +54,7 @@ def check_request(src, to: str, out, layout: str | None) -> tuple[str, dict]:
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     if layout == "deepseek" and to != "fp8":
-        raise ValueError("the DeepSeek (Hugging Face) layout holds FP8 only; use layout='frugallm' for int8")
+        raise ValueError("the DeepSeek (Hugging Face) layout holds FP8 only; use layout='frugallm' for int8 / int4")
     guard = dict(sources=[src], suggest=f"{Path(src)}-{to}" if Path(src).name else None)
     io.check_output(out, "quantized", **guard)
     return layout, guard
@@ -82,7 +83,7 @@ def write_quantized(model, out, to: str, layout: str, src, guard: dict, skip=DEF
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS,
                   metadata={"format": "pt"})
         model.config.to_json(tmp / CONFIG)
-        granularity = "per output channel" if to == "int8" else "128x128 blocks"
+        granularity = {"int8": "per output channel", "int4": "groups of 32 inputs (GGUF q4_0)"}.get(to, "128x128 blocks")
         (tmp / META).write_text(json.dumps(
             {"format": to, "layout": "frugallm", "scale_suffix": SUFFIX, "granularity": granularity,
              "skip": list(skip), "dtype": str(dtype).removeprefix("torch.")}, indent=2) + "\n")

@@ -362,15 +362,17 @@ class Server:
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, slots: int = 16, threads: int | None = None,
-          log_level: str = "info", compile: bool = False, dtype="auto", max_cache_tokens: int | None = None,
+          log_level: str = "info", compile: bool | str | None = None, dtype="auto",
+          max_cache_tokens: int | None = None,
           max_queue: int = 64, request_timeout: float = 600.0, default_max_tokens: int = 1024,
           prefill_chunk: int = 256, insecure_no_api_key: bool = False, policy: str = "batch",
           api_key_file: str | None = None, allowed_hosts: tuple[str, ...] = ()) -> None:
     """Load RUN (a frugallm run or a Hugging Face DeepSeek dir) and serve it until interrupted.
     policy: "batch" (continuous batching) or "round-robin" (one request per forward; engine.py).
-    compile: compile the decode step (kernels/compiled.py) before listening. dtype: "auto" (the
-    host profile's inference choice, host.py) or a dtype name. The limits are in the module docstring;
-    a non-loopback `host` needs `api_key` or `insecure_no_api_key` (else InsecureServe, before loading).
+    compile: "auto" (None: $FRUGALLM_COMPILE, else auto: where it works here), "on" / True or "off" /
+    False: compile the decode step (kernels/compiled.py) before listening (plan.prepare_inference).
+    dtype: "auto" (the host profile's inference choice, host.py) or a dtype name. The limits are in the
+    module docstring; a non-loopback `host` needs `api_key` or `insecure_no_api_key` (else InsecureServe, before loading).
     The key: `api_key`, or `api_key_file`'s first line, or $FRUGALLM_API_KEY (access.api_key_from).
     allowed_hosts: Host names a keyless server answers besides loopback names, IP literals and `host`
     ("*": any; access.py says why it checks)."""
@@ -389,7 +391,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: s
           flush=True)
     # compile: batch 1 now; each larger power-of-two batch on first use (engine.py pads batches to them),
     # each announced on stderr by kernels/compiled.py ("compiling the decode step for batch 4, ...")
-    applied, _ = prepare_inference(run, dtype, prepack=not compile, compile=compile,
+    applied, _ = prepare_inference(run, dtype, compile=compile,
                                    log=lambda line: print(f"frugallm: {line}", flush=True))
     model, decoder, tokenizer = applied.model, applied.decoder, load_tokenizer(run)
     name = model_name or Path(run).resolve().name

@@ -29,11 +29,16 @@ benchmarks/bench_generate.py, one thread):
   - dynamo checks no guards on the model's modules (hundreds, ~0.3 ms a step): the model is
     frozen into the graph anyway. Each decoder traces its own copy of the step's code, so its
     graphs (kept per code object) are never matched against another model's.
-One graph is compiled per (batch, new tokens) shape, tens of seconds each for a ~100M model;
-inductor's on-disk cache makes later processes quicker. The MTP modules' drafting windows are
-compiled the same way (`mtp_step`); prefill stays eager.
+One graph is compiled per (batch, new tokens) shape, tens of seconds each for a ~100M model.
+A later process loads it from inductor's on-disk FX graph cache (plan.py points it at
+~/.cache/frugallm/inductor) instead of generating and compiling the C++ again; dynamo and AOTAutograd
+still trace the step (AOTAutograd caches no frozen graph). `frugallm generate` on the tiny preset,
+2 idle cores, 16 tokens, whole command: 32 s the first start, 12 s a later one (26 s while freezing's
+weight packing kept the graph out of that cache; eager decoding: 4 s). The MTP modules' drafting
+windows are compiled the same way (`mtp_step`); prefill stays eager.
 
 The reference twin is the eager model on a dynamic cache; tests/test_compiled.py compares them.
+A model holding int8 / int4 weight codes compiles too: its GEMVs read the codes (kernels/compiled_quant.py).
 """
 
 from __future__ import annotations
@@ -49,21 +54,37 @@ from torch._inductor.fx_passes import decompose_mem_bound_mm
 
 from ..model.moe import RoutedExperts
 from ..model.transformer import ModelOutput
+from .compiled_quant import COMPILED_FORMATS, compilable, no_folding, refusal, swap_quantized
 from .experts import over_same_weights, static_experts
 from .swap import converted, swap_matmuls
 from ..model.kv_cache import KVCache
 
 
-def unavailable_reason(model) -> str | None:
-    """Why `compile_decode` cannot apply to this model on this machine, or None."""
+def planned_unavailable_reason(config=None, quantized: bool = False, device: str = "cpu") -> str | None:
+    """Why a model of `config` (None: any) cannot compile here, known before its weights are read, or None:
+    what plan.resolve's compile="auto" asks. quantized: the model will hold weight codes (True, or their
+    format: "fp8" has no compiled path; kernels/compiled_quant.py runs int8 and int4)."""
     if not torch._dynamo.is_dynamo_supported():
         return "torch.compile is not supported by this Python / PyTorch build"
-    if model.config.attention == "hybrid":  # its HybridCache grows by concatenation: no static shapes to trace
+    if config is not None and config.attention == "hybrid":  # HybridCache grows by concatenation: no static shapes
         return ("the compiled step traces MLA's static latent cache, and this model has V4 hybrid attention "
                 "(attention='hybrid', model/hybrid_cache.py): run it without --compile (eager decode)")
-    if model.embed.weight.device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if device == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         return "torch.compile's CPU backend needs a C++ compiler (g++ or clang++): install one, e.g. `apt install g++`"
-    done = [name for name in converted(model) if not isinstance(model.get_submodule(name), (GemvLinear, StaticExperts))]
+    if isinstance(quantized, str) and quantized not in COMPILED_FORMATS:  # int8 / int4 codes compile
+        return (f"the compiled step runs {' and '.join(COMPILED_FORMATS)} weight codes and this model holds "
+                f"{quantized}: add --dtype bf16 (or fp32) to dequantize them into a plain model that compiles")
+    return None
+
+
+def unavailable_reason(model) -> str | None:
+    """Why `compile_decode` cannot apply to this model on this machine, or None."""
+    if reason := planned_unavailable_reason(model.config, device=model.embed.weight.device.type):
+        return reason
+    if reason := refusal(model):
+        return reason
+    done = [name for name in converted(model)
+            if not (isinstance(m := model.get_submodule(name), (GemvLinear, StaticExperts)) or compilable(m))]
     if done:
         return (f"compiled decoding takes a plain model, and {done[0]} was converted "
                 f"({type(model.get_submodule(done[0])).kernel}): load the model without that kernel "
@@ -131,13 +152,21 @@ class CompiledDecode:
             return StaticExperts.from_experts(m) if type(m) is RoutedExperts else None
 
         swap_matmuls(model, make)  # kernels/swap.py: the one mechanism
+        swap_quantized(model)  # int8 / int4 codes: GEMVs over the codes (kernels/compiled_quant.py)
         # Set around every call, not passed as torch.compile(options=): dynamo reads `freezing` too,
         # while tracing (to keep the weights as constants instead of graph inputs), and options
         # only reach inductor; without it the step ran ~1.6x slower. Costs ~16 us a call.
         # cpp.enable_concat_linear: linears that read the same input (wq_a and wkv_a; a SwiGLU's w1
-        # and w3) become one packed GEMM each: 56 instead of 78 oneDNN calls a step on the 100M
+        # and w3) become one GEMM each: 56 instead of 78 oneDNN calls a step on the 100M
         # model, ~9 us of fixed cost each at batch 1 (-0.3 ms a step, five of six alternated runs).
-        self._config = {"freezing": True, "cpp_wrapper": cpp_wrapper, "cpp.enable_concat_linear": True}
+        # cpp.weight_prepack off: freezing's oneDNN packing leaves mkldnn tensors among the graph's
+        # constants, which inductor's on-disk FX graph cache cannot pickle, so every start compiled
+        # again. Off, a later process loads the compiled graph (a tiny-preset start 26 -> 12 s, above),
+        # and a step costs the same (medians of alternated runs in one process, one thread): 6.94 vs
+        # 6.79 ms (packed vs not) at batch 1 on the 100M model (a busy host), 0.94 vs 0.96 ms at batch 1
+        # and 3.74 vs 3.70 ms at batch 4 on the tiny preset.
+        self._config = {"freezing": True, "cpp_wrapper": cpp_wrapper, "cpp.enable_concat_linear": True,
+                        "cpp.weight_prepack": False}
         self._config_batch1 = {**self._config, "post_grad_fusion_options": {"decompose_mm_pass": {}}}
         no_module_guards = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         self._step = torch.compile(_own_code(self._forward), dynamic=False, options=no_module_guards)
@@ -189,7 +218,7 @@ class CompiledDecode:
         if batch_size == 1:
             decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = self.model.config.n_heads
         try:
-            with torch._inductor.config.patch(self._config_batch1 if batch_size == 1 else self._config):
+            with torch._inductor.config.patch(self._config_batch1 if batch_size == 1 else self._config), no_folding():
                 yield
         finally:
             decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = limit

@@ -1,11 +1,14 @@
-"""Weight-only quantization for CPU inference: int8 per output channel, FP8 e4m3 in 128x128 blocks.
+"""Weight-only quantization for CPU inference: int8 per output channel, int4 in groups of 32 (GGUF
+q4_0's codes), FP8 e4m3 in 128x128 blocks.
 
 Only the weights are quantized; activations stay in the model's dtype (bf16 for speed on CPU,
-fp32 for exactness checks). Two formats, one storage rule:
+fp32 for exactness checks). Three formats, one storage rule:
 
     int8  W (N, K) ~= q * s[:, None]      q int8 in [-127, 127], s = amax(|W[n, :]|) / 127  (N,) fp32
           or, grouped, s (N, K / g): one scale per g consecutive inputs of a row (GGUF's q8_0, g = 32,
           read by formats/gguf_read.py; never made by `quantize`, run by dequantizing the weight)
+    int4  W (N, K) ~= (c - 8) * s[:, k // 32]  c in [0, 15] packed two a byte, q uint8 (N, K/2), s (N, K/32)
+          fp16: GGUF q4_0 (kernels/int4.py; matrices with K % 32 != 0 stay high precision)
     fp8   W (N, K) ~= q * s[i//128, j//128]  q float8_e4m3fn, s (ceil(N/128), ceil(K/128)) fp32
           (docs/design/quantization.md: DeepSeek's `weight_scale_inv`, from kernels/fp8.py's weight_quant)
 
@@ -25,6 +28,8 @@ Kernels, each compared in tests/test_quant.py with its reference (dequantize, th
           and K % 16 == 0 (it crashes or is wrong otherwise, measured on torch 2.13 CPU); else the
           codes are cast (exactly) to the activation dtype and the per-channel scale is applied to
           the GEMM's output. The fp32 int8pack kernel is ~10x slower than dense fp32: not used.
+    int4: dequantize, then the GEMM (kernels/int4.py int4_linear).
+    Compiled decoding (kernels/compiled_quant.py) runs int8 and int4 batch-1 GEMVs on the codes themselves.
     fp8:  no CPU FP8 GEMM exists (docs/design/fp8.md), so each forward dequantizes the weight. torch's
           e4m3 -> bf16 cast is scalar (~4 ns/element); moving the code bits into bf16/fp32 bit
           positions with three integer passes is ~10x faster (see _e4m3_dequant). FP8 storage
@@ -52,11 +57,12 @@ from torch import nn
 from ..model.moe import RoutedExperts, gated, loop_experts
 from .experts import per_expert
 from .fp8 import BLOCK, DEFAULT_SKIP, E4M3, _skipped, weight_dequant, weight_quant
+from .int4 import dequantize_int4, empty_like_int4, fits, int4_linear, quantize_int4
 from .swap import swap_matmuls
 
-FORMATS = ("int8", "fp8")
+FORMATS = ("int8", "int4", "fp8")
 SUFFIX = "_scale_inv"
-CODE_DTYPE = {"int8": torch.int8, "fp8": E4M3}
+CODE_DTYPE = {"int8": torch.int8, "int4": torch.uint8, "fp8": E4M3}
 INT8PACK_MAX_ROWS = 16  # above this, cast + dense GEMM is faster (bf16, 2 cores, 256..4096 wide)
 
 
@@ -70,7 +76,10 @@ def fmt_of(codes: torch.Tensor) -> str:
 # --- quantizers: (..., N, K) weights, leading dims for stacked experts ---------------------------
 
 def quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (..., N, K) float -> (codes (..., N, K), scale_inv fp32): (..., N) int8, (..., N/128, K/128) fp8."""
+    """W (..., N, K) float -> (codes, scale_inv): int8 (..., N, K) + (..., N) fp32; int4 (..., N, K/2) packed +
+    (..., N, K/32) fp16; fp8 (..., N, K) + (..., N/128, K/128) fp32."""
+    if fmt == "int4":
+        return quantize_int4(w)
     if fmt == "int8":
         amax = w.detach().float().abs().amax(dim=-1)
         s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # all-zero rows: q = 0, s = 1
@@ -87,6 +96,8 @@ def quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The reference dequantization, any leading dims: codes + scale_inv -> W in `dtype`."""
+    if fmt_of(q) == "int4":
+        return dequantize_int4(q, s, dtype)
     if fmt_of(q) == "int8":
         if s.dim() == q.dim():  # grouped: s (..., N, K / g)
             return (q.float().unflatten(-1, (s.shape[-1], -1)) * s.float()[..., None]).flatten(-2).to(dtype)
@@ -143,11 +154,13 @@ def fp8_linear(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tenso
     return F.linear(x, _e4m3_dequant(q, s, x.dtype))
 
 
-LINEAR = {"int8": int8_linear, "fp8": fp8_linear}
+LINEAR = {"int8": int8_linear, "int4": int4_linear, "fp8": fp8_linear}
 
 
 def _empty_like_quantized(shape, fmt: str, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Placeholders with the shapes and dtypes `quantize` would give (meta-device loading)."""
+    if fmt == "int4":
+        return empty_like_int4(shape, device)
     *lead, N, K = shape
     s_shape = (*lead, N) if fmt == "int8" else (*lead, -(-N // BLOCK), -(-K // BLOCK))
     return (torch.empty(shape, dtype=CODE_DTYPE[fmt], device=device),
@@ -309,9 +322,10 @@ def _swap(model: nn.Module, fmt: str, want) -> list[str]:
     (e.g. 'layers.1.ffn.experts') with want(name) by its quantized twin, in place
     (kernels/swap.py swap_matmuls). Returns the converted names."""
     def make(name, m, reads_weight):  # QuantLinear's .weight dequantizes on access: wkv_b is fine
-        if type(m) is nn.Linear and want(name + ".weight"):
+        if type(m) is nn.Linear and want(name + ".weight") and (fmt != "int4" or fits(m.weight.shape)):
             return QuantLinear.from_linear(m, fmt)
-        if type(m) is RoutedExperts and want(name):
+        if type(m) is RoutedExperts and want(name) and (fmt != "int4" or all(
+                fits(getattr(m, n).shape) for n in QuantExperts.WEIGHTS)):
             return QuantExperts.from_experts(m, fmt)
         return None
 
@@ -319,8 +333,9 @@ def _swap(model: nn.Module, fmt: str, want) -> list[str]:
 
 
 def quantize_model(model: nn.Module, to: str, skip=DEFAULT_SKIP) -> list[str]:
-    """Quantize a model's weights in place for inference (`to` = "int8" or "fp8"): every nn.Linear
-    and every MoE's stacked routed experts whose name no `skip` pattern matches. Patterns match
+    """Quantize a model's weights in place for inference (`to` = "int8", "int4" or "fp8"): every nn.Linear
+    and every MoE's stacked routed experts whose name no `skip` pattern matches (int4: and whose inputs
+    split into groups of 32). Patterns match
     whole dotted components (kernels/fp8.py `_skipped`): "head", "ffn.gate", "mtp", "layers.0";
     routed experts are named "<moe>.experts", so "experts" keeps them all high precision.
     Returns the quantized names. Quantize from the fp32 (or bf16) weights; cast the model with
