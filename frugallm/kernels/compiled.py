@@ -17,10 +17,14 @@ What makes the step traceable as one graph with no data-dependent shapes:
     `kernels/prepack.py` is not applied to a model that is compiled).
 What keeps the per-step overhead down (a batch-1 step takes ~3.2 ms on the 100M model of
 benchmarks/bench_generate.py, one thread):
-  - at batch 1, every linear but the output head is an inductor multiply-and-sum GEMV
-    (`GemvLinear`): 0.49 vs 0.97 ms for oneDNN over the 55 matrices (0.2-0.6 MB) of 11 layers
-    in a microbenchmark, as a oneDNN call carries ~9 us of fixed cost; the 25 MB head stays on
-    oneDNN (~37 GB/s; as a multiply-and-sum it measured slower). 3.9 -> 3.2 ms a step;
+  - at batch 1, every linear is an inductor multiply-and-sum GEMV (`GemvLinear`): 0.49 vs 0.97
+    ms for oneDNN over the 55 matrices (0.2-0.6 MB) of 11 layers in a microbenchmark, as a oneDNN
+    call carries ~9 us of fixed cost (3.9 -> 3.2 ms a step). The output head too: oneDNN's
+    batch-1 GEMM took 435 us a step for the tiny preset's 4 MB head (30 % of the step, in
+    torch.profiler with inductor's kernel profile), and as a GEMV the step is faster in every
+    case measured (LOG.md, alternated in one process, zen4): tiny fp32 2 threads 710 -> 1138
+    tokens/s; the 100M model of benchmarks/bench_llamacpp.py fp32 101 -> 131 (2 threads), 95 -> 115
+    (1 thread), bf16 191 -> 210 (2 threads). (An earlier measurement had kept the head on oneDNN.)
   - batched steps concatenate linears that share an input into one GEMM (fewer oneDNN calls);
   - at batch 1, the attention's batched matmuls (absorbed W^UK / W^UV per head, scores and
     values over the one latent head) become multiply-and-sum that inductor fuses with the
@@ -147,7 +151,7 @@ class CompiledDecode:
         self._shapes = set()  # (step, batch, tokens) already compiled: a new one is a wait worth saying
 
         def make(name, m, reads_weight):  # eager calls (prefill, the first draft window) are unchanged
-            if type(m) is nn.Linear and m is not model.head:  # the head stays on oneDNN (see above)
+            if type(m) is nn.Linear:  # the output head included (see above)
                 return GemvLinear.from_linear(m)
             return StaticExperts.from_experts(m) if type(m) is RoutedExperts else None
 
