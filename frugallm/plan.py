@@ -255,10 +255,20 @@ def prepare_inference(path, dtype="auto", *, prepack: bool = True, compile: bool
     choice = inference_dtype(dtype)
     log(choice.reason)
     opened = open_model(path)
+    codes, config = _keeps_codes(opened, explicit), opened.config
+    plan = resolve("inference", dtype=dtype, prepack=prepack, compile=compile, config=config,
+                   quantized=codes, speculative=speculative)
+    if codes == "int4" and not plan.compile:  # eager int4 unpacks every weight on every call
+        why_not = tuple(line for line in plan.reasons if line.startswith("compile"))  # auto -> off: why
+        plan = resolve("inference", dtype=dtype, prepack=prepack, compile="off", config=config,
+                       speculative=speculative)
+        plan = dataclasses.replace(plan, reasons=plan.reasons + why_not + (
+            "int4 codes dequantized once at load: only the compiled step reads them fast (eager int4 decoded "
+            "the 100M bench model at ~0.26x its plain weights' speed, LOG.md)",))
+        explicit = True
+        log(plan.reasons[-1])
     # an explicit dtype reads (and dequantizes) the weights into it; auto keeps quantized codes
-    model = opened.model(dtype=choice.dtype, quantized=False) if explicit else opened.model()
-    plan = resolve("inference", dtype=dtype, prepack=prepack, compile=compile, config=model.config,
-                   quantized=_keeps_codes(opened, explicit), speculative=speculative)
+    model = opened.model(dtype=plan.dtype, quantized=False) if explicit else opened.model()
     if explicit:
         plan = dataclasses.replace(plan, cast=False)  # already read in that dtype
     for line in plan.reasons:

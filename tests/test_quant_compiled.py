@@ -143,3 +143,27 @@ def test_int4_checkpoint_round_trips(tmp_path):
     ids = torch.randint(0, 97, (1, 7))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_an_eager_plan_dequantizes_int4_codes_once_at_load(tmp_path):
+    """Eager int4 unpacks every weight on every call (~0.26x a plain model's decode, LOG.md), so a plan that
+    does not compile reads int4 codes into plain weights once, saying why; the logits are the codes' own."""
+    from frugallm.formats.quantized import check_request, write_quantized
+    from frugallm.plan import prepare_inference
+
+    model = Transformer(int4_config(n_layers=2)).eval()
+    quantize_model(model, "int4")
+    (tmp_path / "src").mkdir()
+    layout, guard = check_request(tmp_path / "src", "int4", tmp_path / "q", None)
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        out = write_quantized(model, tmp_path / "q", "int4", layout, tmp_path / "src", guard, dtype=torch.float32)
+    said = []
+    applied, plan = prepare_inference(out, "auto", compile="off", log=said.append)
+    assert not plan.compile and not any(isinstance(m, (QuantLinear, QuantExperts)) for m in applied.model.modules())
+    assert any("int4 codes dequantized once at load" in line for line in said + list(plan.reasons))
+    ids = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        got = applied.model(ids).logits.float()
+        want = model.to(plan.dtype)(ids).logits.float()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5) if plan.dtype == torch.float32 else \
+        (got - want).abs().max() < 0.05 * want.abs().max()
