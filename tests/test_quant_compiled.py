@@ -125,9 +125,9 @@ def test_compiled_decode_of_a_quantized_model_equals_it_eager(fmt):
     assert isinstance(model.layers[1].ffn.experts, QuantExperts)  # the twin keeps the buffers and state dict
 
 
-def test_int4_checkpoint_round_trips(tmp_path):
-    """formats/quantized.py: int4 codes and fp16 scales written and read back as they are."""
-    from frugallm.formats.quantized import check_request, load_quantized, write_quantized
+def int4_checkpoint(tmp_path):
+    """(an int4-quantized model, the quantized checkpoint formats/quantized.py wrote of it)."""
+    from frugallm.formats.quantized import check_request, write_quantized
 
     model = Transformer(int4_config(n_layers=2)).eval()
     quantize_model(model, "int4")
@@ -135,6 +135,14 @@ def test_int4_checkpoint_round_trips(tmp_path):
     layout, guard = check_request(tmp_path / "src", "int4", tmp_path / "q", None)
     with pytest.warns(UserWarning, match="no tokenizer"):
         out = write_quantized(model, tmp_path / "q", "int4", layout, tmp_path / "src", guard, dtype=torch.float32)
+    return model, out
+
+
+def test_int4_checkpoint_round_trips(tmp_path):
+    """formats/quantized.py: int4 codes and fp16 scales written and read back as they are."""
+    from frugallm.formats.quantized import load_quantized
+
+    model, out = int4_checkpoint(tmp_path)
     loaded = load_quantized(out)
     experts = loaded.layers[1].ffn.experts
     assert type(experts) is QuantExperts and experts.fmt == "int4" and experts.w1.dtype == torch.uint8
@@ -148,15 +156,9 @@ def test_int4_checkpoint_round_trips(tmp_path):
 def test_an_eager_plan_dequantizes_int4_codes_once_at_load(tmp_path):
     """Eager int4 unpacks every weight on every call (~0.26x a plain model's decode, LOG.md), so a plan that
     does not compile reads int4 codes into plain weights once, saying why; the logits are the codes' own."""
-    from frugallm.formats.quantized import check_request, write_quantized
     from frugallm.plan import prepare_inference
 
-    model = Transformer(int4_config(n_layers=2)).eval()
-    quantize_model(model, "int4")
-    (tmp_path / "src").mkdir()
-    layout, guard = check_request(tmp_path / "src", "int4", tmp_path / "q", None)
-    with pytest.warns(UserWarning, match="no tokenizer"):
-        out = write_quantized(model, tmp_path / "q", "int4", layout, tmp_path / "src", guard, dtype=torch.float32)
+    model, out = int4_checkpoint(tmp_path)
     said = []
     applied, plan = prepare_inference(out, "auto", compile="off", log=said.append)
     assert not plan.compile and not any(isinstance(m, (QuantLinear, QuantExperts)) for m in applied.model.modules())
