@@ -39,6 +39,7 @@ from .formats.open import open as open_model
 from .host import DtypeChoice, HostProfile, choose_dtype, host_profile
 from .io import cache_root
 from .kernels import compiled as compiled_decode
+from .kernels import native
 from .kernels import prepack as prepacking
 from .kernels.experts import use_grouped_experts
 from .kernels.fp8 import convert_to_fp8
@@ -60,6 +61,7 @@ class Plan:
     prepack: bool = False  # inference: bf16 weights packed for oneDNN (kernels/prepack.py)
     compile: bool = False  # train: torch.compile(model); inference: the decode step (kernels/compiled.py)
     speculative: bool = False  # inference + compile: the verify step's shapes compiled too
+    qgemv_isa: int | None = None  # inference + compile + codes: int8 activations on kernels/native.py (its isa)
 
     @property
     def dtype_name(self) -> str:
@@ -133,8 +135,10 @@ def compile_choice(compile: bool | str | None = None) -> str:
 
 def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", compile: bool | str | None = False,
             prepack: bool = True, fp8: bool = False, quantized: bool = False, speculative: bool = False,
-            ranks: int = 1, config=None) -> Plan:
+            ranks: int = 1, config=None, int8_activations: bool = True) -> Plan:
     """Every rule in one place. quantized: the model holds int8/fp8 weight codes (kernels/quantize.py);
+    int8_activations: a compiled step over int8 / int4 codes quantizes its batch-1 GEMVs' activations
+    (kernels/native.py) where a compiler can build that kernel; False keeps them fp32 (exact to the eager path);
     ranks: the processes a training plan runs on. compile: `compile_choice`'s on, off or auto; auto
     compiles an inference plan's decode step where kernels/compiled.py says it works here for a
     model of `config` (a ModelConfig; None: any), else stays eager with the reason as a plan line;
@@ -170,9 +174,15 @@ def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", c
         compile = auto_off is None
     if quantized and compile and (why := compiled_decode.planned_unavailable_reason(config, quantized=quantized)):
         raise ValueError(f"cannot compile the decode step: {why}")  # fp8 codes; int8 / int4 compile
+    isa = None
     if quantized and compile:
         reasons.append("quantized weights kept as codes: the compiled step's batch-1 GEMVs read them "
                        "(kernels/compiled_quant.py)")
+        if int8_activations and native.compiler():
+            isa = native.host_isa(profile.flags)
+            reasons.append(f"int8 activations: batch-1 GEMVs quantize the activation row per block of 32 and "
+                           f"multiply int8 by int8 as llama.cpp does ({native.ISAS[isa]}, kernels/native.py; "
+                           f"int8_activations=False keeps fp32 activations)")
     elif quantized:
         reasons.append(f"quantized weights kept as codes, dequantized to {choice.name} as they run: no other kernel")
         reasons += [f"compile auto -> off: {auto_off}"] if auto_off else []
@@ -188,7 +198,7 @@ def resolve(purpose: str, profile: HostProfile | None = None, *, dtype="auto", c
         reasons.append(f"no prepack: this host's oneDNN does not pack bf16 weights ({profile.capability})")
     reasons += [f"compile auto -> off: {auto_off}"] if auto_off else []
     return Plan(purpose, choice.dtype, tuple(reasons), cast=True, prepack=packs, compile=compile,
-                speculative=speculative)
+                speculative=speculative, qgemv_isa=isa)
 
 
 def inductor_cache_dir() -> str:
@@ -223,7 +233,8 @@ def apply(model: nn.Module, plan: Plan, world=None, before_compile=None) -> Appl
     if plan.compile and plan.purpose == "train":
         forward = torch.compile(model)
     elif plan.compile:
-        decoder = compiled_decode.compile_decode(model, warmup=True, speculative=plan.speculative)
+        decoder = compiled_decode.compile_decode(model, warmup=True, speculative=plan.speculative,
+                                                 qgemv_isa=plan.qgemv_isa)
     return Applied(model, forward, decoder)
 
 

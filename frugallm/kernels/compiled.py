@@ -58,6 +58,7 @@ from torch._inductor.fx_passes import decompose_mem_bound_mm
 
 from ..model.moe import RoutedExperts
 from ..model.transformer import ModelOutput
+from . import native
 from .compiled_quant import COMPILED_FORMATS, compilable, no_folding, refusal, swap_quantized
 from .experts import over_same_weights, static_experts
 from .swap import converted, swap_matmuls
@@ -142,7 +143,7 @@ class CompiledDecode:
     The model must stay frozen afterwards (its weights are compiled in) and in inference mode.
     """
 
-    def __init__(self, model, cpp_wrapper: bool = True, log=None):
+    def __init__(self, model, cpp_wrapper: bool = True, log=None, qgemv_isa: int | None = None):
         reason = unavailable_reason(model)
         if reason:
             raise RuntimeError(f"cannot compile the decode step: {reason}")
@@ -156,7 +157,7 @@ class CompiledDecode:
             return StaticExperts.from_experts(m) if type(m) is RoutedExperts else None
 
         swap_matmuls(model, make)  # kernels/swap.py: the one mechanism
-        swap_quantized(model)  # int8 / int4 codes: GEMVs over the codes (kernels/compiled_quant.py)
+        swap_quantized(model, qgemv_isa)  # int8 / int4 codes: GEMVs over the codes (kernels/compiled_quant.py)
         # Set around every call, not passed as torch.compile(options=): dynamo reads `freezing` too,
         # while tracing (to keep the weights as constants instead of graph inputs), and options
         # only reach inductor; without it the step ran ~1.6x slower. Costs ~16 us a call.
@@ -264,7 +265,7 @@ def _stderr(line: str) -> None:
 
 
 def compile_decode(model, cpp_wrapper: bool = True, warmup: bool = False, speculative: bool = False,
-                   log=None) -> CompiledDecode:
+                   log=None, qgemv_isa: int | None = None) -> CompiledDecode:
     """The model's decode step, compiled (see the module docstring); the model's routed experts
     become `StaticExperts` and its linears `GemvLinear` (kernels/swap.py swap_matmuls), for
     traced calls; eager calls behave as before. This returns at once: the compiling happens on
@@ -272,8 +273,13 @@ def compile_decode(model, cpp_wrapper: bool = True, warmup: bool = False, specul
     warmup: compile batch 1's decode step now (and, with `speculative`, its D+1-token verify step)
     rather than on the first request.
     log(line): told before each compile ("compiling the decode step for batch 1, 1 token (first use,
-    ~30 s) ..."); default: stderr."""
-    decoder = CompiledDecode(model, cpp_wrapper=cpp_wrapper, log=log)
+    ~30 s) ..."); default: stderr.
+    qgemv_isa: quantized codes' batch-1 GEMVs on kernels/native.py's int8-activation kernel with that
+    implementation (built here if needed; where it cannot be, said on log and not used), or None."""
+    if qgemv_isa is not None and (why := native.unavailable_reason(log or _stderr)):
+        (log or _stderr)(f"{why}; the compiled fp32 GEMV over the codes runs instead")
+        qgemv_isa = None
+    decoder = CompiledDecode(model, cpp_wrapper=cpp_wrapper, log=log, qgemv_isa=qgemv_isa)
     for n_tokens in ([1] + ([model.config.n_mtp + 1] if speculative else [])) if warmup else []:
         decoder.warmup(1, n_tokens)
     return decoder

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch._inductor import constant_folding
 
 from ..model.moe import gated
+from . import native
 from .experts import dense_experts
 from .int4 import GROUP, HALF
 from .quantize import SUFFIX, QuantExperts, QuantLinear, dequantize, fmt_of
@@ -89,11 +90,19 @@ def _twin(cls, m):
     return new
 
 
+def native_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, idx: torch.Tensor | None, isa: int) -> torch.Tensor:
+    """kernels/native.py's int8-activation GEMV: x (P, K), codes (N, .) or (E, N, .) with idx (P) -> (P, N)
+    fp32. int8 scales go in as fp32 (a frozen constant: the cast folds once)."""
+    return native.qgemv(x, q, s.float() if q.dtype == torch.int8 else s, idx, isa)
+
+
 class QuantGemvLinear(QuantLinear):
-    """QuantLinear whose one-row calls, while traced, are the fused GEMV over its codes (`gemv`);
-    more rows while traced: dequantize in the graph, then F.linear; eager calls: QuantLinear's."""
+    """QuantLinear whose one-row calls, while traced, are the fused GEMV over its codes (`gemv`), or,
+    with `isa` set (plan: int8 activations), kernels/native.py's int8-activation GEMV; more rows while
+    traced: dequantize in the graph, then F.linear; eager calls: QuantLinear's."""
 
     kernel = "compiled-quantized-gemv"
+    isa: int | None = None
 
     @classmethod
     def from_quant(cls, m: QuantLinear) -> "QuantGemvLinear":
@@ -102,7 +111,10 @@ class QuantGemvLinear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             return super().forward(x)
-        if x.numel() == x.shape[-1]:
+        if x.numel() == x.shape[-1] and self.isa is not None and native.supports(self.qweight, self.weight_scale_inv):
+            y = native_gemv(x.reshape(1, -1), self.qweight, self.weight_scale_inv, None, self.isa)
+            y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        elif x.numel() == x.shape[-1]:
             y = gemv(x[..., None, :], self.qweight, self.weight_scale_inv).to(x.dtype)
         else:
             y = F.linear(x, traced_dequantize(self.qweight, self.weight_scale_inv, x.dtype))
@@ -115,6 +127,7 @@ class QuantStaticExperts(QuantExperts):
     densely (kernels/experts.py dense_experts) on weights dequantized in the graph."""
 
     kernel = "compiled-quantized-experts"
+    isa: int | None = None
 
     @classmethod
     def from_quant(cls, m: QuantExperts) -> "QuantStaticExperts":
@@ -127,10 +140,23 @@ class QuantStaticExperts(QuantExperts):
         if idx.numel() >= q1.shape[0]:
             w1, w2, w3 = (traced_dequantize(q, s, x.dtype) for q, s in ((q1, s1), (q2, s2), (q3, s3)))
             return dense_experts(x, weights, idx, w1, w2, w3, self.limit)
+        if self.isa is not None and all(native.supports(q, s) for q, s in ((q1, s1), (q2, s2), (q3, s3))):
+            return self._native(x, weights, idx)
         xb = x[:, None, None, :]  # (N, 1, 1, d) against the gathered codes (N, K, I, .)
         h = gated(gemv(xb, q1[idx], s1[idx]), gemv(xb, q3[idx], s3[idx]), self.limit)  # (N, K, I) fp32
         h = h * weights[..., None].float()
         return gemv(h[:, :, None, :], q2[idx], s2[idx]).sum(1).to(x.dtype)  # (N, K, d) summed over K
+
+
+    def _native(self, x, weights, idx):
+        """Batch 1 on kernels/native.py: each (token, slot) pair is a row of the op, its expert by idx."""
+        (q1, s1), (q2, s2), (q3, s3) = ((getattr(self, n), getattr(self, n + SUFFIX)) for n in self.WEIGHTS)
+        T, K = idx.shape
+        flat = idx.reshape(-1)
+        xr = x[:, None, :].expand(T, K, x.shape[-1]).reshape(T * K, -1)  # (T K, d)
+        h = gated(native_gemv(xr, q1, s1, flat, self.isa), native_gemv(xr, q3, s3, flat, self.isa), self.limit)
+        h = h * weights.reshape(-1, 1).float()  # (T K, I) fp32
+        return native_gemv(h, q2, s2, flat, self.isa).view(T, K, -1).sum(1).to(x.dtype)
 
 
 def compilable(m) -> bool:
@@ -148,14 +174,18 @@ def refusal(model) -> str | None:
     return None
 
 
-def swap_quantized(model) -> list[str]:
+def swap_quantized(model, isa: int | None = None) -> list[str]:
     """Every QuantLinear / QuantExperts of a compiled format becomes its compiled twin, in place (the
-    same buffers; kernels/swap.py swap_matmuls offers plain modules only). Returns the names."""
+    same buffers; kernels/swap.py swap_matmuls offers plain modules only). isa: run batch-1 GEMVs on
+    kernels/native.py's int8-activation kernel with that implementation (loaded by the caller), or None:
+    the fp32 GEMV over the codes. Returns the names."""
     done = []
     for name, m in list(model.named_modules()):
         twin = {QuantLinear: QuantGemvLinear, QuantExperts: QuantStaticExperts}.get(type(m))
         if twin is not None and m.fmt in COMPILED_FORMATS:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, twin.from_quant(m))
+            new = twin.from_quant(m)
+            new.isa = isa
+            setattr(model.get_submodule(parent) if parent else model, child, new)
             done.append(name)
     return done
