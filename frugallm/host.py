@@ -209,12 +209,14 @@ def measure() -> HostProfile:
 
 
 def forced(kind: str, base: HostProfile | None = None) -> HostProfile:
-    """A profile that plays a host of `kind` ('no-bf16' or 'bf16') with this machine's identity.
+    """A profile that plays a host of `kind` ('no-bf16' or 'bf16') with this machine's identity (no-bf16
+    also drops the AVX-512 / AMX / bf16 flags, so kernel choices made by flag play an AVX2 host).
     The ratios are typical of such hosts (no-bf16: a Zen 3 measured in issue 14, 0.9 vs 120
     GFLOP/s; bf16: a Zen 5 with AVX-512-BF16, ~4.5x), not measured here."""
     ident = _identity()
     ident.pop("all_flags")
-    if kind == "no-bf16":
+    if kind == "no-bf16":  # and no AVX-512 or AMX: the AVX2 laptop's flags (what kernels/native.py picks by)
+        ident["flags"] = [f for f in ident["flags"] if not f.startswith(("avx512", "amx")) and f not in BF16_FLAGS]
         return HostProfile(**ident, bf16_native=False, bf16_prepack=False, gemm_gflops={"fp32": 120.0, "bf16": 0.9},
                            gemv_gflops={"fp32": 10.0, "bf16": 8.0}, source="forced:no-bf16")
     if kind == "bf16":

@@ -97,9 +97,10 @@ def native_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, idx: torch.Te
 
 
 class QuantGemvLinear(QuantLinear):
-    """QuantLinear whose one-row calls, while traced, are the fused GEMV over its codes (`gemv`), or,
-    with `isa` set (plan: int8 activations), kernels/native.py's int8-activation GEMV; more rows while
-    traced: dequantize in the graph, then F.linear; eager calls: QuantLinear's."""
+    """QuantLinear whose one-row calls are, with `isa` set (the plan's int8 activations), kernels/native.py's
+    int8-activation GEMV, traced or eager (so an eager step is the compiled step's twin), else, while
+    traced, the fused fp32 GEMV over its codes (`gemv`); more rows while traced: dequantize in the graph,
+    then F.linear; other eager calls: QuantLinear's."""
 
     kernel = "compiled-quantized-gemv"
     isa: int | None = None
@@ -109,12 +110,13 @@ class QuantGemvLinear(QuantLinear):
         return _twin(cls, m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            return super().forward(x)
-        if x.numel() == x.shape[-1] and self.isa is not None and native.supports(self.qweight, self.weight_scale_inv):
-            y = native_gemv(x.reshape(1, -1), self.qweight, self.weight_scale_inv, None, self.isa)
+        one_row = x.numel() == x.shape[-1]
+        if one_row and self.isa is not None and native.supports(self.qweight, self.weight_scale_inv):
+            y = native_gemv(x.reshape(1, -1), self.qweight, self.weight_scale_inv, None, self.isa)  # eager too
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
-        elif x.numel() == x.shape[-1]:
+        elif not torch.compiler.is_compiling():
+            return super().forward(x)
+        elif one_row:
             y = gemv(x[..., None, :], self.qweight, self.weight_scale_inv).to(x.dtype)
         else:
             y = F.linear(x, traced_dequantize(self.qweight, self.weight_scale_inv, x.dtype))
@@ -123,8 +125,9 @@ class QuantGemvLinear(QuantLinear):
 
 class QuantStaticExperts(QuantExperts):
     """QuantExperts with static-shape dispatch while traced: at batch 1 (fewer (token, expert) pairs
-    than experts) each pair's expert codes gathered into the fused GEMVs; a batch: every expert
-    densely (kernels/experts.py dense_experts) on weights dequantized in the graph."""
+    than experts) each pair's expert codes gathered into the fused GEMVs (with `isa` set: each pair a
+    row of kernels/native.py's GEMV, traced or eager); a batch: every expert densely
+    (kernels/experts.py dense_experts) on weights dequantized in the graph."""
 
     kernel = "compiled-quantized-experts"
     isa: int | None = None
@@ -134,14 +137,15 @@ class QuantStaticExperts(QuantExperts):
         return _twin(cls, m)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        (q1, s1), (q2, s2), (q3, s3) = ((getattr(self, n), getattr(self, n + SUFFIX)) for n in self.WEIGHTS)
+        few = idx.numel() < q1.shape[0]
+        if few and self.isa is not None and all(native.supports(q, s) for q, s in ((q1, s1), (q2, s2), (q3, s3))):
+            return self._native(x, weights, idx)  # eager too
         if not torch.compiler.is_compiling():
             return super().forward(x, weights, idx)
-        (q1, s1), (q2, s2), (q3, s3) = ((getattr(self, n), getattr(self, n + SUFFIX)) for n in self.WEIGHTS)
-        if idx.numel() >= q1.shape[0]:
+        if not few:
             w1, w2, w3 = (traced_dequantize(q, s, x.dtype) for q, s in ((q1, s1), (q2, s2), (q3, s3)))
             return dense_experts(x, weights, idx, w1, w2, w3, self.limit)
-        if self.isa is not None and all(native.supports(q, s) for q, s in ((q1, s1), (q2, s2), (q3, s3))):
-            return self._native(x, weights, idx)
         xb = x[:, None, None, :]  # (N, 1, 1, d) against the gathered codes (N, K, I, .)
         h = gated(gemv(xb, q1[idx], s1[idx]), gemv(xb, q3[idx], s3[idx]), self.limit)  # (N, K, I) fp32
         h = h * weights[..., None].float()
