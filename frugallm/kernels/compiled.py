@@ -150,6 +150,7 @@ class CompiledDecode:
         self.model = model
         self.log = log or _stderr
         self._shapes = set()  # (step, batch, tokens) already compiled: a new one is a wait worth saying
+        self._calls = set()  # what _settings has seen a call of (a later one skips the guards)
 
         def make(name, m, reads_weight):  # eager calls (prefill, the first draft window) are unchanged
             if type(m) is nn.Linear:  # the output head included (see above)
@@ -189,8 +190,7 @@ class CompiledDecode:
         """tokens (B, S) at positions lengths[b]..+S-1 of `cache` (a dynamic KVCache); its lengths
         advance by S, as with the eager model."""
         buffers = self._window(cache, tokens.shape[1])
-        self._say("decode step", *tokens.shape)
-        with self._settings(tokens.shape[0]):
+        with self._settings("decode step", *tokens.shape, cache):
             logits, hidden = self._step(tokens, *buffers, cache.lengths)
         return ModelOutput(logits=logits, hidden=hidden)
 
@@ -202,23 +202,33 @@ class CompiledDecode:
         if absorb is not True:
             return self.model.mtp_step(depth, h_prev, next_ids, cache, absorb, logits_at)
         buffers = self._window(cache, next_ids.shape[1])
-        self._say(f"MTP draft step {depth}", *next_ids.shape)
-        with self._settings(next_ids.shape[0]):
+        more = (None if logits_at is None else tuple(logits_at.shape), tuple(h_prev.shape))
+        with self._settings(f"MTP draft step {depth}", *next_ids.shape, cache, *more):
             return self._mtp(depth, h_prev, next_ids, *buffers, cache.lengths, logits_at)
 
-    def _say(self, step: str, batch_size: int, n_tokens: int) -> None:
-        """Tell the log before a shape's first call: that call compiles (tens of seconds), the others do not.
-        The ~30 s: the tiny preset on 2 cores; inductor's on-disk cache makes a later process quicker."""
-        if (step, batch_size, n_tokens) not in self._shapes:
+    @contextlib.contextmanager
+    def _settings(self, step: str, batch_size: int, n_tokens: int, cache: KVCache, *more):
+        """Around a step's call. A shape's first call compiles (tens of seconds: said on the log first;
+        the ~30 s is the tiny preset on 2 cores, inductor's on-disk cache makes a later process quicker)
+        under inductor's settings: at batch 1, its `decompose_mm_pass` rewrites every bmm whose batch
+        dimension is at most this model's head count (the pass reads that limit from a module constant,
+        so it is set here too). A later call of a compiled shape skips both the settings (~16 us) and
+        dynamo's guard evaluation (~0.1 ms a step on the 100M model): only the guards that tell this
+        step's compiled shapes apart run (set_stance(skip_guard_eval_unsafe=True)). That is safe here
+        because nothing else a guard checks changes: the weights are frozen into the graph, and the
+        inputs differ only in shape (LOG.md). A call is "later" when it matches an earlier one in
+        everything a guard could tell apart: the step, its shape, the cache's size, the grad modes, `more`."""
+        key = (step, batch_size, n_tokens, cache.max_len, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+               *more)
+        if key in self._calls:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                yield
+            return
+        self._calls.add(key)
+        if (step, batch_size, n_tokens) not in self._shapes:  # else at most a guard's recompile: not said
             self._shapes.add((step, batch_size, n_tokens))
             rows = f"batch {batch_size}, {n_tokens} token{'s' if n_tokens > 1 else ''}"
             self.log(f"compiling the {step} for {rows} (first use, ~30 s) ...")
-
-    @contextlib.contextmanager
-    def _settings(self, batch_size: int):
-        """Inductor's settings while a step runs (and compiles, on a new shape). At batch 1, its
-        `decompose_mm_pass` rewrites every bmm whose batch dimension is at most this model's head
-        count (the pass reads that limit from a module constant, so it is set here too)."""
         limit = decompose_mem_bound_mm.cpu_max_first_dimension_decomposition
         if batch_size == 1:
             decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = self.model.config.n_heads

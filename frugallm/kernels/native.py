@@ -69,6 +69,9 @@ def _build(cxx: str, out: Path, log=None) -> None:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{done.stderr[-3000:]}")
     tmp.replace(out)
+    for old in out.parent.glob("frugallm_qgemv_*.so"):  # builds of earlier sources or torch versions
+        if old != out:
+            old.unlink(missing_ok=True)
 
 
 def _loaded() -> bool:
