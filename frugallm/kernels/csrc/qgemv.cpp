@@ -34,6 +34,7 @@ struct Rows {  // the weight rows of one (matrix, activation row) pair, and that
   const float* dx;       // its block scales (G)
   const int32_t* sx;     // its block sums (G), for int4's -8 offset
   int64_t G;
+  const int8_t* qx2;     // int4: the row in pairs of blocks (see pair_activations), else nullptr
 };
 
 inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
@@ -83,6 +84,20 @@ __attribute__((target(FRUGALLM_TARGET_VNNI))) inline __m256i dot_vnni(__m256i u,
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 }
 
+// int4, two blocks g, g + 1 at once: one 32-byte load holds both blocks' codes, byte j of each block its
+// code j (low nibble) and j + 16 (high). So `lo` is [codes 0..15 of g | 0..15 of g + 1] and `hi` the codes
+// 16..31 of each; the activations were laid out to match once per call (pair_activations). Lanes 0-3 of
+// the int32 result belong to block g, 4-7 to g + 1. Two instructions a block fewer than one block at a
+// time (the shift, the 128-bit insert and the mask serve two blocks). vpmaddubsw sums two products of
+// at most 15 * 127, so the sum of both halves (<= 7620) still fits int16 before vpmaddwd.
+__attribute__((target(FRUGALLM_TARGET_AVX2))) inline __m256i pair_avx2(__m256i lo, __m256i xl, __m256i hi, __m256i xh) {
+  return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh)),
+                           _mm256_set1_epi16(1));
+}
+__attribute__((target(FRUGALLM_TARGET_VNNI))) inline __m256i pair_vnni(__m256i lo, __m256i xl, __m256i hi, __m256i xh) {
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh);
+}
+
 // 32 weights of block g of row n against the activation block: their int32 partial sums (8 lanes)
 #define FRUGALLM_BLOCK(SUFFIX, TARGET, DOT)                                                                 \
   template <Format F>                                                                                       \
@@ -112,7 +127,7 @@ FRUGALLM_BLOCK(vnni, FRUGALLM_TARGET_VNNI, dot_vnni)
 // into sc; the rows are processed in pieces of at most kPiece blocks so that sc stays on the stack.
 constexpr int64_t kPiece = 256;
 
-#define FRUGALLM_ROWS(SUFFIX, TARGET, DOT)                                                                 \
+#define FRUGALLM_ROWS(SUFFIX, TARGET, DOT, PAIR)                                                                 \
   template <Format F>                                                                                      \
   __attribute__((target(TARGET))) float scales_##SUFFIX(const Rows& r, int64_t n, int64_t g0, int64_t g1, float* sc) { \
     float corr = 0.f;                                                                                      \
@@ -145,8 +160,20 @@ constexpr int64_t kPiece = 256;
       for (int64_t g0 = 0; g0 < r.G; g0 += kPiece) {                                                       \
         const int64_t g1 = std::min(r.G, g0 + kPiece);                                                     \
         corr += scales_##SUFFIX<F>(r, n, g0, g1, sc);                                                      \
+        int64_t g = g0;                                                                                    \
+        if constexpr (F == kQ4) /* two blocks a step, one 32-byte load of codes (see pair_activations) */  \
+          for (; g + 2 <= g1; g += 2) {                                                                    \
+            _mm_prefetch(pf + g * bs, _MM_HINT_T0);                                                        \
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.codes + n * r.row_bytes + g * 16)); \
+            const __m256i* xp = reinterpret_cast<const __m256i*>(r.qx2 + g * kBlock);                      \
+            const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi8(15));                                  \
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15));            \
+            const __m256 scv = _mm256_set_m128(_mm_broadcast_ss(sc + g + 1 - g0), _mm_broadcast_ss(sc + g - g0)); \
+            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(PAIR(lo, _mm256_loadu_si256(xp), hi,                \
+                                                           _mm256_loadu_si256(xp + 1))), scv, acc0);        \
+          }                                                                                                \
         /* two blocks a step into two accumulators (a runtime index into an array would spill them) */   \
-        for (int64_t g = g0; g < g1; g += 2) {                                                             \
+        for (; g < g1; g += 2) {                                                                           \
           _mm_prefetch(pf + g * bs, _MM_HINT_T0);                                                          \
           acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_##SUFFIX<F>(r, n, g)), _mm256_broadcast_ss(sc + g - g0), acc0); \
           if (g + 1 < g1)                                                                                  \
@@ -159,8 +186,8 @@ constexpr int64_t kPiece = 256;
     }                                                                                                      \
   }
 
-FRUGALLM_ROWS(avx2, FRUGALLM_TARGET_AVX2, dot_avx2)
-FRUGALLM_ROWS(vnni, FRUGALLM_TARGET_VNNI, dot_vnni)
+FRUGALLM_ROWS(avx2, FRUGALLM_TARGET_AVX2, dot_avx2, pair_avx2)
+FRUGALLM_ROWS(vnni, FRUGALLM_TARGET_VNNI, dot_vnni, pair_vnni)
 
 using RowsFn = void (*)(const Rows&, int64_t, int64_t, float*);
 
@@ -221,6 +248,17 @@ __attribute__((target(FRUGALLM_TARGET_AVX2))) void quantize_block_avx2(const flo
   *sum = _mm_cvtsi128_si32(s);
 }
 
+// The int4 pair loop's activation layout: per pair of blocks (g, g + 1), the 64 bytes
+// [qx_g[0:16], qx_g+1[0:16], qx_g[16:32], qx_g+1[16:32]] (an odd last block is read from qx itself).
+void pair_activations(const int8_t* q, int64_t P, int64_t K, int8_t* out) {
+  for (int64_t p = 0; p < P; ++p)
+    for (int64_t g = 0; g + 2 <= K / kBlock; g += 2) {
+      const int8_t* a = q + p * K + g * kBlock;
+      int8_t* o = out + p * K + g * kBlock;
+      std::memcpy(o, a, 16), std::memcpy(o + 16, a + 32, 16), std::memcpy(o + 32, a + 16, 16), std::memcpy(o + 48, a + 48, 16);
+    }
+}
+
 void quantize_rows(const float* x, int64_t P, int64_t K, int8_t* q, float* d, int32_t* sums, int64_t isa) {
   const auto block = isa >= 1 ? quantize_block_avx2 : quantize_block_ref;
   for (int64_t i = 0; i < P * K / kBlock; ++i) block(x + i * kBlock, q + i * kBlock, d + i, sums + i);
@@ -266,6 +304,8 @@ at::Tensor qgemv(const at::Tensor& x_in, const at::Tensor& codes, const at::Tens
   std::vector<float> dx(P * G);
   std::vector<int32_t> sx(P * G);
   quantize_rows(x.data_ptr<float>(), P, K, qx.data(), dx.data(), sx.data(), isa);
+  std::vector<int8_t> qx2(int4 ? P * K : 0);
+  if (int4) pair_activations(qx.data(), P, K, qx2.data());
   at::Tensor y = at::empty({P, N}, x.options());
   const Format f = int4 ? kQ4 : grouped ? kQ8Block : kQ8Row;
   const RowsFn rows = pick(f, isa);
@@ -286,7 +326,8 @@ at::Tensor qgemv(const at::Tensor& x_in, const at::Tensor& codes, const at::Tens
       const int64_t p = i / chunks, n0 = (i % chunks) * kChunk, n1 = std::min(N, n0 + kChunk);
       const int64_t e = ip ? ip[p] : 0;
       const Rows r{cp + e * N * Kc, Kc, s32 ? s32 + e * N * (grouped ? G : 1) : nullptr,
-                   s16 ? s16 + e * N * G : nullptr, qxp + p * K, dxp + p * G, sxp + p * G, G};
+                   s16 ? s16 + e * N * G : nullptr, qxp + p * K, dxp + p * G, sxp + p * G, G,
+                   int4 ? qx2.data() + p * K : nullptr};
       rows(r, n0, n1, yp + p * N);
     }
   });
