@@ -11,6 +11,8 @@ and frugallm reads those very files back (docs/design/gguf.md):
           per-row codes. One more row: frugallm on a per-block q8_0 file (as llama.cpp's converter writes).
   4-bit   llama.cpp q4_0 | frugallm int4: the q4_0 file's codes where frugallm's GGUF reader keeps them,
           else frugallm's own int4 of the f32 weights (said so), else "not available: <why>".
+          Compiled 8- and 4-bit sides run the plan's int8 activations where a compiler builds
+          kernels/native.py (as llama.cpp quantizes its activations for q8_0 / q4_0 dot products).
 Each side runs in its own warm process (spawned, loaded once, warmed up; a compiled side compiles then,
 timed and reported as start-up cost), all at --threads threads; the rounds then alternate the sides, so
 drift of the shared machine hits them all, and the tables give medians. Decode tokens/s counts the
