@@ -47,8 +47,8 @@ GEMV_MATRICES = 8  # ... swept over 8 of them: 128 MB fp32 / 64 MB bf16, past a 
 MIN_SECONDS = 0.02  # each timing takes at least 3 calls and this long
 # what the CPU flags say about bf16 (x86 /proc/cpuinfo names; aarch64 'bf16')
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert", "bf16")
-SHOWN_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
-               "amx_int8", "avx_ne_convert", "asimd", "sve", "bf16", "i8mm")
+SHOWN_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+               "amx_bf16", "amx_int8", "avx_ne_convert", "asimd", "sve", "bf16", "i8mm")
 PURPOSES = ("train", "prefill", "decode", "inference")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp64": torch.float64, "float64": torch.float64}

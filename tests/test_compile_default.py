@@ -25,7 +25,7 @@ def no_compiler_env(tmp_path):
     conftest's FRUGALLM_COMPILE=off removed."""
     empty = tmp_path / "bin"
     empty.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "FRUGALLM_COMPILE"}
+    env = {k: v for k, v in os.environ.items() if k not in ("FRUGALLM_COMPILE", "CXX")}  # CXX: a compiler by path
     return {**env, "PATH": str(empty), "OMP_NUM_THREADS": "1"}
 
 

@@ -48,7 +48,6 @@ A model holding int8 / int4 weight codes compiles too: its GEMVs read the codes 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import sys
 import types
 
@@ -74,7 +73,7 @@ def planned_unavailable_reason(config=None, quantized: bool = False, device: str
     if config is not None and config.attention == "hybrid":  # HybridCache grows by concatenation: no static shapes
         return ("the compiled step traces MLA's static latent cache, and this model has V4 hybrid attention "
                 "(attention='hybrid', model/hybrid_cache.py): run it without --compile (eager decode)")
-    if device == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if device == "cpu" and native.compiler() is None:
         return "torch.compile's CPU backend needs a C++ compiler (g++ or clang++): install one, e.g. `apt install g++`"
     if isinstance(quantized, str) and quantized not in COMPILED_FORMATS:  # int8 / int4 codes compile
         return (f"the compiled step runs {' and '.join(COMPILED_FORMATS)} weight codes and this model holds "

@@ -90,12 +90,6 @@ def _twin(cls, m):
     return new
 
 
-def native_gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, idx: torch.Tensor | None, isa: int) -> torch.Tensor:
-    """kernels/native.py's int8-activation GEMV: x (P, K), codes (N, .) or (E, N, .) with idx (P) -> (P, N)
-    fp32. int8 scales go in as fp32 (a frozen constant: the cast folds once)."""
-    return native.qgemv(x, q, s.float() if q.dtype == torch.int8 else s, idx, isa)
-
-
 class QuantGemvLinear(QuantLinear):
     """QuantLinear whose one-row calls are, with `isa` set (the plan's int8 activations), kernels/native.py's
     int8-activation GEMV, traced or eager (so an eager step is the compiled step's twin), else, while
@@ -111,8 +105,8 @@ class QuantGemvLinear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         one_row = x.numel() == x.shape[-1]
-        if one_row and self.isa is not None and native.supports(self.qweight, self.weight_scale_inv):
-            y = native_gemv(x.reshape(1, -1), self.qweight, self.weight_scale_inv, None, self.isa)  # eager too
+        if one_row and self.isa is not None:
+            y = native.qgemv(x.reshape(1, -1), self.qweight, self.weight_scale_inv, None, self.isa)  # eager too
             y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
         elif not torch.compiler.is_compiling():
             return super().forward(x)
@@ -137,30 +131,33 @@ class QuantStaticExperts(QuantExperts):
         return _twin(cls, m)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        (q1, s1), (q2, s2), (q3, s3) = ((getattr(self, n), getattr(self, n + SUFFIX)) for n in self.WEIGHTS)
+        pairs = (q1, s1), (q2, s2), (q3, s3) = self._codes()
         few = idx.numel() < q1.shape[0]
-        if few and self.isa is not None and all(native.supports(q, s) for q, s in ((q1, s1), (q2, s2), (q3, s3))):
-            return self._native(x, weights, idx)  # eager too
+        if few and self.isa is not None:
+            return self._native(x, weights, idx, pairs)  # eager too
         if not torch.compiler.is_compiling():
             return super().forward(x, weights, idx)
         if not few:
-            w1, w2, w3 = (traced_dequantize(q, s, x.dtype) for q, s in ((q1, s1), (q2, s2), (q3, s3)))
+            w1, w2, w3 = (traced_dequantize(q, s, x.dtype) for q, s in pairs)
             return dense_experts(x, weights, idx, w1, w2, w3, self.limit)
         xb = x[:, None, None, :]  # (N, 1, 1, d) against the gathered codes (N, K, I, .)
         h = gated(gemv(xb, q1[idx], s1[idx]), gemv(xb, q3[idx], s3[idx]), self.limit)  # (N, K, I) fp32
         h = h * weights[..., None].float()
         return gemv(h[:, :, None, :], q2[idx], s2[idx]).sum(1).to(x.dtype)  # (N, K, d) summed over K
 
+    def _codes(self) -> tuple:
+        """((codes, scales) of w1, of w2, of w3)."""
+        return tuple((getattr(self, n), getattr(self, n + SUFFIX)) for n in self.WEIGHTS)
 
-    def _native(self, x, weights, idx):
+    def _native(self, x, weights, idx, pairs):
         """Batch 1 on kernels/native.py: each (token, slot) pair is a row of the op, its expert by idx."""
-        (q1, s1), (q2, s2), (q3, s3) = ((getattr(self, n), getattr(self, n + SUFFIX)) for n in self.WEIGHTS)
+        (q1, s1), (q2, s2), (q3, s3) = pairs
         T, K = idx.shape
         flat = idx.reshape(-1)
         xr = x[:, None, :].expand(T, K, x.shape[-1]).reshape(T * K, -1)  # (T K, d)
-        h = gated(native_gemv(xr, q1, s1, flat, self.isa), native_gemv(xr, q3, s3, flat, self.isa), self.limit)
+        h = gated(native.qgemv(xr, q1, s1, flat, self.isa), native.qgemv(xr, q3, s3, flat, self.isa), self.limit)
         h = h * weights.reshape(-1, 1).float()  # (T K, I) fp32
-        return native_gemv(h, q2, s2, flat, self.isa).view(T, K, -1).sum(1).to(x.dtype)
+        return native.qgemv(h, q2, s2, flat, self.isa).view(T, K, -1).sum(1).to(x.dtype)
 
 
 def compilable(m) -> bool:
@@ -181,15 +178,16 @@ def refusal(model) -> str | None:
 def swap_quantized(model, isa: int | None = None) -> list[str]:
     """Every QuantLinear / QuantExperts of a compiled format becomes its compiled twin, in place (the
     same buffers; kernels/swap.py swap_matmuls offers plain modules only). isa: run batch-1 GEMVs on
-    kernels/native.py's int8-activation kernel with that implementation (loaded by the caller), or None:
-    the fp32 GEMV over the codes. Returns the names."""
+    kernels/native.py's int8-activation kernel with that implementation (loaded by the caller), where it
+    runs the module's codes (native.supports), or None: the fp32 GEMV over the codes. Returns the names."""
     done = []
     for name, m in list(model.named_modules()):
         twin = {QuantLinear: QuantGemvLinear, QuantExperts: QuantStaticExperts}.get(type(m))
         if twin is not None and m.fmt in COMPILED_FORMATS:
             parent, _, child = name.rpartition(".")
             new = twin.from_quant(m)
-            new.isa = isa
+            codes = new._codes() if twin is QuantStaticExperts else ((new.qweight, new.weight_scale_inv),)
+            new.isa = isa if all(native.supports(q, s) for q, s in codes) else None  # else the fp32 GEMV
             setattr(model.get_submodule(parent) if parent else model, child, new)
             done.append(name)
     return done

@@ -64,8 +64,7 @@ void rows_ref(const Rows& r, int64_t n0, int64_t n1, float* y) {
   for (int64_t n = n0; n < n1; ++n) y[n] = row_ref<F>(r, n);
 }
 
-// ---- isa 1 and 2: 256-bit vectors, four rows at a time (they share each activation block's load and
-// keep four independent fp32 accumulator chains) -------------------------------------------------------
+// ---- isa 1 and 2: 256-bit vectors, one row at a time (see FRUGALLM_ROWS) -------------------------------
 #define FRUGALLM_TARGET_AVX2 "avx2,fma,f16c"
 #define FRUGALLM_TARGET_VNNI "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni"
 
